@@ -1,0 +1,38 @@
+# convcrf developer commands. `make demo` and `make test` set everything up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build here.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test demo bench lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/convcrf refine sample_data/image.jpg sample_data/unary.npy \
+		-o demo_out/labels.png --overlay demo_out/overlay.png --probs demo_out/probs.npy -v
+	@echo "wrote demo_out/labels.png, demo_out/overlay.png, demo_out/probs.npy"
+
+bench: install
+	$(PY) bench/bench_cpu.py
+
+lint: install
+	$(PY) -m ruff check convcrf_cli tests bench
+	$(PY) -m ruff format --check convcrf_cli tests bench
+
+format: install
+	$(PY) -m ruff format convcrf_cli tests bench
+	$(PY) -m ruff check --fix convcrf_cli tests bench
+
+clean:
+	rm -rf $(VENV) demo_out build *.egg-info

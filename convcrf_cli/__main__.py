@@ -1,0 +1,5 @@
+"""``python -m convcrf_cli``."""
+
+from convcrf_cli.cli import main
+
+main(prog_name="convcrf")

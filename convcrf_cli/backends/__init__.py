@@ -1,0 +1,68 @@
+"""Backends run the mean-field kernels; ``select_backend`` maps a device string to one.
+
+A backend implements ``run(image, logits, params) -> scores`` on batched arrays:
+``image [N,F,H,W] float32``, ``logits [N,C,H,W] float32`` -> ``scores [N,C,H,W] float32``.
+The CPU backend takes and returns NumPy arrays; the CUDA backend also takes device arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from convcrf_cli.params import CRFParams
+
+
+class DeviceError(RuntimeError):
+    """The requested device cannot be used (no CUDA backend, no such GPU, bad device string)."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, image, logits, params: CRFParams):
+        """Mean-field inference on ``image [N,F,H,W]`` and ``logits [N,C,H,W]`` (float32)."""
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """Split ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` into (kind, index)."""
+    text = device.strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text, 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return "cuda", int(text[5:])
+    raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def select_backend(device: str = "auto") -> Backend:
+    """Return the backend for ``device``; ``auto`` is CUDA when usable, else the CPU."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        from convcrf_cli.backends.cpu import CPUBackend
+
+        return CPUBackend()
+    try:
+        from convcrf_cli.backends.cuda import CUDABackend, cuda_unavailable_reason
+    except ImportError as exc:  # the CUDA backend module itself is missing
+        reason = f"CUDA backend not available ({exc})"
+    else:
+        reason = cuda_unavailable_reason(index)
+        if reason is None:
+            return CUDABackend(index)
+    if kind == "auto":
+        from convcrf_cli.backends.cpu import CPUBackend
+
+        return CPUBackend(fallback_reason=reason)
+    raise DeviceError(f"cannot use device {device!r}: {reason}")
+
+
+def as_numpy(array) -> np.ndarray:
+    """Host copy of a NumPy array, CPU torch tensor or device array."""
+    if isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "get"):  # CuPy
+        return array.get()
+    if hasattr(array, "detach"):  # torch
+        return array.detach().cpu().numpy()
+    return np.asarray(array)

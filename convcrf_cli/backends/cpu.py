@@ -1,0 +1,31 @@
+"""CPU backend: the PyTorch implementation of :mod:`convcrf_cli.meanfield`, vectorised over
+pixels and classes and multi-threaded by torch's intra-op thread pool."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from convcrf_cli import meanfield
+from convcrf_cli.backends import as_numpy
+from convcrf_cli.params import CRFParams
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def __init__(self, fallback_reason: str | None = None) -> None:
+        self.fallback_reason = fallback_reason
+        """Why ``auto`` chose the CPU (None when the CPU was asked for)."""
+
+    def describe(self) -> str:
+        return f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+    def run(self, image, logits, params: CRFParams) -> np.ndarray:
+        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
+        image_t = torch.from_numpy(np.ascontiguousarray(as_numpy(image), dtype=np.float32))
+        logits_t = torch.from_numpy(np.ascontiguousarray(as_numpy(logits), dtype=np.float32))
+        with torch.no_grad():
+            kernel = meanfield.crf_kernel(image_t, params)
+            scores = meanfield.mean_field(logits_t, kernel, params)
+        return scores.contiguous().numpy()

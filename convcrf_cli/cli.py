@@ -1,0 +1,17 @@
+"""The ``convcrf`` command group: assembles the commands of :mod:`convcrf_cli.commands`."""
+
+from __future__ import annotations
+
+import click
+
+from convcrf_cli import __version__
+from convcrf_cli.commands.params_cmd import params_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convcrf")
+def main() -> None:
+    """Refine semantic segmentations with a Convolutional CRF (ConvCRF)."""
+
+
+main.add_command(params_command)

@@ -1,0 +1,1 @@
+"""Click commands of the ``convcrf`` CLI; each module parses, calls the library and reports."""

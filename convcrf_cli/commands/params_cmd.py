@@ -1,0 +1,24 @@
+"""``convcrf params``: print parameters (defaults, a preset or a file, with options) as JSON."""
+
+from __future__ import annotations
+
+import click
+
+from convcrf_cli.commands.common import crf_options, params_from_options, reports_errors
+from convcrf_cli.params import PRESETS
+
+
+@click.command("params")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="Start from a preset: 'default' (this tool's measured defaults) or 'original' "
+    "(the original implementation: k=11, blur 4, init log).",
+)
+@crf_options
+@reports_errors
+def params_command(preset: str | None, **options) -> None:
+    """Print CRF parameters as JSON (the format --params reads)."""
+    params = params_from_options(options, PRESETS[preset] if preset else None)
+    click.echo(params.to_json(), nl=False)

@@ -1,0 +1,139 @@
+"""CRF parameters: one dataclass, validation, presets and JSON load/save."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+INIT_CHOICES = ("softmax", "log")
+
+
+class ParamsError(ValueError):
+    """A parameter value or parameter file is invalid; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CRFParams:
+    """Parameters of ConvCRF mean-field inference (DESIGN §2).
+
+    filter_size: odd window size k on the (blurred) grid.
+    blur: message passing runs on a grid ``blur`` times coarser than the image.
+    iterations: number of mean-field steps.
+    pos_sdims: positional feature scale in pixels.
+    pos_compat: weight of the positional (smoothness) kernel.
+    col_schan: colour feature scale in intensity units of the image.
+    col_compat: weight of the colour (appearance) kernel.
+    weight: message weight w.
+    unary_weight: unary weight u.
+    init: first Q: ``"softmax"`` (textbook mean field) or ``"log"`` (the original implementation).
+    """
+
+    filter_size: int = 7
+    blur: int = 4
+    iterations: int = 5
+    pos_sdims: float = 3.0
+    pos_compat: float = 3.0
+    col_schan: float = 13.0
+    col_compat: float = 10.0
+    weight: float = 0.2
+    unary_weight: float = 1.0
+    init: str = "softmax"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ParamsError naming the first invalid field."""
+        for name in ("filter_size", "blur", "iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ParamsError(f"{name} must be an integer, got {value!r}")
+        if self.filter_size < 1 or self.filter_size % 2 == 0:
+            raise ParamsError(f"filter_size must be a positive odd integer, got {self.filter_size}")
+        if self.blur < 1:
+            raise ParamsError(f"blur must be >= 1, got {self.blur}")
+        if self.iterations < 1:
+            raise ParamsError(f"iterations must be >= 1, got {self.iterations}")
+        for name in ("pos_sdims", "col_schan"):
+            value = getattr(self, name)
+            if not _is_real(value) or not value > 0 or not math.isfinite(value):
+                raise ParamsError(f"{name} must be a positive finite number, got {value!r}")
+        for name in ("pos_compat", "col_compat", "weight", "unary_weight"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ParamsError(f"{name} must be a finite number, got {value!r}")
+        if self.init not in INIT_CHOICES:
+            raise ParamsError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
+
+    @property
+    def span(self) -> int:
+        """Half window ``s = filter_size // 2``."""
+        return self.filter_size // 2
+
+    def replace(self, **changes: Any) -> CRFParams:
+        """Return a copy with the given fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CRFParams:
+        """Build from a mapping; unknown keys are an error, missing keys take the defaults."""
+        if not isinstance(data, dict):
+            raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ParamsError(
+                f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        values = dict(data)
+        for name in (
+            "pos_sdims",
+            "pos_compat",
+            "col_schan",
+            "col_compat",
+            "weight",
+            "unary_weight",
+        ):
+            if name in values and _is_real(values[name]):
+                values[name] = float(values[name])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CRFParams:
+        """Read parameters from a JSON file; errors name the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ParamsError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+        try:
+            return cls.from_dict(data)
+        except (ParamsError, TypeError) as exc:
+            raise ParamsError(f"{path}: {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        """Write parameters as JSON (atomically: temporary file, then rename)."""
+        from convcrf_cli.atomic import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), self.to_json().encode())
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+ORIGINAL = CRFParams(filter_size=11, blur=4, init="log")
+"""The original implementation's defaults (its paper configuration, first Q = log-probabilities)."""
+
+PRESETS: dict[str, CRFParams] = {"default": CRFParams(), "original": ORIGINAL}

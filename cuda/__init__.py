@@ -1,0 +1,1 @@
+"""CUDA kernel sources (``*.cu``) of the GPU backend, installed as package data."""

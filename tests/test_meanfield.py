@@ -1,0 +1,128 @@
+"""The CPU backend against the float64 reference (tests/reference.py) and hand-computed cases."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import reference
+import torch
+
+from convcrf_cli import CRFParams, meanfield, refine
+
+RTOL = 1e-4
+
+
+def _random_case(rng, height, width, features, classes):
+    image = rng.uniform(0, 255, (height, width, features))
+    logits = rng.normal(0, 3, (classes, height, width)).astype(np.float32)
+    return image, logits
+
+
+def _assert_close(actual, expected):
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize(
+    "k, blur, size, features, classes, init",
+    [
+        (k, b, size, f, c, init)
+        for (k, b), size, f, c, init in zip(
+            itertools.product((3, 5, 7, 11), (1, 2, 3, 4)),
+            itertools.cycle([(13, 17), (9, 10), (2, 3), (21, 14), (1, 1), (6, 31)]),
+            itertools.cycle([3, 1, 4]),
+            itertools.cycle([2, 21]),
+            itertools.cycle(["log", "softmax", "softmax", "log", "log"]),
+        )
+    ],
+)
+def test_cpu_matches_reference(k, blur, size, features, classes, init):
+    rng = np.random.default_rng(k * 100 + blur)
+    image, logits = _random_case(rng, *size, features, classes)
+    params = CRFParams(filter_size=k, blur=blur, init=init)
+    _assert_close(
+        refine(image, logits, params, device="cpu"), reference.refine(image, logits, params)
+    )
+
+
+def test_default_parameters_and_original_preset():
+    rng = np.random.default_rng(7)
+    image, logits = _random_case(rng, 23, 29, 3, 21)
+    for params in (CRFParams(), CRFParams(filter_size=11, blur=4, init="log")):
+        _assert_close(
+            refine(image.astype(np.uint8), logits, params),
+            reference.refine(image.astype(np.uint8), logits, params),
+        )
+
+
+def test_batch_equals_single_images():
+    rng = np.random.default_rng(3)
+    images = rng.uniform(0, 255, (3, 11, 13, 3))
+    logits = rng.normal(0, 2, (3, 4, 11, 13)).astype(np.float32)
+    params = CRFParams(filter_size=5, blur=2)
+    batch = refine(images, logits, params)
+    assert batch.shape == (3, 4, 11, 13) and batch.dtype == np.float32
+    for i in range(3):
+        _assert_close(batch[i], reference.refine(images[i], logits[i], params))
+
+
+def test_grayscale_image_and_torch_input():
+    rng = np.random.default_rng(5)
+    image = rng.uniform(0, 255, (10, 12))
+    logits = rng.normal(0, 2, (3, 10, 12)).astype(np.float32)
+    params = CRFParams(filter_size=3, blur=1)
+    expected = reference.refine(image, logits, params)
+    _assert_close(refine(image, logits, params), expected)
+    _assert_close(refine(torch.from_numpy(image), torch.from_numpy(logits), params), expected)
+
+
+def test_pool_padding_hand_computed():
+    # length 10, blur 4: pad total 2, 1 each side; cells cover rows [-1,3), [3,7), [7,11).
+    assert meanfield.pool_padding(10, 4) == 1
+    # length 9, blur 4: pad total 3 -> ceil(1.5) = 2 on each side; cells [-2,2), [2,6), [6,10).
+    assert meanfield.pool_padding(9, 4) == 2
+    row = torch.arange(9.0).view(1, 1, 1, 9)
+    pooled = meanfield.pool(row.expand(1, 1, 4, 9), 4)
+    # columns: mean(0,1) = 0.5, mean(2..5) = 3.5, mean(6..8) = 7 (padded cells not counted)
+    np.testing.assert_allclose(pooled[0, 0, 0].numpy(), [0.5, 3.5, 7.0])
+    assert pooled.shape[-2:] == (1, 3)
+
+
+def test_upsample_hand_computed():
+    # Coarse row [0, 4], blur 2, output 4 -> sources -0.25 (clamped 0), 0.25, 0.75, 1.25 (-> 1).
+    coarse = torch.tensor([[[[0.0, 4.0]]]])
+    up = meanfield.upsample_crop(coarse, 2, 2, 4)
+    np.testing.assert_allclose(up[0, 0, 0].numpy(), [0.0, 1.0, 3.0, 4.0])
+    # Odd width 3 with blur 2: pad 1 on the left, crop columns 1..3 of the 4 upsampled.
+    up3 = meanfield.upsample_crop(coarse, 2, 2, 3)
+    np.testing.assert_allclose(up3[0, 0, 0].numpy(), [1.0, 3.0, 4.0])
+
+
+def test_gaussian_zero_outside_window_and_centre_one():
+    features = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # [1,1,2,2]
+    g = meanfield.gaussian_kernel(features, 3)[0]  # [3,3,2,2]
+    # Centre offset is exp(0) = 1 everywhere.
+    np.testing.assert_allclose(g[1, 1].numpy(), np.ones((2, 2)))
+    # Pixel (0,0): up or left neighbours lie outside -> 0.
+    assert g[0, :, 0, 0].abs().sum() == 0 and g[:, 0, 0, 0].abs().sum() == 0
+    # Pixel (0,0) -> right neighbour (0,1): diff 1 -> exp(-0.5); down (1,0): diff 2 -> exp(-2).
+    np.testing.assert_allclose(g[1, 2, 0, 0].item(), np.exp(-0.5), rtol=1e-6)
+    np.testing.assert_allclose(g[2, 1, 0, 0].item(), np.exp(-2.0), rtol=1e-6)
+    np.testing.assert_allclose(g[2, 2, 0, 0].item(), np.exp(-4.5), rtol=1e-6)
+
+
+def test_message_is_window_sum_on_tiny_grid():
+    # 1 class on a 1x3 grid, uniform kernel of ones, blur 1: each output sums its in-grid window.
+    q = torch.tensor([[[[1.0, 2.0, 4.0]]]])
+    kernel = torch.ones(1, 3, 3, 1, 3)
+    msg = meanfield.message(q, kernel, 1)
+    np.testing.assert_allclose(msg[0, 0, 0].numpy(), [3.0, 7.0, 6.0])
+
+
+def test_refine_rejects_mismatched_sizes():
+    from convcrf_cli import InputError
+
+    with pytest.raises(InputError, match="sizes differ"):
+        refine(np.zeros((4, 5, 3)), np.zeros((2, 4, 6), np.float32))
