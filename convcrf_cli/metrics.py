@@ -1,0 +1,67 @@
+"""Segmentation quality metrics: confusion matrix, mean IoU and pixel accuracy (NumPy).
+
+Predictions and labels are integer class maps of the same shape (any shape, e.g. ``[H,W]`` or
+``[N,H,W]``). Label pixels equal to ``ignore_label`` are left out of every metric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(
+    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_label: int = 255
+) -> np.ndarray:
+    """Counts ``[num_classes, num_classes] int64``: row = true class, column = predicted class.
+
+    ``pred`` and ``labels`` are integer arrays of the same shape. Pixels whose label is
+    ``ignore_label`` are skipped; any other label or prediction outside ``[0, num_classes)`` is
+    an error.
+    """
+    pred = np.asarray(pred)
+    labels = np.asarray(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from label shape {labels.shape}")
+    keep = labels != ignore_label
+    truth = labels[keep].astype(np.int64)
+    guess = pred[keep].astype(np.int64)
+    for name, values in (("label", truth), ("prediction", guess)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} values must lie in [0, {num_classes}), got {values.max()}")
+    counts = np.bincount(truth * num_classes + guess, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def iou_per_class(confusion: np.ndarray) -> np.ndarray:
+    """IoU of each class ``[C] float64`` from a confusion matrix; NaN for classes absent from
+    both labels and predictions."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    inter = np.diag(confusion)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
+
+
+def mean_iou(
+    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_label: int = 255
+) -> float:
+    """Mean over classes of intersection over union, in [0, 1].
+
+    Classes that appear in neither ``labels`` nor ``pred`` are left out of the mean (as in the
+    Pascal VOC evaluation when accumulated over a dataset).
+    """
+    confusion = confusion_matrix(pred, labels, num_classes, ignore_label)
+    if confusion.sum() == 0:
+        raise ValueError("no labelled pixels (all pixels are ignored)")
+    return float(np.nanmean(iou_per_class(confusion)))
+
+
+def pixel_accuracy(
+    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_label: int = 255
+) -> float:
+    """Fraction of non-ignored pixels whose prediction equals the label, in [0, 1]."""
+    confusion = confusion_matrix(pred, labels, num_classes, ignore_label)
+    total = confusion.sum()
+    if total == 0:
+        raise ValueError("no labelled pixels (all pixels are ignored)")
+    return float(np.trace(confusion) / total)

@@ -1,0 +1,70 @@
+"""Segmentation metrics on hand-computed cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convcrf_cli.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+
+# labels      pred
+# 0 0 1       0 1 1
+# 1 2 2       1 2 0
+LABELS = np.array([[0, 0, 1], [1, 2, 2]])
+PRED = np.array([[0, 1, 1], [1, 2, 0]])
+
+
+def test_confusion_matrix_hand_computed():
+    expected = np.array(
+        [
+            [1, 1, 0],  # true 0: one right, one predicted 1
+            [0, 2, 0],  # true 1: both right
+            [1, 0, 1],  # true 2: one right, one predicted 0
+        ]
+    )
+    np.testing.assert_array_equal(confusion_matrix(PRED, LABELS, 3), expected)
+
+
+def test_iou_and_accuracy_hand_computed():
+    # class 0: inter 1, union 2 + 2 - 1 = 3; class 1: inter 2, union 2 + 3 - 2 = 3;
+    # class 2: inter 1, union 2 + 1 - 1 = 2.
+    np.testing.assert_allclose(
+        iou_per_class(confusion_matrix(PRED, LABELS, 3)), [1 / 3, 2 / 3, 1 / 2]
+    )
+    assert mean_iou(PRED, LABELS, 3) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert pixel_accuracy(PRED, LABELS, 3) == pytest.approx(4 / 6)
+
+
+def test_ignore_label_is_left_out():
+    labels = LABELS.copy()
+    labels[1, 2] = 255  # the pixel labelled 2 and predicted 0
+    np.testing.assert_array_equal(
+        confusion_matrix(PRED, labels, 3), [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    )
+    assert pixel_accuracy(PRED, labels, 3) == pytest.approx(4 / 5)
+    assert mean_iou(PRED, labels, 3) == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+
+
+def test_absent_classes_do_not_count_in_the_mean():
+    labels = np.array([0, 0, 1, 1])
+    pred = np.array([0, 0, 1, 0])
+    # class 0: 2 / 3, class 1: 1 / 2; classes 2..4 appear nowhere.
+    assert mean_iou(pred, labels, 5) == pytest.approx((2 / 3 + 1 / 2) / 2)
+
+
+def test_perfect_prediction_and_batched_shapes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (2, 5, 6))
+    assert mean_iou(labels, labels, 4) == 1.0
+    assert pixel_accuracy(labels, labels, 4) == 1.0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="shape"):
+        confusion_matrix(PRED, LABELS[:1], 3)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        confusion_matrix(PRED, LABELS, 2)
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        pixel_accuracy(PRED, np.full_like(LABELS, 255), 3)
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        mean_iou(PRED, np.full_like(LABELS, 255), 3)
