@@ -10,6 +10,10 @@ from typing import Any
 
 INIT_CHOICES = ("softmax", "log")
 
+TRANSFORM_KEYS = ("compat_transform", "feature_transform")
+"""Extra keys of a parameter file written by ``convcrf fit --learn ...,C,T``: the learned "+C"
+and "+T" matrices, which only :class:`convcrf_cli.torch.ConvCRF` applies."""
+
 
 class ParamsError(ValueError):
     """A parameter value or parameter file is invalid; the message says which and why."""
@@ -88,6 +92,13 @@ class CRFParams:
         """Build from a mapping; unknown keys are an error, missing keys take the defaults."""
         if not isinstance(data, dict):
             raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
+        transforms = [key for key in TRANSFORM_KEYS if key in data]
+        if transforms:
+            raise ParamsError(
+                f"learned {' and '.join(transforms)} matrices present (written by `convcrf fit "
+                "--learn ...,C,T`): plain refinement cannot apply them; use them in PyTorch "
+                "through convcrf_cli.torch.ConvCRF.load, or fit without C and T"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
