@@ -6,6 +6,7 @@ import click
 
 from convcrf_cli import __version__
 from convcrf_cli.commands.params_cmd import params_command
+from convcrf_cli.commands.synth_cmd import synth_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,3 +16,4 @@ def main() -> None:
 
 
 main.add_command(params_command)
+main.add_command(synth_command)
