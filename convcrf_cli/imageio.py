@@ -1,0 +1,188 @@
+"""Reading images and label maps with Pillow, with one-line errors that name the file.
+
+Decisions (see README):
+
+- Values stay in their raw range: ``uint8`` for 8-bit images, ``uint16`` for 16-bit grayscale,
+  ``float32`` for floating-point TIFFs. ``--col-schan`` is in these units. Pillow reads 16-bit
+  colour PNGs as 8-bit RGB.
+- Grayscale gives one feature channel, colour three. Palette images become RGB.
+- Alpha is dropped: the colour values are used as stored, never composited on a background
+  (a note says so). Other modes (CMYK, YCbCr, ...) are converted to RGB.
+- EXIF orientation is applied (``ImageOps.exif_transpose``): images are used as viewers and
+  ``cv2.imread`` show them, and the unary must be in that orientation. With ``apply_exif=False``
+  the pixels are used as stored. Either way :class:`LoadedImage` records the tag so that the
+  caller can check the unary against both orientations and warn when the check cannot tell.
+- Multi-frame files (TIFF pages, animated WebP) give their first frame (a note says so).
+- Images with more than :data:`MAX_PIXELS` pixels are refused from their header, before any
+  decoding (decompression bombs included). ``CONVCRF_MAX_PIXELS`` lowers the limit; Pillow's
+  own ceiling (twice ``PIL.Image.MAX_IMAGE_PIXELS``, the default here) still applies above it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from convcrf_cli.errors import BadInputError
+
+MAX_PIXELS = int(os.environ.get("CONVCRF_MAX_PIXELS", 2 * Image.MAX_IMAGE_PIXELS))
+"""Largest image (width × height) read; larger ones are refused before decoding."""
+
+EXIF_ORIENTATION_TAG = 0x0112
+_ORIENTATION_NAMES = {
+    2: "mirrored horizontally",
+    3: "rotated 180°",
+    4: "mirrored vertically",
+    5: "transposed",
+    6: "rotated 90° clockwise",
+    7: "transversed",
+    8: "rotated 90° counter-clockwise",
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image.
+
+    pixels: ``[H,W,F]`` raw values, ``uint8``, ``uint16`` or ``float32`` (F = 1 or 3).
+    exif_orientation: the file's EXIF orientation tag (1 when absent).
+    exif_applied: whether ``pixels`` are in the orientation the tag describes.
+    stored_hw: ``(H, W)`` of the pixels as stored in the file, before any orientation.
+    notes: what was done to the file's contents (alpha dropped, frames skipped, ...).
+    """
+
+    pixels: np.ndarray
+    exif_orientation: int
+    exif_applied: bool
+    stored_hw: tuple[int, int]
+    notes: tuple[str, ...]
+
+    @property
+    def orientation_name(self) -> str:
+        """Words for the EXIF orientation, e.g. ``"rotated 90° clockwise"``."""
+        return _ORIENTATION_NAMES.get(self.exif_orientation, "as stored")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as ``[H,W,F]`` raw values (``uint8``/``uint16``/``float32``), EXIF applied.
+
+    Raises :class:`BadInputError` naming the file when it is missing, unreadable, corrupt or
+    too large.
+    """
+    return load_image(path).pixels
+
+
+def load_image(path: str | Path, *, apply_exif: bool = True) -> LoadedImage:
+    """Read an image with the details of how it was read (see :class:`LoadedImage`)."""
+    with _open(path) as image:
+        notes: list[str] = []
+        if getattr(image, "n_frames", 1) > 1:
+            notes.append(f"{image.n_frames} frames; using the first")
+        orientation = _exif_orientation(image)
+        stored_hw = (image.height, image.width)
+        _decode(path, image)
+        if apply_exif and orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        pixels = _pixels(image, notes)
+    return LoadedImage(pixels, orientation, apply_exif, stored_hw, tuple(notes))
+
+
+def read_label_image(path: str | Path) -> np.ndarray:
+    """Read a label map as ``[H,W] int64`` class ids.
+
+    Palette PNGs give their palette indices, grayscale images their values (8 or 16 bit).
+    Label maps are read as stored: a colour image, or one whose EXIF orientation tag would
+    rotate it, is refused.
+    """
+    with _open(path) as image:
+        orientation = _exif_orientation(image)
+        if orientation != 1:
+            raise BadInputError(
+                path,
+                f"label map carries EXIF orientation {orientation} "
+                f"({_ORIENTATION_NAMES[orientation]}); label maps are read as stored pixels, "
+                "remove the tag",
+            )
+        if image.mode not in ("P", "L", "1", "I", *_SIXTEEN_BIT_MODES):
+            raise BadInputError(
+                path,
+                "label map must be a palette or grayscale image of class ids, "
+                f"got mode {image.mode}",
+            )
+        _decode(path, image)
+        return np.asarray(image).astype(np.int64)
+
+
+def _open(path: str | Path) -> Image.Image:
+    """Open lazily (header only) and refuse images over :data:`MAX_PIXELS`."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(path, "no such file")
+    if path.is_dir():
+        raise BadInputError(path, "is a directory, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(path, f"image too large: {exc}") from exc
+    except PermissionError as exc:
+        raise BadInputError(path, f"cannot read: {exc.strerror}") from exc
+    except UnidentifiedImageError as exc:
+        raise BadInputError(path, "not an image format Pillow can read (corrupt?)") from exc
+    except OSError as exc:
+        raise BadInputError(path, f"cannot read: {exc.strerror or exc}") from exc
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise BadInputError(
+            path,
+            f"image too large: {width}×{height} = {width * height} pixels, more than the "
+            f"limit of {MAX_PIXELS} (CONVCRF_MAX_PIXELS)",
+        )
+    return image
+
+
+def _decode(path: str | Path, image: Image.Image) -> None:
+    """Decode the pixel data now, so that corrupt or truncated data is reported here."""
+    try:
+        image.load()
+    except MemoryError as exc:
+        raise BadInputError(path, "image too large for the memory of this machine") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadInputError(path, f"corrupt or truncated image data ({exc})") from exc
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a malformed EXIF block is no orientation at all
+        return 1
+    return value if value in _ORIENTATION_NAMES else 1
+
+
+def _pixels(image: Image.Image, notes: list[str]) -> np.ndarray:
+    """``[H,W,F]`` array of a decoded image, alpha dropped, values in their raw range."""
+    mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        notes.append(f"alpha channel dropped (mode {mode}); colours used as stored")
+    if mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(image).astype(np.uint16)[:, :, None]
+    if mode == "I":
+        values = np.asarray(image)
+        if values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max:
+            return values.astype(np.uint16)[:, :, None]
+        return values.astype(np.float32)[:, :, None]
+    if mode == "F":
+        return np.asarray(image, dtype=np.float32)[:, :, None]
+    if mode in ("L", "LA", "La", "1"):
+        return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
+    if mode == "P":
+        return np.asarray(image.convert("RGBA").convert("RGB"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,411 @@
+"""Reading a unary (a segmenter's per-pixel class scores) and converting it to logits.
+
+Sources: ``.npy``; ``.npz`` holding one array, or the array named ``unary``; ``-`` for ``.npy``
+(or ``.npz``) bytes on stdin; a label image (``.png``, ``.tif``, ``.tiff``, ``.bmp``) of class ids.
+
+Arrays are float16/32/64, ``[C,H,W]`` ("CHW") or ``[H,W,C]`` ("HWC"), with an optional
+leading batch axis of size 1. The layout is found by matching ``(H, W)`` to the image; when
+both layouts match (a square image with C = H = W) the caller must name it. A single channel
+is a binary foreground score and becomes two classes (background, foreground).
+
+Unary types, all converted to logits whose softmax is the unary's distribution:
+
+- ``prob``: probabilities; ``logits = log(max(p, PROB_EPS))``. Negative values or values
+  above ``1 + AUTO_TOLERANCE`` are errors. One channel p: classes (1 - p, p).
+- ``logit``: class scores used as they are. One channel z: classes (0, z) (a sigmoid logit).
+- ``energy``: pydensecrf's energies ``E = -log p``; ``logits = -E``. Needs two or more classes.
+- ``auto``: ``prob`` when every value lies in [0, 1] and the values of each pixel sum to 1
+  within ``AUTO_TOLERANCE`` (for one channel: values in [0, 1]); ``logit`` otherwise.
+  Energies are never guessed: a warning says when ``logit`` was chosen for values that look
+  like energies.
+
+Label images become logits as pydensecrf's ``unary_from_labels``: probability
+``label_confidence`` on the pixel's label, the rest spread evenly over the other classes, and a
+uniform distribution on pixels with the ``ignore_label``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.imageio import read_label_image
+
+UNARY_TYPES = ("auto", "prob", "logit", "energy")
+LAYOUTS = ("auto", "CHW", "HWC")
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+NPZ_KEY = "unary"
+PROB_EPS = 1e-6
+AUTO_TOLERANCE = 1e-2
+DEFAULT_LABEL_CONFIDENCE = 0.7
+
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unary:
+    """A unary converted to logits.
+
+    logits: ``[C,H,W] float32`` class scores (softmax = the unary's distribution).
+    layout: the source's layout, ``"CHW"``, ``"HWC"`` or ``"labels"`` (a label map).
+    kind: the unary type used, ``"prob"``, ``"logit"``, ``"energy"`` or ``"labels"``.
+    reason: why that kind and layout were chosen (for ``-v``).
+    warnings: things the user should know even without ``-v``.
+    """
+
+    logits: np.ndarray
+    layout: str
+    kind: str
+    reason: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class UnarySource:
+    """A unary as stored, before conversion.
+
+    name: the source's name for messages (the path, or ``"stdin"``).
+    array: the stored float array (any of the accepted shapes), or ``[H,W] int64`` labels.
+    is_labels: whether ``array`` is a label map.
+    """
+
+    name: str
+    array: np.ndarray
+    is_labels: bool
+
+    def fits(self, image_hw: tuple[int, int]) -> bool:
+        """Whether the array's spatial size can be read as ``image_hw`` (in some layout)."""
+        shape = self.array.shape
+        if self.is_labels:
+            return shape == tuple(image_hw)
+        if len(shape) == 4 and shape[0] == 1:
+            shape = shape[1:]
+        return len(shape) == 3 and tuple(image_hw) in (shape[1:], shape[:2])
+
+
+def read_unary(
+    source: str | Path,
+    image_hw: tuple[int, int],
+    unary_type: str = "auto",
+    *,
+    label_confidence: float = DEFAULT_LABEL_CONFIDENCE,
+    ignore_label: int | None = None,
+    num_classes: int | None = None,
+    layout: str = "auto",
+    stdin: BinaryIO | None = None,
+) -> Unary:
+    """Read ``source`` (a path or ``"-"`` for stdin) as logits for an image of ``image_hw``.
+
+    ``unary_type`` is one of :data:`UNARY_TYPES`; ``layout`` one of :data:`LAYOUTS`.
+    ``label_confidence``, ``ignore_label`` and ``num_classes`` apply to label images
+    (``num_classes`` defaults to the largest label + 1; for arrays it is checked against C).
+    ``stdin`` replaces ``sys.stdin.buffer`` for ``"-"``.
+    Raises :class:`BadInputError` naming the source on any fault.
+    """
+    return convert_unary(
+        load_unary(source, stdin),
+        image_hw,
+        unary_type,
+        label_confidence=label_confidence,
+        ignore_label=ignore_label,
+        num_classes=num_classes,
+        layout=layout,
+    )
+
+
+def load_unary(source: str | Path, stdin: BinaryIO | None = None) -> UnarySource:
+    """Read a unary file, stdin (``"-"``) or label image without interpreting it."""
+    if str(source) == "-":
+        return UnarySource("stdin", _load_array(source, "stdin", stdin), False)
+    if Path(source).suffix.lower() in LABEL_SUFFIXES:
+        return UnarySource(str(source), read_label_image(source), True)
+    return UnarySource(str(source), _load_array(source, str(source), stdin), False)
+
+
+def convert_unary(
+    source: UnarySource,
+    image_hw: tuple[int, int],
+    unary_type: str = "auto",
+    *,
+    label_confidence: float = DEFAULT_LABEL_CONFIDENCE,
+    ignore_label: int | None = None,
+    num_classes: int | None = None,
+    layout: str = "auto",
+) -> Unary:
+    """Convert a loaded unary to logits for an image of ``image_hw`` (see :func:`read_unary`)."""
+    if unary_type not in UNARY_TYPES:
+        raise BadInputError(source.name, f"unknown unary type {unary_type!r}")
+    if layout not in LAYOUTS:
+        raise BadInputError(source.name, f"unknown layout {layout!r}")
+    if source.is_labels:
+        return labels_to_unary(
+            source.array, image_hw, source.name, label_confidence, ignore_label, num_classes
+        )
+    return array_to_unary(source.array, image_hw, source.name, unary_type, layout, num_classes)
+
+
+def array_to_unary(
+    array: np.ndarray,
+    image_hw: tuple[int, int],
+    name: str,
+    unary_type: str = "auto",
+    layout: str = "auto",
+    num_classes: int | None = None,
+) -> Unary:
+    """Convert a float array ``[C,H,W]``/``[H,W,C]`` (optionally ``[1,...]``) to a :class:`Unary`.
+
+    ``name`` is the source's name for error messages.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        raise BadInputError(
+            name,
+            f"unary must be float16, float32 or float64, got {array.dtype}"
+            + (" (for class ids use a label image .png)" if array.dtype.kind in "iub" else ""),
+        )
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise BadInputError(
+            name,
+            f"unary shape {array.shape} has {array.ndim} axes; expected [C,H,W] or [H,W,C] "
+            f"for the {image_hw[0]}×{image_hw[1]} image",
+        )
+    chosen = _layout(array.shape, image_hw, name, layout)
+    chw = array if chosen == "CHW" else np.moveaxis(array, -1, 0)
+    if num_classes is not None and num_classes != chw.shape[0]:
+        raise BadInputError(
+            name, f"unary has {chw.shape[0]} classes but --num-classes is {num_classes}"
+        )
+    _check_finite(chw, name)
+    kind, reason = _kind(chw, unary_type)
+    warnings = ()
+    if unary_type == "auto" and kind == "logit" and _looks_like_energy(chw):
+        warnings = (
+            f"{name}: values are non-negative and exp(-value) sums to 1 over classes: they look "
+            "like energies (-log p); read as logits, pass --unary-type energy if they are",
+        )
+    logits = _to_logits(chw, kind, name)
+    return Unary(
+        np.ascontiguousarray(logits, dtype=np.float32),
+        chosen,
+        kind,
+        f"{chosen} {array.dtype} {reason}",
+        warnings,
+    )
+
+
+def labels_to_unary(
+    labels: np.ndarray,
+    image_hw: tuple[int, int],
+    name: str,
+    label_confidence: float = DEFAULT_LABEL_CONFIDENCE,
+    ignore_label: int | None = None,
+    num_classes: int | None = None,
+) -> Unary:
+    """Logits ``[C,H,W] float32`` from a label map ``[H,W]`` of class ids (see module doc)."""
+    if labels.shape != tuple(image_hw):
+        raise BadInputError(
+            name,
+            f"label map is {labels.shape[0]}×{labels.shape[1]} but the image is "
+            f"{image_hw[0]}×{image_hw[1]}",
+        )
+    valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
+    if not valid.any():
+        raise BadInputError(name, "label map holds only the ignore label")
+    largest = int(labels[valid].max())
+    if labels[valid].min() < 0:
+        raise BadInputError(name, "label map holds negative labels")
+    classes = largest + 1 if num_classes is None else num_classes
+    if classes < 2:
+        raise BadInputError(
+            name, f"label map gives {classes} class; pass --num-classes (at least 2)"
+        )
+    if largest >= classes:
+        raise BadInputError(
+            name, f"label {largest} is outside the {classes} classes of --num-classes"
+        )
+    if not 1.0 / classes < label_confidence < 1.0:
+        raise BadInputError(
+            name,
+            f"--label-confidence {label_confidence} must lie above 1/C = {1.0 / classes:.3g} "
+            "(so that the label is the most likely class) and below 1",
+        )
+    other = np.float32(np.log((1.0 - label_confidence) / (classes - 1)))
+    logits = np.full((classes, *labels.shape), other, dtype=np.float32)
+    rows, cols = np.nonzero(valid)
+    logits[labels[rows, cols], rows, cols] = np.log(label_confidence)
+    logits[:, ~valid] = 0.0
+    reason = f"label map, {classes} classes, confidence {label_confidence}" + (
+        f", ignore label {ignore_label}: {int((~valid).sum())} pixels uniform"
+        if ignore_label is not None
+        else ""
+    )
+    return Unary(logits, "labels", "labels", reason)
+
+
+def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.ndarray:
+    """The array of a ``.npy``/``.npz`` file or of stdin's bytes."""
+    if str(source) == "-":
+        data = (stdin or sys.stdin.buffer).read()
+        if not data:
+            raise BadInputError(name, "no data on stdin (expected .npy bytes)")
+        if not data.startswith((_NPY_MAGIC, _ZIP_MAGIC)):
+            raise BadInputError(name, "not .npy data (no NumPy header)")
+        return _parse(io.BytesIO(data), name, is_npz=data.startswith(_ZIP_MAGIC))
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise BadInputError(
+            name,
+            f"unknown unary format {suffix or '(no suffix)'}; use .npy, .npz or a label image "
+            f"({', '.join(LABEL_SUFFIXES)})",
+        )
+    if not path.exists():
+        raise BadInputError(name, "no such file")
+    if path.is_dir():
+        raise BadInputError(name, "is a directory, not a unary file")
+    try:
+        with open(path, "rb") as handle:
+            return _parse(handle, name, is_npz=suffix == ".npz")
+    except PermissionError as exc:
+        raise BadInputError(name, f"cannot read: {exc.strerror}") from exc
+
+
+def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
+    kind = ".npz" if is_npz else ".npy"
+    try:
+        if not is_npz:
+            return np.load(handle, allow_pickle=False)
+        with np.load(handle, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if len(keys) == 1:
+                return archive[keys[0]]
+            if NPZ_KEY in keys:
+                return archive[NPZ_KEY]
+            raise BadInputError(
+                name,
+                f".npz holds {len(keys)} arrays ({', '.join(keys[:5])}"
+                f"{', ...' if len(keys) > 5 else ''}); keep one, or name it '{NPZ_KEY}'",
+            )
+    except BadInputError:
+        raise
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as exc:
+        raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
+
+
+def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, requested: str) -> str:
+    """``"CHW"`` or ``"HWC"``: which reading of ``shape`` has the image's ``(H, W)``."""
+    height, width = image_hw
+    size = f"{height}×{width} image"
+    fits = {"CHW": shape[1:] == (height, width), "HWC": shape[:2] == (height, width)}
+    if requested != "auto":
+        if not fits[requested]:
+            expected = (
+                f"(C, {height}, {width})" if requested == "CHW" else f"({height}, {width}, C)"
+            )
+            raise BadInputError(
+                name, f"unary shape {shape} is not {requested} {expected} for the {size}"
+            )
+        return requested
+    if fits["CHW"] and fits["HWC"]:
+        raise BadInputError(
+            name,
+            f"unary shape {shape} fits the {size} both as CHW (C={shape[0]}) and as HWC "
+            f"(C={shape[2]}); name the layout (--layout CHW or --layout HWC)",
+        )
+    if fits["CHW"]:
+        return "CHW"
+    if fits["HWC"]:
+        return "HWC"
+    hint = ""
+    if shape[0] == height and shape[2] == width:
+        hint = "; the class axis is in the middle: it must be first (CHW) or last (HWC)"
+    elif sorted(shape[:2]) == sorted(image_hw) or sorted(shape[1:]) == sorted(image_hw):
+        hint = "; height and width are swapped (a transposed or rotated unary?)"
+    raise BadInputError(
+        name,
+        f"unary shape {shape} does not fit the {size}: expected (C, {height}, {width}) "
+        f"or ({height}, {width}, C){hint}",
+    )
+
+
+def _check_finite(chw: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(chw)
+    if bad.any():
+        c, y, x = (int(i) for i in np.argwhere(bad)[0])
+        raise BadInputError(
+            name,
+            f"unary holds {int(bad.sum())} NaN or infinite values "
+            f"(first {chw[c, y, x]} at class {c}, row {y}, column {x})",
+        )
+
+
+def _kind(chw: np.ndarray, unary_type: str) -> tuple[str, str]:
+    """The unary type to use and the reason, for ``-v``."""
+    if unary_type != "auto":
+        return unary_type, f"read as {unary_type} (--unary-type {unary_type})"
+    low, high = float(chw.min()), float(chw.max())
+    in_unit = low >= 0.0 and high <= 1.0
+    if chw.shape[0] == 1:
+        if in_unit:
+            return "prob", "one channel with values in [0, 1]: read as a probability (auto)"
+        return "logit", "one channel with values outside [0, 1]: read as a logit (auto)"
+    if in_unit:
+        worst = float(np.abs(chw.sum(axis=0, dtype=np.float64) - 1.0).max())
+        if worst <= AUTO_TOLERANCE:
+            return (
+                "prob",
+                "values in [0, 1] summing to 1 over classes: read as probabilities (auto)",
+            )
+        return "logit", (
+            f"values in [0, 1] but sums over classes are off 1 by up to {worst:.3g}: "
+            "read as logits (auto)"
+        )
+    return "logit", f"values in [{low:.3g}, {high:.3g}]: read as logits (auto)"
+
+
+def _looks_like_energy(chw: np.ndarray) -> bool:
+    if chw.shape[0] < 2 or float(chw.min()) < 0.0:
+        return False
+    sums = np.exp(-chw.astype(np.float64)).sum(axis=0)
+    return bool(np.abs(sums - 1.0).max() <= AUTO_TOLERANCE)
+
+
+def _to_logits(chw: np.ndarray, kind: str, name: str) -> np.ndarray:
+    values = chw.astype(np.float32)
+    if kind == "prob":
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0:
+            c, y, x = (int(i) for i in np.argwhere(values == low)[0])
+            raise BadInputError(
+                name,
+                f"negative probability {low:.4g} at class {c}, row {y}, column {x} "
+                "(pass --unary-type logit if these are scores)",
+            )
+        if high > 1.0 + AUTO_TOLERANCE:
+            raise BadInputError(
+                name,
+                f"probability {high:.4g} above 1 (pass --unary-type logit if these are scores)",
+            )
+        if values.shape[0] == 1:
+            values = np.concatenate([1.0 - values, values])
+        return np.log(np.maximum(values, PROB_EPS))
+    if kind == "energy":
+        if values.shape[0] == 1:
+            raise BadInputError(name, "energies need one channel per class; got a single channel")
+        return -values
+    if values.shape[0] == 1:
+        return np.concatenate([np.zeros_like(values), values])
+    return values
