@@ -1,0 +1,243 @@
+"""Refining one item, files in and files out: the library behind ``convcrf refine``.
+
+:func:`refine_item` validates everything that needs no computation first (output formats,
+shapes, class count against PNG output, output directories, a memory estimate), then runs the
+CRF and writes the outputs. Faults raise :class:`~convcrf_cli.errors.BadInputError` (exit
+status 2) or :class:`~convcrf_cli.errors.RuntimeFailure` (exit status 1), and leave no output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from convcrf_cli import outputs, unary
+from convcrf_cli.backends import Backend, as_numpy
+from convcrf_cli.core import refine
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.imageio import LoadedImage, load_image
+from convcrf_cli.meanfield import coarse_size
+from convcrf_cli.outputs import OutputSpec
+from convcrf_cli.params import CRFParams
+
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnaryOptions:
+    """How to read the unary (see :mod:`convcrf_cli.unary`)."""
+
+    unary_type: str = "auto"
+    layout: str = "auto"
+    label_confidence: float = unary.DEFAULT_LABEL_CONFIDENCE
+    ignore_label: int | None = None
+    num_classes: int | None = None
+    apply_exif: bool = True
+    """Use the image in its EXIF orientation (True) or as stored (False)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemResult:
+    """What :func:`refine_item` did.
+
+    histogram: pixels per class after refinement, ``[C] int64``; unary_histogram: before
+    (argmax of the unary). seconds: the whole item; crf_seconds: the CRF alone.
+    notes: details for ``-v``; warnings: things to report always.
+    """
+
+    image: str
+    unary: str
+    written: tuple[str, ...]
+    image_hw: tuple[int, int]
+    num_classes: int
+    layout: str
+    unary_kind: str
+    unary_reason: str
+    histogram: np.ndarray
+    unary_histogram: np.ndarray
+    seconds: float
+    crf_seconds: float
+    device: str
+    notes: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+def refine_item(
+    image_path: str | Path,
+    unary_source: str | Path,
+    outputs_spec: OutputSpec,
+    params: CRFParams,
+    backend: Backend,
+    unary_options: UnaryOptions | None = None,
+    *,
+    memory_limit: int | None = None,
+    stdin: BinaryIO | None = None,
+) -> ItemResult:
+    """Refine one image's unary and write the outputs ``outputs_spec`` names.
+
+    image_path: any image Pillow reads. unary_source: ``.npy``/``.npz``/label image path, or
+    ``"-"`` for ``.npy`` bytes on ``stdin`` (default ``sys.stdin.buffer``).
+    memory_limit: bytes the CRF may use; default the memory available now (``MemAvailable``).
+    """
+    start = time.perf_counter()
+    options = unary_options or UnaryOptions()
+    outputs.check_outputs(outputs_spec, [image_path, unary_source])
+    image = load_image(image_path, apply_exif=options.apply_exif)
+    pixels = image.pixels
+    height, width = pixels.shape[:2]
+    source = unary.load_unary(unary_source, stdin)
+    _check_orientation(image, source, image_path)
+    converted = unary.convert_unary(
+        source,
+        (height, width),
+        options.unary_type,
+        label_confidence=options.label_confidence,
+        ignore_label=options.ignore_label,
+        num_classes=options.num_classes,
+        layout=options.layout,
+    )
+    classes = converted.num_classes
+    outputs.check_class_count(outputs_spec, classes)
+    _check_memory(image_path, pixels.shape, classes, params, memory_limit)
+    outputs.prepare_directories(outputs_spec)
+
+    crf_start = time.perf_counter()
+    scores = as_numpy(refine(pixels, converted.logits, params, backend))
+    crf_seconds = time.perf_counter() - crf_start
+    labels = scores.argmax(axis=0)
+
+    outputs.write_labels(outputs_spec.labels, labels)
+    written = [str(outputs_spec.labels)]
+    if outputs_spec.probs is not None:
+        outputs.write_probabilities(
+            outputs_spec.probs, _softmax(scores), converted.layout, outputs_spec.probs_dtype
+        )
+        written.append(str(outputs_spec.probs))
+    if outputs_spec.overlay is not None:
+        outputs.write_overlay(outputs_spec.overlay, pixels, labels, outputs_spec.alpha)
+        written.append(str(outputs_spec.overlay))
+
+    notes = [f"{image_path}: {note}" for note in image.notes]
+    warnings = list(converted.warnings)
+    if image.exif_orientation != 1:
+        notes.append(
+            f"{image_path}: EXIF orientation {image.exif_orientation} ({image.orientation_name})"
+            + (" applied" if image.exif_applied else " ignored: pixels used as stored")
+        )
+        if image.exif_applied and not _orientation_confirmed(image):
+            warnings.append(
+                f"{image_path}: EXIF orientation {image.exif_orientation} "
+                f"({image.orientation_name}) applied; the unary must be in that orientation "
+                "(--exif-orientation ignore uses the pixels as stored)"
+            )
+    return ItemResult(
+        image=str(image_path),
+        unary=source.name,
+        written=tuple(written),
+        image_hw=(height, width),
+        num_classes=classes,
+        layout=converted.layout,
+        unary_kind=converted.kind,
+        unary_reason=converted.reason,
+        histogram=np.bincount(labels.ravel(), minlength=classes),
+        unary_histogram=np.bincount(converted.logits.argmax(axis=0).ravel(), minlength=classes),
+        seconds=time.perf_counter() - start,
+        crf_seconds=crf_seconds,
+        device=describe_backend(backend),
+        notes=tuple(notes),
+        warnings=tuple(warnings),
+    )
+
+
+def estimate_memory_bytes(
+    height: int, width: int, features: int, classes: int, params: CRFParams
+) -> int:
+    """Bytes the CPU backend needs for one image, measured as roughly
+    ``4·(6·C·H·W + 4·k²·h·w + 4·(F+2)·H·W)`` (h, w: the coarse grid)."""
+    h, w = coarse_size(height, params.blur), coarse_size(width, params.blur)
+    k2 = params.filter_size**2
+    return 4 * (6 * classes * height * width + 4 * k2 * h * w + 4 * (features + 2) * height * width)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to a new allocation now (Linux ``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_memory(
+    image_path: str | Path,
+    shape: tuple[int, ...],
+    classes: int,
+    params: CRFParams,
+    memory_limit: int | None,
+) -> None:
+    limit = memory_limit if memory_limit is not None else available_memory_bytes()
+    if limit is None:
+        return
+    height, width, features = shape
+    needed = estimate_memory_bytes(height, width, features, classes, params)
+    if needed > limit:
+        raise BadInputError(
+            image_path,
+            f"too large for memory: the CRF needs about {_gib(needed)} for {height}×{width} "
+            f"pixels and {classes} classes, {_gib(limit)} available "
+            "(use a larger --blur, a smaller --filter-size or a smaller image)",
+        )
+
+
+def _check_orientation(image: LoadedImage, source: unary.UnarySource, image_path) -> None:
+    """Explain a size mismatch that EXIF orientation causes, instead of a bare shape error."""
+    height, width = image.pixels.shape[:2]
+    if (
+        image.exif_orientation in _SWAPPING_ORIENTATIONS
+        and not source.fits((height, width))
+        and source.fits((width, height))
+    ):
+        fitting = "as stored" if image.exif_applied else "in its EXIF orientation"
+        action = "applied" if image.exif_applied else "ignored"
+        other = "ignore" if image.exif_applied else "apply"
+        raise BadInputError(
+            source.name,
+            f"unary fits {image_path} {fitting} ({width}×{height}), not as used ({height}×"
+            f"{width}, EXIF orientation {image.exif_orientation} ({image.orientation_name}) "
+            f"{action}); pass --exif-orientation {other} if the segmenter saw it that way",
+        )
+
+
+def _orientation_confirmed(image: LoadedImage) -> bool:
+    """A 90° orientation of a non-square image is confirmed by the unary having its size."""
+    height, width = image.stored_hw
+    return image.exif_orientation in _SWAPPING_ORIENTATIONS and height != width
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """``[C,H,W] float32`` softmax over classes."""
+    shifted = scores - scores.max(axis=0, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=0, keepdims=True)
+    return shifted
+
+
+def describe_backend(backend: Backend) -> str:
+    """The backend's own description (``describe()``) or its name."""
+    describe = getattr(backend, "describe", None)
+    return describe() if callable(describe) else backend.name
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2**30:.2f} GiB"
