@@ -1,0 +1,190 @@
+"""Image and label-map reading: formats, modes, EXIF orientation and bad files."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convcrf_cli import imageio
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.imageio import load_image, read_image, read_label_image
+
+H, W = 24, 32
+
+
+def _rgb(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def _save(array: np.ndarray, path, **kwargs) -> None:
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def test_rgb_png_tiff_and_lossless_webp_read_exactly(tmp_path):
+    pixels = _rgb()
+    for name, kwargs in (("a.png", {}), ("a.tif", {}), ("a.webp", {"lossless": True})):
+        _save(pixels, tmp_path / name, **kwargs)
+        got = read_image(tmp_path / name)
+        assert got.dtype == np.uint8 and got.shape == (H, W, 3)
+        np.testing.assert_array_equal(got, pixels)
+
+
+def test_sixteen_bit_grayscale_png_keeps_raw_values(tmp_path):
+    values = (np.arange(H * W).reshape(H, W) * 85).astype(np.uint16)
+    _save(values, tmp_path / "g16.png")
+    got = read_image(tmp_path / "g16.png")
+    assert got.dtype == np.uint16 and got.shape == (H, W, 1)
+    np.testing.assert_array_equal(got[:, :, 0], values)
+    assert got.max() > 255
+
+
+def test_float_tiff_is_float32(tmp_path):
+    values = np.random.default_rng(1).normal(0, 100, (H, W)).astype(np.float32)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    got = read_image(tmp_path / "f.tif")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got[:, :, 0], values)
+
+
+def test_grayscale_is_one_channel(tmp_path):
+    values = _rgb()[:, :, 0]
+    _save(values, tmp_path / "g.png")
+    got = read_image(tmp_path / "g.png")
+    assert got.shape == (H, W, 1)
+    np.testing.assert_array_equal(got[:, :, 0], values)
+
+
+def test_rgba_drops_alpha_and_keeps_colours(tmp_path):
+    pixels = _rgb()
+    rgba = np.dstack([pixels, np.full((H, W), 7, np.uint8)])
+    _save(rgba, tmp_path / "a.png")
+    loaded = load_image(tmp_path / "a.png")
+    np.testing.assert_array_equal(loaded.pixels, pixels)
+    assert any("alpha channel dropped" in note for note in loaded.notes)
+
+
+def test_palette_image_becomes_rgb(tmp_path):
+    indices = (np.arange(H * W).reshape(H, W) % 4).astype(np.uint8)
+    picture = Image.fromarray(indices)
+    colours = [10, 20, 30, 200, 0, 0, 0, 200, 0, 0, 0, 200]
+    picture.putpalette(colours + [0] * (768 - len(colours)))
+    picture.save(tmp_path / "p.png")
+    got = read_image(tmp_path / "p.png")
+    expected = np.array(colours, np.uint8).reshape(4, 3)[indices]
+    np.testing.assert_array_equal(got, expected)
+
+
+def _exif_jpeg(path, pixels: np.ndarray, orientation: int) -> None:
+    picture = Image.fromarray(pixels)
+    exif = Image.Exif()
+    exif[imageio.EXIF_ORIENTATION_TAG] = orientation
+    picture.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_unless_asked_not_to(tmp_path):
+    _exif_jpeg(tmp_path / "r.jpg", _rgb(), 6)
+    stored = load_image(tmp_path / "r.jpg", apply_exif=False)
+    shown = load_image(tmp_path / "r.jpg")
+    assert stored.pixels.shape == (H, W, 3) and stored.exif_orientation == 6
+    assert shown.pixels.shape == (W, H, 3) and shown.exif_applied
+    # Orientation 6: the stored pixels are shown rotated 90° clockwise.
+    np.testing.assert_array_equal(shown.pixels, np.rot90(stored.pixels, k=-1))
+    assert shown.orientation_name == "rotated 90° clockwise"
+
+
+def test_first_frame_of_multi_page_tiff_with_a_note(tmp_path):
+    first, second = _rgb(1), _rgb(2)
+    Image.fromarray(first).save(
+        tmp_path / "m.tif", save_all=True, append_images=[Image.fromarray(second)]
+    )
+    loaded = load_image(tmp_path / "m.tif")
+    np.testing.assert_array_equal(loaded.pixels, first)
+    assert any("2 frames" in note for note in loaded.notes)
+
+
+def _error(path, reader=read_image) -> str:
+    with pytest.raises(BadInputError) as caught:
+        reader(path)
+    assert caught.value.exit_code == 2
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message
+    return message
+
+
+def test_missing_file_and_directory(tmp_path):
+    assert "no such file" in _error(tmp_path / "nope.png")
+    assert "is a directory" in _error(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path):
+    _save(_rgb(), tmp_path / "a.png")
+    (tmp_path / "a.png").chmod(0)
+    assert "cannot read" in _error(tmp_path / "a.png")
+
+
+def test_corrupt_and_truncated_images(tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"this is not an image at all" * 10)
+    assert "not an image" in _error(tmp_path / "junk.jpg")
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb()).save(buffer, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert "corrupt or truncated" in _error(tmp_path / "cut.png")
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width × height`` pixels, with almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
+    assert "too large" in _error(tmp_path / "bomb.png")
+
+
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    _save(_rgb(), tmp_path / "a.png")
+    monkeypatch.setattr(imageio, "MAX_PIXELS", H * W - 1)
+    message = _error(tmp_path / "a.png")
+    assert f"{W}×{H} = {H * W} pixels" in message
+    monkeypatch.setattr(imageio, "MAX_PIXELS", H * W)
+    assert read_image(tmp_path / "a.png").shape == (H, W, 3)
+
+
+def test_label_maps_palette_and_sixteen_bit(tmp_path):
+    labels = (np.arange(H * W).reshape(H, W) % 256).astype(np.uint8)
+    picture = Image.fromarray(labels)
+    picture.putpalette(bytes(range(256)) * 3)
+    picture.save(tmp_path / "p.png")
+    got = read_label_image(tmp_path / "p.png")
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, labels)
+    wide = (np.arange(H * W).reshape(H, W) * 50).astype(np.uint16)
+    _save(wide, tmp_path / "w.png")
+    np.testing.assert_array_equal(read_label_image(tmp_path / "w.png"), wide)
+
+
+def test_label_map_must_be_single_channel_and_unrotated(tmp_path):
+    _save(_rgb(), tmp_path / "rgb.png")
+    assert "palette or grayscale" in _error(tmp_path / "rgb.png", read_label_image)
+    exif = Image.Exif()
+    exif[imageio.EXIF_ORIENTATION_TAG] = 3
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "rot.png", exif=exif)
+    assert "EXIF orientation 3" in _error(tmp_path / "rot.png", read_label_image)

@@ -1,0 +1,221 @@
+"""Unary reading: layouts, unary types, label maps, stdin and bad arrays."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.unary import PROB_EPS, read_unary
+
+H, W, C = 24, 32, 5
+
+
+def _probs(seed: int = 0, classes: int = C, dtype=np.float32) -> np.ndarray:
+    """``[C,H,W]`` probabilities summing to 1 over classes."""
+    scores = np.random.default_rng(seed).normal(0, 2, (classes, H, W))
+    e = np.exp(scores - scores.max(axis=0))
+    return (e / e.sum(axis=0)).astype(dtype)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=0)
+    return x - m - np.log(np.exp(x - m).sum(axis=0))
+
+
+def _npy(tmp_path, array: np.ndarray, name: str = "u.npy"):
+    path = tmp_path / name
+    np.save(path, array)
+    return path
+
+
+def _error(source, hw=(H, W), **kwargs) -> str:
+    with pytest.raises(BadInputError) as caught:
+        read_unary(source, hw, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message and caught.value.exit_code == 2
+    return message
+
+
+def test_chw_and_hwc_are_detected_from_the_image_size(tmp_path):
+    probs = _probs()
+    chw = read_unary(_npy(tmp_path, probs, "chw.npy"), (H, W))
+    hwc = read_unary(_npy(tmp_path, probs.transpose(1, 2, 0), "hwc.npy"), (H, W))
+    batched = read_unary(_npy(tmp_path, probs[None], "nchw.npy"), (H, W))
+    assert (chw.layout, hwc.layout, batched.layout) == ("CHW", "HWC", "CHW")
+    assert chw.logits.shape == (C, H, W) and chw.logits.dtype == np.float32
+    np.testing.assert_array_equal(chw.logits, hwc.logits)
+    np.testing.assert_array_equal(chw.logits, batched.logits)
+
+
+def test_ambiguous_square_shape_names_both_readings_and_layout_resolves_it(tmp_path):
+    cube = np.full((8, 8, 8), 0.125, np.float32)
+    path = _npy(tmp_path, cube)
+    message = _error(path, (8, 8))
+    assert "(8, 8, 8)" in message and "CHW" in message and "HWC" in message
+    assert str(path) in message
+    assert read_unary(path, (8, 8), layout="HWC").layout == "HWC"
+
+
+def test_mismatched_shape_names_both_shapes(tmp_path):
+    path = _npy(tmp_path, np.zeros((C, 10, 12), np.float32))
+    message = _error(path)
+    assert "(5, 10, 12)" in message and f"{H}×{W}" in message and str(path) in message
+    assert f"(C, {H}, {W})" in message
+
+
+def test_class_axis_in_the_middle_and_swapped_sizes(tmp_path):
+    middle = _error(_npy(tmp_path, _probs().transpose(1, 0, 2)))
+    assert "class axis is in the middle" in middle
+    swapped = _error(_npy(tmp_path, _probs().transpose(0, 2, 1)))
+    assert "swapped" in swapped
+
+
+def test_prob_logit_and_energy_give_the_same_distribution(tmp_path):
+    probs = _probs(3)
+    logits = np.log(probs) + 7.0  # any per-pixel offset leaves the softmax unchanged
+    energy = -np.log(probs)
+    readings = [
+        read_unary(_npy(tmp_path, probs, "p.npy"), (H, W), "prob"),
+        read_unary(_npy(tmp_path, logits, "l.npy"), (H, W), "logit"),
+        read_unary(_npy(tmp_path, energy, "e.npy"), (H, W), "energy"),
+    ]
+    expected = _log_softmax(np.log(probs.astype(np.float64)))
+    for reading in readings:
+        np.testing.assert_allclose(_log_softmax(reading.logits), expected, atol=1e-4)
+
+
+def test_prob_conversion_clamps_at_eps(tmp_path):
+    probs = np.zeros((2, H, W), np.float32)
+    probs[0] = 1.0
+    reading = read_unary(_npy(tmp_path, probs), (H, W), "prob")
+    assert reading.logits[0].max() == 0.0
+    assert reading.logits[1].max() == pytest.approx(np.log(PROB_EPS))
+
+
+def test_auto_guesses_prob_only_for_distributions(tmp_path):
+    assert read_unary(_npy(tmp_path, _probs()), (H, W)).kind == "prob"
+    half = _probs(dtype=np.float16)
+    assert read_unary(_npy(tmp_path, half, "h.npy"), (H, W)).kind == "prob"
+    not_summing = _probs() * 0.5
+    assert read_unary(_npy(tmp_path, not_summing, "s.npy"), (H, W)).kind == "logit"
+    logits = np.random.default_rng(0).normal(0, 3, (C, H, W)).astype(np.float32)
+    reading = read_unary(_npy(tmp_path, logits, "l.npy"), (H, W))
+    assert reading.kind == "logit"
+    np.testing.assert_array_equal(reading.logits, logits)
+    assert not reading.warnings
+
+
+def test_auto_warns_when_logits_look_like_energies(tmp_path):
+    energy = -np.log(_probs())
+    reading = read_unary(_npy(tmp_path, energy), (H, W))
+    assert reading.kind == "logit"
+    assert "--unary-type energy" in reading.warnings[0]
+
+
+def test_single_channel_is_a_foreground_score(tmp_path):
+    p = _probs(classes=2)[1:]
+    prob = read_unary(_npy(tmp_path, p.transpose(1, 2, 0), "p.npy"), (H, W))
+    assert prob.kind == "prob" and prob.logits.shape == (2, H, W)
+    np.testing.assert_allclose(np.exp(prob.logits[1]), np.maximum(p[0], PROB_EPS), rtol=1e-5)
+    np.testing.assert_allclose(np.exp(prob.logits[0]), np.maximum(1 - p[0], PROB_EPS), rtol=1e-5)
+    z = np.random.default_rng(0).normal(0, 3, (1, H, W)).astype(np.float32)
+    logit = read_unary(_npy(tmp_path, z, "z.npy"), (H, W))
+    softmax_fg = 1 / (1 + np.exp(logit.logits[0] - logit.logits[1]))
+    np.testing.assert_allclose(softmax_fg, 1 / (1 + np.exp(-z[0])), rtol=1e-5)
+    assert "single channel" in _error(_npy(tmp_path, z, "e.npy"), unary_type="energy")
+
+
+def test_npz_single_array_named_array_and_ambiguity(tmp_path):
+    probs = _probs()
+    np.savez(tmp_path / "one.npz", anything=probs)
+    np.savez(tmp_path / "named.npz", unary=probs, other=np.zeros(3))
+    np.savez(tmp_path / "two.npz", a=probs, b=probs)
+    for name in ("one.npz", "named.npz"):
+        np.testing.assert_array_equal(
+            read_unary(tmp_path / name, (H, W)).logits,
+            read_unary(_npy(tmp_path, probs), (H, W)).logits,
+        )
+    assert "'unary'" in _error(tmp_path / "two.npz")
+
+
+def test_stdin_bytes(tmp_path):
+    buffer = io.BytesIO()
+    np.save(buffer, _probs())
+    reading = read_unary("-", (H, W), stdin=io.BytesIO(buffer.getvalue()))
+    np.testing.assert_array_equal(
+        reading.logits, read_unary(_npy(tmp_path, _probs()), (H, W)).logits
+    )
+    assert "stdin" in _error("-", stdin=io.BytesIO(b""))
+    assert "not .npy" in _error("-", stdin=io.BytesIO(b"P6 not numpy"))
+
+
+def test_truncated_npy_names_the_file(tmp_path):
+    path = _npy(tmp_path, _probs())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    message = _error(path)
+    assert str(path) in message and "truncated" in message
+
+
+def test_nan_inf_negative_and_integer_arrays(tmp_path):
+    probs = _probs()
+    probs[2, 3, 4] = np.nan
+    message = _error(_npy(tmp_path, probs, "nan.npy"))
+    assert "NaN" in message and "class 2, row 3, column 4" in message
+    inf = _probs()
+    inf[0, 0, 0] = np.inf
+    assert "infinite" in _error(_npy(tmp_path, inf, "inf.npy"))
+    negative = _probs()
+    negative[1, 5, 6] = -0.25
+    message = _error(_npy(tmp_path, negative, "neg.npy"), unary_type="prob")
+    assert "negative probability -0.25 at class 1, row 5, column 6" in message
+    too_big = _probs() * 3
+    assert "above 1" in _error(_npy(tmp_path, too_big, "big.npy"), unary_type="prob")
+    ints = np.zeros((C, H, W), np.int64)
+    assert "float16, float32 or float64" in _error(_npy(tmp_path, ints, "int.npy"))
+
+
+def test_unknown_suffix_missing_file_and_class_count_check(tmp_path):
+    assert "unknown unary format .txt" in _error(tmp_path / "u.txt")
+    assert "no such file" in _error(tmp_path / "u.npy")
+    path = _npy(tmp_path, _probs())
+    assert "--num-classes is 4" in _error(path, num_classes=4)
+
+
+def _label_png(tmp_path, labels: np.ndarray, name: str = "labels.png"):
+    Image.fromarray(labels.astype(np.uint8)).save(tmp_path / name)
+    return tmp_path / name
+
+
+def test_label_image_unary_matches_unary_from_labels(tmp_path):
+    labels = (np.arange(H * W).reshape(H, W) // 100 % 3).astype(np.uint8)
+    labels[0, :5] = 255
+    path = _label_png(tmp_path, labels)
+    reading = read_unary(path, (H, W), label_confidence=0.6, ignore_label=255)
+    assert (reading.layout, reading.kind) == ("labels", "labels")
+    probs = np.exp(reading.logits)
+    assert probs.shape == (3, H, W)
+    known = labels != 255
+    rows, cols = np.nonzero(known)
+    np.testing.assert_allclose(probs[labels[rows, cols], rows, cols], 0.6, rtol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=0)[known], 1.0, rtol=1e-6)
+    others = probs[:, known].copy()
+    others[labels[known], np.arange(known.sum())] = 0
+    np.testing.assert_allclose(others.max(axis=0), 0.2, rtol=1e-6)
+    np.testing.assert_array_equal(reading.logits[:, ~known], 0.0)  # uniform
+
+
+def test_label_image_class_count_and_confidence_checks(tmp_path):
+    labels = (np.arange(H * W).reshape(H, W) % 3).astype(np.uint8)
+    path = _label_png(tmp_path, labels)
+    assert read_unary(path, (H, W), num_classes=21).logits.shape == (21, H, W)
+    assert "outside the 2 classes" in _error(path, num_classes=2)
+    assert "above 1/C" in _error(path, label_confidence=0.3)
+    assert f"the image is {H}×{W + 1}" in _error(path, (H, W + 1))
+    zeros = _label_png(tmp_path, np.zeros((H, W)), "zeros.png")
+    assert "--num-classes" in _error(zeros)
