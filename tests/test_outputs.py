@@ -1,0 +1,130 @@
+"""Output writing: palette, label maps, probabilities, overlays and pre-checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.outputs import (
+    OutputSpec,
+    check_class_count,
+    check_outputs,
+    write_labels,
+    write_overlay,
+    write_probabilities,
+)
+from convcrf_cli.palette import palette_bytes, voc_palette
+
+H, W = 24, 32
+
+
+def test_voc_palette_known_entries_and_distinct():
+    palette = voc_palette()
+    assert palette.shape == (256, 3) and palette.dtype == np.uint8
+    expected = {
+        0: (0, 0, 0),
+        1: (128, 0, 0),
+        2: (0, 128, 0),
+        3: (128, 128, 0),
+        4: (0, 0, 128),
+        7: (128, 128, 128),
+        8: (64, 0, 0),
+        15: (192, 128, 128),
+        20: (0, 64, 128),
+        255: (224, 224, 192),
+    }
+    for index, colour in expected.items():
+        assert tuple(palette[index]) == colour
+    assert len({tuple(c) for c in palette}) == 256
+    assert palette_bytes() == palette.tobytes()
+
+
+def test_palette_png_round_trip_preserves_indices(tmp_path):
+    labels = np.arange(H * W).reshape(H, W) % 256
+    write_labels(tmp_path / "l.png", labels)
+    picture = Image.open(tmp_path / "l.png")
+    assert picture.mode == "P"
+    np.testing.assert_array_equal(np.asarray(picture), labels)
+    assert bytes(picture.getpalette()[:768]) == palette_bytes()
+    assert list(tmp_path.iterdir()) == [tmp_path / "l.png"]
+
+
+def test_npy_labels_are_int32(tmp_path):
+    labels = np.arange(H * W).reshape(H, W) % 300
+    write_labels(tmp_path / "l.npy", labels)
+    got = np.load(tmp_path / "l.npy")
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, labels)
+
+
+def test_png_labels_above_255_fail_without_a_file(tmp_path):
+    with pytest.raises(BadInputError, match="do not fit a PNG"):
+        write_labels(tmp_path / "l.png", np.full((H, W), 256))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layout", ["CHW", "HWC", "labels"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_probabilities_layout_and_dtype(tmp_path, layout, dtype):
+    probs = np.random.default_rng(0).random((3, H, W)).astype(np.float32)
+    write_probabilities(tmp_path / "p.npy", probs, layout, dtype)
+    got = np.load(tmp_path / "p.npy")
+    assert got.dtype == np.dtype(dtype)
+    expected = probs.transpose(1, 2, 0) if layout == "HWC" else probs
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_overlay_blends_palette_colours(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    labels = np.arange(H * W).reshape(H, W) % 21
+    write_overlay(tmp_path / "o0.png", image, labels, 0.0)
+    write_overlay(tmp_path / "o1.png", image, labels, 1.0)
+    write_overlay(tmp_path / "oh.png", image, labels, 0.5)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o0.png")), image)
+    colours = voc_palette()[labels]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o1.png")), colours)
+    half = np.asarray(Image.open(tmp_path / "oh.png")).astype(int)
+    assert np.abs(half - (image.astype(int) + colours) / 2).max() <= 0.5
+
+
+def test_overlay_of_grayscale_sixteen_bit_and_float_images(tmp_path):
+    labels = np.zeros((H, W), int)
+    wide = np.full((H, W, 1), 257 * 100, np.uint16)
+    write_overlay(tmp_path / "w.png", wide, labels, 0.0)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "w.png")), 100)
+    ramp = np.linspace(-1, 1, H * W, dtype=np.float32).reshape(H, W, 1)
+    write_overlay(tmp_path / "f.png", ramp, labels, 0.0)
+    got = np.asarray(Image.open(tmp_path / "f.png"))
+    assert got.min() == 0 and got.max() == 255 and got.shape == (H, W, 3)
+
+
+def test_check_outputs_refuses_bad_formats_and_overwriting_inputs(tmp_path):
+    image = tmp_path / "img.png"
+    image.write_bytes(b"")
+    cases = [
+        (OutputSpec(labels=tmp_path / "l.jpg"), "must be .png, .npy or -"),
+        (OutputSpec(labels="-", probs=tmp_path / "p.txt"), "written as .npy"),
+        (OutputSpec(labels="-", overlay="-"), "only the label output"),
+        (OutputSpec(labels="-", overlay=tmp_path / "o.xyz"), "unknown image format"),
+        (OutputSpec(labels=image), "overwrite an input"),
+        (OutputSpec(labels=tmp_path / "a.png", overlay=tmp_path / "a.png"), "two outputs"),
+        (OutputSpec(labels=tmp_path), "must be .png"),
+        (OutputSpec(labels="-", alpha=1.5), "alpha"),
+    ]
+    for spec, problem in cases:
+        with pytest.raises(BadInputError, match=problem):
+            check_outputs(spec, [image, tmp_path / "u.npy"])
+    check_outputs(OutputSpec(labels="-", overlay=tmp_path / "o.jpg"), [image])
+
+
+def test_more_than_256_classes_need_npy_labels_and_no_overlay(tmp_path):
+    with pytest.raises(BadInputError, match="257 classes do not fit a PNG label map"):
+        check_class_count(OutputSpec(labels=tmp_path / "l.png"), 257)
+    with pytest.raises(BadInputError, match="257 classes do not fit a PNG label map"):
+        check_class_count(OutputSpec(labels="-"), 257)
+    with pytest.raises(BadInputError, match="overlay"):
+        check_class_count(OutputSpec(labels=tmp_path / "l.npy", overlay=tmp_path / "o.png"), 257)
+    check_class_count(OutputSpec(labels=tmp_path / "l.npy"), 257)
+    check_class_count(OutputSpec(labels=tmp_path / "l.png"), 256)
