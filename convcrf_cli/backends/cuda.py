@@ -1,0 +1,463 @@
+"""CUDA backend: ConvCRF mean field (DESIGN §2) as fused CuPy RawKernels from ``cuda/*.cu``.
+
+One batch of N same-sized images is refined by one launch of each kernel:
+
+* ``convcrf_pool_features``: image ``[N,F,H,W]`` -> coarse features ``[N,2+F,h,w]``;
+* ``convcrf_init``: logits -> per-pixel log-sum-exp ``[N,H,W]`` and ``P = pool(Q0)`` ``[N,C,h,w]``;
+* per iteration ``convcrf_message`` (``P`` -> coarse message ``M``), then ``convcrf_step``
+  (``P = pool(softmax((u-w)·L + w·crop(up(M))))``) or, last, ``convcrf_final`` (the scores).
+
+The launch logic (:class:`MeanFieldPlan`, :func:`run_plan`) does not depend on CuPy: the tests
+run it with NumPy arrays through a C++ shim that executes the same ``.cu`` kernels on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from convcrf_cli.backends import DeviceError
+from convcrf_cli.params import CRFParams
+
+KERNEL_FILES = ("features.cu", "message.cu", "fullres.cu")
+"""The kernel sources, compiled together as one module (package ``convcrf_cli.cuda``)."""
+
+KERNEL_NAMES = (
+    "convcrf_pool_features",
+    "convcrf_init",
+    "convcrf_message",
+    "convcrf_step",
+    "convcrf_final",
+)
+DEFAULT_SHARED_MEMORY = 48 * 1024
+"""Dynamic shared memory every CUDA device grants a block without opting in (bytes)."""
+MAX_SHARED_MEMORY = 64 * 1024
+"""Most shared memory a block is given where the device allows more (bytes)."""
+MAX_CLASS_BLOCK = 32
+"""Most classes one message thread accumulates in registers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Block shapes and the shared-memory budget of the launches.
+
+    cell_block: (x, y) coarse cells per block of the message and feature kernels.
+    pixel_block: (x, y) pixels per block of the final pass.
+    pool_threads: threads per block of the init/step passes.
+    pool_box_width, pool_box_pixels: target width and size (pixels) of the box of pixels one
+        init/step block pools at blur > 1 (whole coarse cells, so it may be larger).
+    shared_memory: dynamic shared memory a block may use (bytes).
+    """
+
+    cell_block: tuple[int, int] = (16, 16)
+    pixel_block: tuple[int, int] = (32, 8)
+    pool_threads: int = 256
+    pool_box_width: int = 32
+    pool_box_pixels: int = 1024
+    shared_memory: int = DEFAULT_SHARED_MEMORY
+
+
+def class_block_for(num_classes: int, num_features: int, filter_size: int, config: LaunchConfig):
+    """Classes per message chunk (the compile-time ``CONVCRF_CLASS_BLOCK``).
+
+    As many as fit in shared memory next to the features of a tile with its halo, at most
+    :data:`MAX_CLASS_BLOCK`, balanced over the chunks (21 classes in two chunks: 11).
+    """
+    fit = _message_fit(num_features, filter_size, config)
+    if fit < 1:
+        raise DeviceError(
+            f"filter size {filter_size} with {num_features} image channels needs more shared "
+            f"memory than {config.shared_memory} bytes per block; use --device cpu"
+        )
+    chunks = math.ceil(num_classes / min(fit, MAX_CLASS_BLOCK))
+    return math.ceil(num_classes / chunks)
+
+
+def _message_fit(num_features: int, filter_size: int, config: LaunchConfig) -> int:
+    """Classes that fit in the message kernel's shared memory beside the features."""
+    area = _message_tile_area(filter_size, config)
+    return config.shared_memory // (4 * area) - (2 + num_features)
+
+
+def _message_tile_area(filter_size: int, config: LaunchConfig) -> int:
+    span = filter_size // 2
+    return (config.cell_block[0] + 2 * span) * (config.cell_block[1] + 2 * span)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanFieldPlan:
+    """Sizes, grids and shared memory of every launch for one batch shape and parameter set."""
+
+    batch: int
+    classes: int
+    features: int
+    height: int
+    width: int
+    params: CRFParams
+    config: LaunchConfig
+    class_block: int
+
+    @classmethod
+    def create(
+        cls,
+        image_shape: Sequence[int],
+        logits_shape: Sequence[int],
+        params: CRFParams,
+        config: LaunchConfig,
+        class_block: int | None = None,
+    ) -> MeanFieldPlan:
+        """Plan for ``image [N,F,H,W]`` and ``logits [N,C,H,W]``; ``class_block`` defaults to
+        :func:`class_block_for` (the shim passes the value it was compiled with)."""
+        if len(image_shape) != 4 or len(logits_shape) != 4:
+            raise ValueError(
+                f"expected image [N,F,H,W] and logits [N,C,H,W], got {tuple(image_shape)} "
+                f"and {tuple(logits_shape)}"
+            )
+        n, f, height, width = (int(v) for v in image_shape)
+        c = int(logits_shape[1])
+        if (int(logits_shape[0]), *map(int, logits_shape[2:])) != (n, height, width):
+            raise ValueError(f"image {tuple(image_shape)} and logits {tuple(logits_shape)} differ")
+        if min(n, f, c, height, width) < 1:
+            raise ValueError(
+                f"empty input: image {tuple(image_shape)}, logits {tuple(logits_shape)}"
+            )
+        if class_block is None:
+            class_block = class_block_for(c, f, params.filter_size, config)
+        plan = cls(n, c, f, height, width, params, config, class_block)
+        if plan.message_shared > config.shared_memory:
+            raise DeviceError(
+                f"{class_block} classes per block with filter size {params.filter_size} need "
+                f"{plan.message_shared} bytes of shared memory (limit {config.shared_memory})"
+            )
+        if plan.chunk_classes < 1:
+            raise DeviceError(
+                f"blur {params.blur} is too large for the CUDA kernels ({plan.pool_box} pixels "
+                f"per block exceed {config.shared_memory} bytes of shared memory); "
+                "use --device cpu"
+            )
+        return plan
+
+    @property
+    def blur(self) -> int:
+        return self.params.blur
+
+    @property
+    def coarse_h(self) -> int:
+        return -(-self.height // self.blur)
+
+    @property
+    def coarse_w(self) -> int:
+        return -(-self.width // self.blur)
+
+    @property
+    def pad_y(self) -> int:
+        return _pool_padding(self.height, self.blur)
+
+    @property
+    def pad_x(self) -> int:
+        return _pool_padding(self.width, self.blur)
+
+    # -- message and feature kernels: one thread per coarse cell --------------------------
+    @property
+    def cell_grid(self) -> tuple[int, int, int]:
+        bx, by = self.config.cell_block
+        return (-(-self.coarse_w // bx), -(-self.coarse_h // by), self.batch)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.classes // self.class_block)
+
+    @property
+    def message_grid(self) -> tuple[int, int, int]:
+        gx, gy, _ = self.cell_grid
+        return (gx, gy, self.batch * self.num_chunks)
+
+    @property
+    def message_shared(self) -> int:
+        area = _message_tile_area(self.params.filter_size, self.config)
+        return 4 * (2 + self.features + self.class_block) * area
+
+    # -- init/step: one block per tile of coarse cells -------------------------------------
+    @property
+    def pool_tile(self) -> tuple[int, int]:
+        """(rows, cols) of coarse cells per block (of pixels at blur 1)."""
+        b, cfg = self.blur, self.config
+        if b == 1:
+            return (max(1, cfg.pool_threads // cfg.pool_box_width), cfg.pool_box_width)
+        cols = -(-cfg.pool_box_width // b)
+        rows = max(1, round(cfg.pool_box_pixels / (cols * b * b)))
+        if 4 * (2 + 1) * rows * cols * b * b > cfg.shared_memory:
+            rows = cols = 1
+        return (rows, cols)
+
+    @property
+    def pool_box(self) -> int:
+        rows, cols = self.pool_tile
+        return rows * cols * self.blur * self.blur
+
+    @property
+    def chunk_classes(self) -> int:
+        """Classes pooled per shared-memory round of the init/step passes."""
+        if self.blur == 1:
+            return self.classes
+        return min(self.classes, self.config.shared_memory // (4 * self.pool_box) - 2)
+
+    @property
+    def pool_grid(self) -> tuple[int, int, int]:
+        rows, cols = self.pool_tile
+        return (-(-self.coarse_w // cols), -(-self.coarse_h // rows), self.batch)
+
+    @property
+    def pool_shared(self) -> int:
+        return 0 if self.blur == 1 else 4 * (2 + self.chunk_classes) * self.pool_box
+
+    # -- final: one thread per pixel -------------------------------------------------------
+    @property
+    def pixel_grid(self) -> tuple[int, int, int]:
+        px, py = self.config.pixel_block
+        return (-(-self.width // px), -(-self.height // py), self.batch)
+
+
+def _pool_padding(length: int, blur: int) -> int:
+    return math.ceil(((blur - length % blur) % blur) / 2)
+
+
+Launch = Callable[[str, tuple[int, int, int], tuple[int, int, int], tuple, int], None]
+"""``launch(kernel_name, grid, block, args, shared_mem_bytes)``."""
+
+
+def run_plan(plan: MeanFieldPlan, image, logits, scores, launch: Launch, empty) -> None:
+    """Launch the kernels of one batch.
+
+    image ``[N,F,H,W]``, logits ``[N,C,H,W]``: C-contiguous float32 arrays of one library
+    (CuPy on the GPU, NumPy in the shim); scores ``[N,C,H,W]`` float32 is written.
+    ``empty(shape, dtype)`` allocates the intermediate buffers.
+    """
+    p, i32, f32 = plan.params, np.int32, np.float32
+    n, c, f, height, width = plan.batch, plan.classes, plan.features, plan.height, plan.width
+    h, w = plan.coarse_h, plan.coarse_w
+    feat = empty((n, 2 + f, h, w), np.float32)
+    lse = empty((n, height, width), np.float32)
+    pooled = empty((n, c, h, w), np.float32)
+    message = empty((n, c, h, w), np.float32)
+    geometry = (i32(height), i32(width), i32(h), i32(w), i32(plan.blur))
+    geometry += (i32(plan.pad_y), i32(plan.pad_x))
+    cell_block = (*plan.config.cell_block, 1)
+    pool_block = (plan.config.pool_threads, 1, 1)
+    tile = (i32(plan.pool_tile[0]), i32(plan.pool_tile[1]), i32(plan.chunk_classes))
+    scales = (f32(p.unary_weight - p.weight), f32(p.weight))
+
+    features_args = (image, feat, i32(f), *geometry, f32(1 / p.pos_sdims), f32(1 / p.col_schan))
+    launch("convcrf_pool_features", plan.cell_grid, cell_block, features_args, 0)
+    init_args = (logits, lse, pooled, i32(c), *geometry, *tile, i32(p.init == "log"))
+    launch("convcrf_init", plan.pool_grid, pool_block, init_args, plan.pool_shared)
+    message_args = (feat, pooled, message, i32(c), i32(f), i32(h), i32(w))
+    message_args += (i32(p.filter_size), i32(plan.num_chunks))
+    message_args += (f32(p.pos_compat), f32(p.col_compat))
+    for i in range(p.iterations):
+        launch("convcrf_message", plan.message_grid, cell_block, message_args, plan.message_shared)
+        if i < p.iterations - 1:
+            step_args = (logits, lse, message, pooled, i32(c), *geometry, *tile, *scales)
+            launch("convcrf_step", plan.pool_grid, pool_block, step_args, plan.pool_shared)
+        else:
+            final_args = (logits, lse, message, scores, i32(c), *geometry, *scales)
+            pixel_block = (*plan.config.pixel_block, 1)
+            launch("convcrf_final", plan.pixel_grid, pixel_block, final_args, 0)
+
+
+@functools.cache
+def kernel_source() -> str:
+    """The ``.cu`` sources, concatenated (read from the installed package ``convcrf_cli.cuda``)."""
+    root = importlib.resources.files("convcrf_cli.cuda")
+    return "\n".join((root / name).read_text() for name in KERNEL_FILES)
+
+
+def compile_options(class_block: int) -> tuple[str, ...]:
+    """NVRTC options of the module with ``class_block`` classes per message chunk."""
+    return ("-std=c++17", f"-DCONVCRF_CLASS_BLOCK={class_block}")
+
+
+def nvrtc_check(arch: str = "compute_80", class_block: int = 8) -> str | None:
+    """Compile the kernels to PTX with NVRTC (no device needed); None, or why it failed."""
+    try:
+        from cupy.cuda import nvrtc
+    except Exception as exc:  # ImportError, or a CUDA library that does not load
+        return f"CuPy's NVRTC is unavailable: {_import_problem(exc)}"
+    try:
+        program = nvrtc.createProgram(kernel_source(), "convcrf.cu", [], [])
+    except Exception as exc:
+        return f"NVRTC is unavailable: {exc}"
+    try:
+        nvrtc.compileProgram(program, [*compile_options(class_block), f"--gpu-architecture={arch}"])
+        nvrtc.getPTX(program)
+    except nvrtc.NVRTCError as exc:
+        return f"NVRTC failed: {exc}\n{nvrtc.getProgramLog(program)}"
+    finally:
+        nvrtc.destroyProgram(program)
+    return None
+
+
+def nvrtc_version() -> str | None:
+    """``"major.minor"`` of the NVRTC library CuPy loads, or None when it does not load."""
+    try:
+        from cupy.cuda import nvrtc
+
+        major, minor = nvrtc.getVersion()
+    except Exception:
+        return None
+    return f"{major}.{minor}"
+
+
+def _import_problem(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("cuda."):
+        text += (
+            " (a directory named 'cuda' on sys.path, such as this repository's kernel "
+            "sources when Python runs from its root, hides NVIDIA's 'cuda' package; "
+            "run from another directory or set PYTHONSAFEPATH=1)"
+        )
+    return text
+
+
+def _import_cupy():
+    import cupy
+
+    return cupy
+
+
+@functools.cache
+def cuda_unavailable_reason(index: int = 0) -> str | None:
+    """None when device ``cuda:index`` can run the kernels, else a one-line reason."""
+    try:
+        cupy = _import_cupy()
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
+            return "CuPy is not installed (pip install 'convcrf-cli[cuda13]' or '[cuda12]')"
+        return f"CuPy does not import: {_import_problem(exc)}"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return f"no CUDA device ({exc})"
+    if index >= count:
+        return f"no device cuda:{index} ({count} CUDA device{'s' if count != 1 else ''} found)"
+    try:
+        with cupy.cuda.Device(index):
+            _compiled_module(index, MAX_CLASS_BLOCK // 4)
+    except Exception as exc:
+        return f"the CUDA kernels do not compile or load: {exc}"
+    return None
+
+
+@functools.cache
+def _compiled_module(device_index: int, class_block: int):
+    """The RawModule for one device and class block, compiled once per process."""
+    cupy = _import_cupy()
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=kernel_source(), options=compile_options(class_block))
+        module.compile()
+    return module
+
+
+class _CuPyLauncher:
+    """``launch`` of :func:`run_plan` on a compiled RawModule (current device and stream)."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __call__(self, name: str, grid, block, args: tuple, shared_mem: int) -> None:
+        kernel = self.module.get_function(name)
+        if shared_mem > DEFAULT_SHARED_MEMORY and kernel.max_dynamic_shared_size_bytes < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem
+        kernel(grid, block, args, shared_mem=shared_mem)
+
+
+def array_kind(array: Any) -> str:
+    """``"numpy"``, ``"cupy"``, ``"torch-cuda"`` or ``"torch-cpu"``: what the result is returned as."""
+    module = type(array).__module__.split(".")[0]
+    if module == "cupy":
+        return "cupy"
+    if module == "torch":
+        return "torch-cuda" if array.is_cuda else "torch-cpu"
+    return "numpy"
+
+
+class CUDABackend:
+    """Runs the fused kernels on device ``cuda:index``. Inputs may be NumPy arrays, CuPy arrays or
+    torch tensors (CUDA tensors are shared through DLPack, no host copy); the scores come back
+    as the same kind as the logits."""
+
+    name = "cuda"
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+        self.cupy = _import_cupy()
+
+    def describe(self) -> str:
+        props = self.cupy.cuda.runtime.getDeviceProperties(self.index)
+        name = props["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        return f"cuda:{self.index} ({name}, CuPy {self.cupy.__version__})"
+
+    def launch_config(self) -> LaunchConfig:
+        """The GPU configuration: shared memory up to the device's opt-in limit, at most 64 KiB."""
+        device = self.cupy.cuda.Device(self.index)
+        optin = device.attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED_MEMORY)
+        return LaunchConfig(shared_memory=max(DEFAULT_SHARED_MEMORY, min(optin, MAX_SHARED_MEMORY)))
+
+    def run(self, image, logits, params: CRFParams):
+        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32``."""
+        cupy = self.cupy
+        kind = array_kind(logits)
+        with cupy.cuda.Device(self.index):
+            with self._stream(kind):
+                image_d = self._to_device(image)
+                logits_d = self._to_device(logits)
+                plan = MeanFieldPlan.create(
+                    image_d.shape, logits_d.shape, params, self.launch_config()
+                )
+                module = _compiled_module(self.index, plan.class_block)
+                scores = cupy.empty(logits_d.shape, dtype=cupy.float32)
+                run_plan(plan, image_d, logits_d, scores, _CuPyLauncher(module), cupy.empty)
+        return self._like(scores, kind)
+
+    def _stream(self, kind: str):
+        """Torch's current stream for torch CUDA inputs (ordered after the work that made
+        them), else CuPy's current stream."""
+        if kind == "torch-cuda":
+            import torch
+
+            handle = torch.cuda.current_stream(self.index).cuda_stream
+            return self.cupy.cuda.ExternalStream(handle, self.index)
+        return self.cupy.cuda.get_current_stream()
+
+    def _to_device(self, array):
+        """C-contiguous float32 CuPy array on this device."""
+        cupy = self.cupy
+        kind = array_kind(array)
+        if kind == "torch-cuda":
+            array = cupy.from_dlpack(array.detach())
+        elif kind == "torch-cpu":
+            array = array.detach().numpy()
+        if kind in ("cupy", "torch-cuda") and array.device.id != self.index:
+            raise DeviceError(f"input is on cuda:{array.device.id}, not on cuda:{self.index}")
+        return cupy.ascontiguousarray(cupy.asarray(array), dtype=cupy.float32)
+
+    def _like(self, scores, kind: str):
+        if kind == "cupy":
+            return scores
+        if kind == "torch-cuda":
+            import torch
+
+            return torch.from_dlpack(scores)
+        host = scores.get()
+        if kind == "torch-cpu":
+            import torch
+
+            return torch.from_numpy(host)
+        return host

@@ -1,0 +1,245 @@
+// Full-resolution passes of ConvCRF mean field (DESIGN §2 steps 4-5), fused so that the
+// full-resolution Q is never stored between iterations:
+//
+//   convcrf_init:  L = log_softmax(logits); writes lse = logsumexp(logits) per pixel and
+//                  P = pool(Q0) with Q0 = L (init "log") or softmax(L) (init "softmax").
+//   convcrf_step:  z = unary_scale * L + msg_scale * crop(up(M)); P = pool(softmax(z)).
+//   convcrf_final: Q = unary_scale * L + msg_scale * crop(up(M)), written at full resolution.
+//
+// Layout: class-major [N,C,H,W] at full resolution, [N,C,h,w] on the coarse grid, x fastest,
+// so consecutive threads touch consecutive addresses of one class plane.
+//
+// init/step: a 1-D block owns tile_rows x tile_cols coarse cells, i.e. a box of
+// (tile_rows*blur) x (tile_cols*blur) pixels starting at pixel (-pad_y, -pad_x) of its tile, so
+// every cell it pools lies in the block: pooling needs no atomics. Phase A computes each
+// pixel's softmax statistics (one pass over classes, online max and sum) into shared memory;
+// phase B, per chunk of chunk_classes classes, writes each pixel's Q for the chunk into shared
+// memory and then averages each cell over its valid pixels. At blur 1 the box is a tile of
+// pixels and Q is written to P directly. blockIdx.z = image of the batch.
+// Dynamic shared memory (blur > 1): (2 + chunk_classes) * tile_rows*blur * tile_cols*blur floats.
+//
+// The bilinear upsampling (half-pixel centres, source clamped to [0, n-1]) of the coarse message
+// M and the crop by (pad_y, pad_x) are computed on the fly from the pixel coordinates.
+
+// Pixel-independent arguments of the per-class score z.
+struct ScoreArgs {
+    const float* logits;  // [N,C,H,W]
+    const float* lse;     // [N,H,W] (step/final)
+    const float* message; // [N,C,h,w] (step/final)
+    int num_classes, height, width, coarse_h, coarse_w, blur, pad_y, pad_x;
+    float unary_scale, msg_scale;
+};
+
+// The per-class score z_c of one pixel: the logit (init) or the mean-field update (step/final).
+struct PixelScore {
+    const float* logit;  // logits at (n, class 0, y, x); class stride = plane
+    long long plane;
+    const float* msg;  // message at (n, class 0); class stride = coarse_plane
+    long long coarse_plane;
+    int i00, i01, i10, i11;  // coarse cells of the 4 bilinear taps
+    float w00, w01, w10, w11;
+    float lse, unary_scale, msg_scale;
+    bool with_message;
+
+    __device__ float operator()(int c) const {
+        const float unary = logit[c * plane];
+        if (!with_message) return unary;
+        const float* m = msg + c * coarse_plane;
+        const float up = w00 * m[i00] + w01 * m[i01] + w10 * m[i10] + w11 * m[i11];
+        return unary_scale * (unary - lse) + msg_scale * up;
+    }
+};
+
+// Source cell i0, its neighbour i1 and the weight of i1 for output index `index` of a bilinear
+// x`blur` upsampling of an axis of `n` cells (align_corners=False, clamped).
+__device__ inline void bilinear_taps(int index, int blur, int n, int& i0, int& i1, float& frac) {
+    const float src = fmaxf(((float)index + 0.5f) / (float)blur - 0.5f, 0.0f);
+    i0 = min((int)src, n - 1);
+    i1 = min(i0 + 1, n - 1);
+    frac = src - (float)i0;
+}
+
+__device__ inline PixelScore pixel_score(const ScoreArgs& args, int n, int y, int x,
+                                         bool with_message) {
+    PixelScore score;
+    score.plane = (long long)args.height * args.width;
+    const long long pixel = (long long)y * args.width + x;
+    score.logit = args.logits + (long long)n * args.num_classes * score.plane + pixel;
+    score.with_message = with_message;
+    score.unary_scale = args.unary_scale;
+    score.msg_scale = args.msg_scale;
+    if (!with_message) return score;
+    score.lse = args.lse[(long long)n * score.plane + pixel];
+    score.coarse_plane = (long long)args.coarse_h * args.coarse_w;
+    score.msg = args.message + (long long)n * args.num_classes * score.coarse_plane;
+    int r0, r1, c0, c1;
+    float fy, fx;
+    bilinear_taps(y + args.pad_y, args.blur, args.coarse_h, r0, r1, fy);
+    bilinear_taps(x + args.pad_x, args.blur, args.coarse_w, c0, c1, fx);
+    score.i00 = r0 * args.coarse_w + c0;
+    score.i01 = r0 * args.coarse_w + c1;
+    score.i10 = r1 * args.coarse_w + c0;
+    score.i11 = r1 * args.coarse_w + c1;
+    score.w00 = (1.0f - fy) * (1.0f - fx);
+    score.w01 = (1.0f - fy) * fx;
+    score.w10 = fy * (1.0f - fx);
+    score.w11 = fy * fx;
+    return score;
+}
+
+// Softmax statistics of z over classes: max and sum of exp(z - max), in one pass.
+__device__ inline void softmax_stats(const PixelScore& score, int num_classes, float& max_z,
+                                     float& sum_exp) {
+    max_z = score(0);
+    sum_exp = 1.0f;
+    for (int c = 1; c < num_classes; ++c) {
+        const float z = score(c);
+        if (z > max_z) {
+            sum_exp = sum_exp * expf(max_z - z) + 1.0f;
+            max_z = z;
+        } else {
+            sum_exp += expf(z - max_z);
+        }
+    }
+}
+
+// Q of class c from z: log_output ? z - shift : exp(z - shift) * scale.
+__device__ inline float q_value(float z, float shift, float scale, bool log_output) {
+    return log_output ? z - shift : expf(z - shift) * scale;
+}
+
+// Shared body of convcrf_init (with_message false) and convcrf_step (with_message true).
+__device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
+                       float* __restrict__ pooled, int tile_rows, int tile_cols,
+                       int chunk_classes, bool with_message, bool log_output) {
+    extern __shared__ float convcrf_smem[];
+    const int n = blockIdx.z;
+    const int blur = args.blur;
+    const int box_w = tile_cols * blur;
+    const int box = tile_rows * blur * box_w;
+    const int row0 = blockIdx.y * tile_rows * blur - args.pad_y;
+    const int col0 = blockIdx.x * tile_cols * blur - args.pad_x;
+    const int num_classes = args.num_classes;
+    const long long plane = (long long)args.height * args.width;
+    const long long coarse_plane = (long long)args.coarse_h * args.coarse_w;
+    float* pooled_n = pooled + (long long)n * num_classes * coarse_plane;
+
+    if (blur == 1) {  // P is Q itself: one thread per pixel, no shared memory.
+        for (int p = threadIdx.x; p < box; p += blockDim.x) {
+            const int y = row0 + p / box_w;
+            const int x = col0 + p % box_w;
+            if (y >= args.height || x >= args.width) continue;
+            const PixelScore score = pixel_score(args, n, y, x, with_message);
+            float max_z, sum_exp;
+            softmax_stats(score, num_classes, max_z, sum_exp);
+            const float lse = max_z + logf(sum_exp);
+            if (lse_out != nullptr) lse_out[(long long)n * plane + (long long)y * args.width + x] = lse;
+            const float shift = log_output ? lse : max_z;
+            const float scale = 1.0f / sum_exp;
+            float* q = pooled_n + (long long)y * args.width + x;
+            for (int c = 0; c < num_classes; ++c) q[c * plane] = q_value(score(c), shift, scale, log_output);
+        }
+        return;
+    }
+
+    float* shift = convcrf_smem;
+    float* scale = convcrf_smem + box;
+    float* chunk = convcrf_smem + 2 * box;
+
+    // Phase A: per-pixel softmax statistics.
+    for (int p = threadIdx.x; p < box; p += blockDim.x) {
+        const int y = row0 + p / box_w;
+        const int x = col0 + p % box_w;
+        if (y < 0 || y >= args.height || x < 0 || x >= args.width) continue;
+        const PixelScore score = pixel_score(args, n, y, x, with_message);
+        float max_z, sum_exp;
+        softmax_stats(score, num_classes, max_z, sum_exp);
+        const float lse = max_z + logf(sum_exp);
+        if (lse_out != nullptr) lse_out[(long long)n * plane + (long long)y * args.width + x] = lse;
+        shift[p] = log_output ? lse : max_z;
+        scale[p] = 1.0f / sum_exp;
+    }
+    __syncthreads();
+
+    // Phase B: per chunk of classes, Q into shared memory, then the mean of each cell.
+    const int cells = tile_rows * tile_cols;
+    for (int c0 = 0; c0 < num_classes; c0 += chunk_classes) {
+        const int count = min(chunk_classes, num_classes - c0);
+        for (int p = threadIdx.x; p < box; p += blockDim.x) {
+            const int y = row0 + p / box_w;
+            const int x = col0 + p % box_w;
+            if (y < 0 || y >= args.height || x < 0 || x >= args.width) continue;
+            const PixelScore score = pixel_score(args, n, y, x, with_message);
+            for (int cc = 0; cc < count; ++cc) {
+                chunk[cc * box + p] = q_value(score(c0 + cc), shift[p], scale[p], log_output);
+            }
+        }
+        __syncthreads();
+        for (int t = threadIdx.x; t < count * cells; t += blockDim.x) {
+            const int cc = t / cells;
+            const int cell = t - cc * cells;
+            const int ci = cell / tile_cols;
+            const int cj = cell - ci * tile_cols;
+            const int gi = blockIdx.y * tile_rows + ci;
+            const int gj = blockIdx.x * tile_cols + cj;
+            if (gi >= args.coarse_h || gj >= args.coarse_w) continue;
+            const int ly0 = max(row0 + ci * blur, 0) - row0;
+            const int ly1 = min(row0 + ci * blur + blur, args.height) - row0;
+            const int lx0 = max(col0 + cj * blur, 0) - col0;
+            const int lx1 = min(col0 + cj * blur + blur, args.width) - col0;
+            float sum = 0.0f;
+            for (int ly = ly0; ly < ly1; ++ly) {
+                const float* row = chunk + cc * box + ly * box_w;
+                for (int lx = lx0; lx < lx1; ++lx) sum += row[lx];
+            }
+            pooled_n[(c0 + cc) * coarse_plane + (long long)gi * args.coarse_w + gj] =
+                sum / (float)((ly1 - ly0) * (lx1 - lx0));
+        }
+        __syncthreads();
+    }
+}
+
+// logits [N,C,H,W] -> lse [N,H,W], pooled Q0 [N,C,h,w] (float32). log_init: Q0 = L, else softmax(L).
+extern "C" __global__ void convcrf_init(const float* __restrict__ logits, float* __restrict__ lse,
+                                        float* __restrict__ pooled, int num_classes, int height,
+                                        int width, int coarse_h, int coarse_w, int blur,
+                                        int pad_y, int pad_x, int tile_rows, int tile_cols,
+                                        int chunk_classes, int log_init) {
+    const ScoreArgs args = {logits, nullptr, nullptr, num_classes, height, width, coarse_h,
+                            coarse_w, blur, pad_y, pad_x, 1.0f, 0.0f};
+    pool_q(args, lse, pooled, tile_rows, tile_cols, chunk_classes, false, log_init != 0);
+}
+
+// logits, lse, message [N,C,h,w] -> pooled softmax(unary_scale*L + msg_scale*crop(up(M))).
+extern "C" __global__ void convcrf_step(const float* __restrict__ logits,
+                                        const float* __restrict__ lse,
+                                        const float* __restrict__ message,
+                                        float* __restrict__ pooled, int num_classes, int height,
+                                        int width, int coarse_h, int coarse_w, int blur,
+                                        int pad_y, int pad_x, int tile_rows, int tile_cols,
+                                        int chunk_classes, float unary_scale, float msg_scale) {
+    const ScoreArgs args = {logits, lse, message, num_classes, height, width, coarse_h,
+                            coarse_w, blur, pad_y, pad_x, unary_scale, msg_scale};
+    pool_q(args, nullptr, pooled, tile_rows, tile_cols, chunk_classes, true, false);
+}
+
+// logits, lse, message -> scores [N,C,H,W] = unary_scale*L + msg_scale*crop(up(M)).
+// One thread per pixel, 2-D blocks, blockIdx.z = image.
+extern "C" __global__ void convcrf_final(const float* __restrict__ logits,
+                                         const float* __restrict__ lse,
+                                         const float* __restrict__ message,
+                                         float* __restrict__ scores, int num_classes, int height,
+                                         int width, int coarse_h, int coarse_w, int blur,
+                                         int pad_y, int pad_x, float unary_scale,
+                                         float msg_scale) {
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    const int n = blockIdx.z;
+    if (x >= width || y >= height) return;
+    const ScoreArgs args = {logits, lse, message, num_classes, height, width, coarse_h,
+                            coarse_w, blur, pad_y, pad_x, unary_scale, msg_scale};
+    const PixelScore score = pixel_score(args, n, y, x, true);
+    const long long plane = (long long)height * width;
+    float* out = scores + (long long)n * num_classes * plane + (long long)y * width + x;
+    for (int c = 0; c < num_classes; ++c) out[c * plane] = score(c);
+}

@@ -1,0 +1,98 @@
+// The ConvCRF message on the coarse grid (DESIGN §2 steps 3-4, before upsampling):
+//   M[c,x,y] = sum_{a,b} K[a,b,x,y] * Pad0(P)[c, x+a-s, y+b-s],
+//   K = pos_compat * exp(-0.5 |fp(nb) - fp(x)|^2) + col_compat * exp(-0.5 |fc(nb) - fc(x)|^2).
+//
+// One thread per coarse cell; a block is a blockDim.x x blockDim.y tile of cells, and
+// blockIdx.z = image * num_chunks + class chunk. The block stages the features and
+// CONVCRF_CLASS_BLOCK classes of P for its tile plus a halo of s = k/2 cells in shared memory
+// (zero outside the grid, so neighbours outside contribute nothing, as Pad0 requires), then each
+// thread computes the k*k Gaussian weights of its cell on the fly, once per chunk, and applies
+// each weight to all classes of the chunk held in registers. The k^2*h*w kernel is never stored:
+// at blur 1 it would be more bytes per iteration than P itself.
+//
+// Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y+2s) * (blockDim.x+2s) floats.
+
+#ifndef CONVCRF_CLASS_BLOCK
+#define CONVCRF_CLASS_BLOCK 8
+#endif
+
+// feat [N,2+F,h,w], pooled [N,C,h,w] float32 -> message [N,C,h,w] float32.
+extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
+                                           const float* __restrict__ pooled,
+                                           float* __restrict__ message, int num_classes,
+                                           int num_features, int coarse_h, int coarse_w,
+                                           int filter_size, int num_chunks, float pos_compat,
+                                           float col_compat) {
+    extern __shared__ float convcrf_smem[];
+    const int s = filter_size / 2;
+    const int tile_w = blockDim.x + 2 * s;
+    const int area = tile_w * (blockDim.y + 2 * s);
+    const int num_feat = 2 + num_features;
+    const int n = blockIdx.z / num_chunks;
+    const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
+    const int origin_x = blockIdx.x * blockDim.x - s;
+    const int origin_y = blockIdx.y * blockDim.y - s;
+    const long long plane = (long long)coarse_h * coarse_w;
+    const float* feat_n = feat + (long long)n * num_feat * plane;
+    const float* pooled_n = pooled + (long long)n * num_classes * plane;
+
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    const int num_threads = blockDim.x * blockDim.y;
+    const int staged = (num_feat + CONVCRF_CLASS_BLOCK) * area;
+    for (int i = tid; i < staged; i += num_threads) {
+        const int channel = i / area;
+        const int rest = i - channel * area;
+        const int ty = rest / tile_w;
+        const int gy = origin_y + ty;
+        const int gx = origin_x + rest - ty * tile_w;
+        float value = 0.0f;
+        if (gy >= 0 && gy < coarse_h && gx >= 0 && gx < coarse_w) {
+            const long long cell = (long long)gy * coarse_w + gx;
+            if (channel < num_feat) {
+                value = feat_n[channel * plane + cell];
+            } else if (c0 + channel - num_feat < num_classes) {
+                value = pooled_n[(c0 + channel - num_feat) * plane + cell];
+            }
+        }
+        convcrf_smem[i] = value;
+    }
+    __syncthreads();
+
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    if (x >= coarse_w || y >= coarse_h) return;
+    const float* tile_feat = convcrf_smem;
+    const float* tile_q = convcrf_smem + num_feat * area;
+    const int centre = (threadIdx.y + s) * tile_w + threadIdx.x + s;
+
+    float acc[CONVCRF_CLASS_BLOCK];
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
+
+    for (int a = 0; a < filter_size; ++a) {
+        const int row = (threadIdx.y + a) * tile_w + threadIdx.x;
+        for (int b = 0; b < filter_size; ++b) {
+            const int nb = row + b;
+            float dist_pos = 0.0f;
+            for (int f = 0; f < 2; ++f) {
+                const float d = tile_feat[f * area + nb] - tile_feat[f * area + centre];
+                dist_pos += d * d;
+            }
+            float dist_col = 0.0f;
+            for (int f = 2; f < num_feat; ++f) {
+                const float d = tile_feat[f * area + nb] - tile_feat[f * area + centre];
+                dist_col += d * d;
+            }
+            const float weight =
+                pos_compat * expf(-0.5f * dist_pos) + col_compat * expf(-0.5f * dist_col);
+#pragma unroll
+            for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] += weight * tile_q[cc * area + nb];
+        }
+    }
+
+    float* out = message + (long long)n * num_classes * plane + (long long)y * coarse_w + x;
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+        if (c0 + cc < num_classes) out[(c0 + cc) * plane] = acc[cc];
+    }
+}

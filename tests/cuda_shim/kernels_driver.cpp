@@ -1,0 +1,33 @@
+// The ConvCRF kernels of cuda/*.cu built for the CPU through cuda_shim.h, as a shared library
+// with a cuLaunchKernel-like entry point for ctypes (see launcher.py).
+#include <cstring>
+
+#include "cuda_shim.h"
+#include "features.cu"
+#include "fullres.cu"
+#include "message.cu"
+
+extern "C" {
+
+int shim_class_block() { return CONVCRF_CLASS_BLOCK; }
+
+std::size_t shim_shared_capacity() { return sizeof(convcrf_smem); }
+
+// Returns 0, -1 for an unknown kernel name, -2 when shared_bytes exceeds the capacity.
+int shim_launch(const char* name, const unsigned* grid, const unsigned* block,
+                std::size_t shared_bytes, void** args) {
+    const dim3 g{grid[0], grid[1], grid[2]};
+    const dim3 b{block[0], block[1], block[2]};
+    if (!std::strcmp(name, "convcrf_pool_features"))
+        return shim_launch_kernel(convcrf_pool_features, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_init"))
+        return shim_launch_kernel(convcrf_init, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_message"))
+        return shim_launch_kernel(convcrf_message, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_step"))
+        return shim_launch_kernel(convcrf_step, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_final"))
+        return shim_launch_kernel(convcrf_final, g, b, shared_bytes, args);
+    return -1;
+}
+}
