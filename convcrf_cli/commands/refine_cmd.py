@@ -129,7 +129,7 @@ def refine_command(
     verbose: bool,
     **crf: object,
 ) -> None:
-    """Refine the segmentation UNARY of IMAGE with a ConvCRF and write the labels to OUT.
+    """Refine the segmentation UNARY of IMAGE with a ConvCRF; write the labels to -o OUTPUT.
 
     IMAGE: any image Pillow reads (JPEG, PNG incl. 16-bit, TIFF, WebP); alpha is dropped,
     grayscale is one feature channel. UNARY: .npy or .npz (float16/32/64, [C,H,W] or [H,W,C],

@@ -1,0 +1,287 @@
+"""``convcrf refine`` end to end: results against the float64 reference, outputs, pipes and every
+bad-input case (one-line message naming the file, exit status, no output left behind)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import reference
+from click.testing import CliRunner
+from conftest import _gpu_available
+from PIL import Image
+from test_imageio import bomb_png
+
+from convcrf_cli import CRFParams
+from convcrf_cli.backends.cpu import CPUBackend
+from convcrf_cli.cli import main
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.imageio import EXIF_ORIENTATION_TAG
+from convcrf_cli.outputs import OutputSpec
+from convcrf_cli.pipeline import refine_item
+
+H, W, C = 24, 32, 3
+
+
+def _scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A two-region RGB image ``[H,W,3] uint8`` and noisy probabilities ``[C,H,W] float32``."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((H, W), int)
+    truth[:, W // 2 :] = 1
+    truth[H // 2 :, : W // 3] = 2
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+    image = np.clip(colours[truth] + rng.normal(0, 10, (H, W, 3)), 0, 255).astype(np.uint8)
+    scores = np.eye(C)[truth].transpose(2, 0, 1) * 2.0 + rng.normal(0, 1.2, (C, H, W))
+    e = np.exp(scores - scores.max(axis=0))
+    return image, (e / e.sum(axis=0)).astype(np.float32)
+
+
+@pytest.fixture
+def case(tmp_path):
+    image, probs = _scene()
+    Image.fromarray(image).save(tmp_path / "img.png")
+    np.save(tmp_path / "probs.npy", probs)
+    return tmp_path, image, probs
+
+
+def _run(*args: object):
+    return CliRunner().invoke(main, ["refine", *map(str, args)])
+
+
+def _expected_labels(image: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    return reference.refine(image, logits, CRFParams()).argmax(axis=0)
+
+
+def _labels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_refined_labels_equal_the_reference(case):
+    tmp_path, image, probs = case
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", tmp_path / "out/l.png")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    expected = _expected_labels(image, np.log(np.maximum(probs, 1e-6)))
+    np.testing.assert_array_equal(_labels(tmp_path / "out/l.png"), expected)
+    assert (expected != probs.argmax(axis=0)).any()  # the CRF changed something
+
+
+def test_prob_logit_and_energy_inputs_give_the_same_labels(case):
+    tmp_path, _, probs = case
+    np.save(tmp_path / "logits.npy", np.log(probs) - 3.0)
+    np.save(tmp_path / "energy.npy", -np.log(probs))
+    outputs = []
+    for name, kind in (("probs", "prob"), ("logits", "logit"), ("energy", "energy")):
+        out = tmp_path / f"{name}.png"
+        result = _run(
+            tmp_path / "img.png", tmp_path / f"{name}.npy", "--unary-type", kind, "-o", out
+        )
+        assert result.exit_code == 0, result.stderr
+        outputs.append(_labels(out))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], outputs[2])
+
+
+def test_probabilities_keep_the_input_layout_and_dtype_and_overlay_is_written(case):
+    tmp_path, image, probs = case
+    np.save(tmp_path / "hwc.npy", probs.transpose(1, 2, 0))
+    result = _run(
+        tmp_path / "img.png",
+        tmp_path / "hwc.npy",
+        "-o",
+        tmp_path / "l.npy",
+        "--probs",
+        tmp_path / "p.npy",
+        "--probs-dtype",
+        "float16",
+        "--overlay",
+        tmp_path / "o.jpg",
+        "--alpha",
+        "0.3",
+    )
+    assert result.exit_code == 0, result.stderr
+    refined = np.load(tmp_path / "p.npy")
+    assert refined.dtype == np.float16 and refined.shape == (H, W, C)
+    final = reference.refine(image, np.log(np.maximum(probs, 1e-6)), CRFParams())
+    expected = reference.softmax(final).transpose(1, 2, 0)
+    np.testing.assert_allclose(refined, expected, atol=2e-3)
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), final.argmax(axis=0))
+    overlay = Image.open(tmp_path / "o.jpg")
+    assert overlay.mode == "RGB" and overlay.size == (W, H)
+
+
+def test_label_image_unary(case):
+    tmp_path, image, probs = case
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    labels[:2] = 255
+    Image.fromarray(labels).save(tmp_path / "seg.png")
+    result = _run(
+        tmp_path / "img.png",
+        tmp_path / "seg.png",
+        "-o",
+        tmp_path / "l.png",
+        "--label-confidence",
+        "0.8",
+        "--ignore-label",
+        "255",
+        "-v",
+    )
+    assert result.exit_code == 0, result.stderr
+    logits = np.where(np.eye(C, dtype=bool)[np.minimum(labels, C - 1)].transpose(2, 0, 1), 0.8, 0.1)
+    logits = np.log(logits)
+    logits[:, labels == 255] = 0.0
+    np.testing.assert_array_equal(_labels(tmp_path / "l.png"), _expected_labels(image, logits))
+    assert "label map, 3 classes, confidence 0.8" in result.stderr
+
+
+def test_verbose_reports_device_layout_kind_and_timing(case):
+    tmp_path, _, _ = case
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", tmp_path / "l.png", "-v")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "convcrf: device: cpu" in result.stderr
+    assert "CHW float32" in result.stderr and "probabilities (auto)" in result.stderr
+    assert "refined in" in result.stderr
+
+
+def _exif_jpeg(path, image: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = orientation
+    Image.fromarray(image).save(path, exif=exif, quality=95)
+
+
+def test_exif_rotation_must_match_the_unary(case):
+    tmp_path, image, probs = case
+    _exif_jpeg(tmp_path / "rot.jpg", image, 6)  # shown rotated 90° clockwise: W×H
+    stored = _run(tmp_path / "rot.jpg", tmp_path / "probs.npy", "-o", tmp_path / "a.png")
+    assert stored.exit_code == 2
+    assert "fits" in stored.stderr and "--exif-orientation ignore" in stored.stderr
+    ignored = _run(
+        tmp_path / "rot.jpg",
+        tmp_path / "probs.npy",
+        "-o",
+        tmp_path / "a.png",
+        "--exif-orientation",
+        "ignore",
+    )
+    assert ignored.exit_code == 0, ignored.stderr
+    np.save(tmp_path / "shown.npy", np.rot90(probs, k=-1, axes=(1, 2)))
+    shown = _run(tmp_path / "rot.jpg", tmp_path / "shown.npy", "-o", tmp_path / "b.png")
+    assert shown.exit_code == 0 and shown.stderr == ""
+    assert _labels(tmp_path / "b.png").shape == (W, H)
+    _exif_jpeg(tmp_path / "flip.jpg", image, 3)  # 180°: the size cannot tell
+    flipped = _run(tmp_path / "flip.jpg", tmp_path / "probs.npy", "-o", tmp_path / "c.png")
+    assert flipped.exit_code == 0
+    assert "warning" in flipped.stderr and "EXIF orientation 3" in flipped.stderr
+
+
+def _bad_cases(tmp_path, image, probs):
+    """(name, image, unary, extra args, path the message names, problem text)."""
+    Image.fromarray(image).save(tmp_path / "img.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 20)
+    (tmp_path / "bomb.png").write_bytes(bomb_png(60_000, 60_000))
+    np.save(tmp_path / "good.npy", probs)
+    data = (tmp_path / "good.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) - 100])
+    nan = probs.copy()
+    nan[1, 2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    negative = probs.copy()
+    negative[0, 0, 0] = -0.5
+    np.save(tmp_path / "neg.npy", negative)
+    np.save(tmp_path / "axis.npy", probs.transpose(1, 0, 2))
+    np.save(tmp_path / "many.npy", np.zeros((257, H, W), np.float32))
+    img, good = tmp_path / "img.png", tmp_path / "good.npy"
+    return [
+        ("missing image", tmp_path / "nope.png", good, [], tmp_path / "nope.png", "no such file"),
+        ("missing unary", img, tmp_path / "nope.npy", [], tmp_path / "nope.npy", "no such file"),
+        ("unreadable image", tmp_path, good, [], tmp_path, "is a directory"),
+        ("corrupt image", tmp_path / "corrupt.jpg", good, [], tmp_path / "corrupt.jpg", "corrupt"),
+        ("truncated npy", img, tmp_path / "cut.npy", [], tmp_path / "cut.npy", "truncated"),
+        ("nan", img, tmp_path / "nan.npy", [], tmp_path / "nan.npy", "NaN"),
+        ("negative", img, tmp_path / "neg.npy", ["--unary-type", "prob"], tmp_path / "neg.npy",
+         "negative probability"),
+        ("class axis", img, tmp_path / "axis.npy", [], tmp_path / "axis.npy", "class axis"),
+        ("257 classes", img, tmp_path / "many.npy", [], None, "257 classes do not fit"),
+        ("too large", tmp_path / "bomb.png", good, [], tmp_path / "bomb.png", "too large"),
+    ]  # fmt: skip
+
+
+def test_each_bad_input_is_one_line_exit_2_and_leaves_no_output(tmp_path):
+    image, probs = _scene()
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, img, unary, extra, named, problem in _bad_cases(inputs, image, probs):
+        out = tmp_path / "out" / "labels.png"
+        result = _run(img, unary, "-o", out, "--overlay", tmp_path / "out/o.png", *extra)
+        assert result.exit_code == 2, name
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("convcrf: error: "), name
+        assert problem in lines[0], (name, lines[0])
+        assert str(named if named is not None else out) in lines[0], (name, lines[0])
+        assert result.stdout == "", name
+        # Faults are found before the CRF runs: not even the output directory exists.
+        assert not (tmp_path / "out").exists(), name
+
+
+def test_too_large_for_memory_is_refused_before_computing(case):
+    tmp_path, _, _ = case
+    spec = OutputSpec(labels=tmp_path / "out" / "l.png")
+    with pytest.raises(BadInputError, match="too large for memory") as caught:
+        refine_item(
+            tmp_path / "img.png",
+            tmp_path / "probs.npy",
+            spec,
+            CRFParams(),
+            CPUBackend(),
+            memory_limit=10_000,
+        )
+    assert str(tmp_path / "img.png") in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(_gpu_available(), reason="a CUDA device is present")
+def test_cuda_without_a_gpu_is_a_clear_error(case):
+    tmp_path, _, _ = case
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", tmp_path / "l.png",
+                  "--device", "cuda")  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.startswith("convcrf: error: cannot use device 'cuda': ")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "l.png").exists()
+
+
+def _subprocess(args: list[object], stdin: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "convcrf_cli", "refine", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_stdin_unary_and_stdout_png_through_a_real_process(case):
+    tmp_path, image, probs = case
+    buffer = io.BytesIO()
+    np.save(buffer, probs)
+    done = _subprocess([tmp_path / "img.png", "-", "-o", "-", "-v"], buffer.getvalue())
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.startswith(b"\x89PNG\r\n\x1a\n")
+    picture = Image.open(io.BytesIO(done.stdout))
+    picture.load()
+    assert picture.mode == "P"
+    # stdout holds the PNG and nothing else: it ends with the one IEND chunk.
+    assert done.stdout.endswith(b"IEND\xaeB`\x82") and done.stdout.count(b"IEND") == 1
+    expected = _expected_labels(image, np.log(np.maximum(probs, 1e-6)))
+    np.testing.assert_array_equal(np.asarray(picture), expected)
+    assert b"convcrf: device:" in done.stderr and b"unary: stdin" in done.stderr
+
+    nan = probs.copy()
+    nan[0, 0, 0] = np.nan
+    buffer = io.BytesIO()
+    np.save(buffer, nan)
+    failed = _subprocess([tmp_path / "img.png", "-", "-o", "-"], buffer.getvalue())
+    assert failed.returncode == 2 and failed.stdout == b""
+    assert failed.stderr.decode().strip().startswith("convcrf: error: stdin: unary holds 1 NaN")
