@@ -6,6 +6,7 @@ import click
 
 from convcrf_cli import __version__
 from convcrf_cli.commands.params_cmd import params_command
+from convcrf_cli.commands.refine_cmd import refine_command
 from convcrf_cli.commands.synth_cmd import synth_command
 
 
@@ -16,4 +17,5 @@ def main() -> None:
 
 
 main.add_command(params_command)
+main.add_command(refine_command)
 main.add_command(synth_command)
