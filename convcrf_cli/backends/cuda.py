@@ -378,7 +378,7 @@ class _CuPyLauncher:
 
 
 def array_kind(array: Any) -> str:
-    """``"numpy"``, ``"cupy"``, ``"torch-cuda"`` or ``"torch-cpu"``: what the result is returned as."""
+    """The kind of array the result is returned as: numpy, cupy, torch-cuda or torch-cpu."""
     module = type(array).__module__.split(".")[0]
     if module == "cupy":
         return "cupy"

@@ -1,0 +1,136 @@
+"""The unmodified cuda/*.cu kernels, run on the CPU through tests/cuda_shim, against the float64
+reference: the launch logic of the CUDA backend (``run_plan``) drives them exactly as on a GPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference
+from cuda_shim.launcher import ShimLauncher, build_shim
+
+from convcrf_cli.backends.cuda import LaunchConfig, MeanFieldPlan, run_plan
+from convcrf_cli.params import CRFParams
+
+BUILD_DIR = Path(__file__).parent / "_build"
+SHIM_CLASS_BLOCK = 4
+"""Classes per message chunk in the shim build: 21 classes take 6 chunks, the last partial."""
+
+# Small blocks: every CUDA thread is an OS thread in the shim.
+SMALL = LaunchConfig(
+    cell_block=(8, 8), pixel_block=(8, 8), pool_threads=64, pool_box_width=8, pool_box_pixels=64
+)
+
+
+@pytest.fixture(scope="session")
+def shim() -> ShimLauncher:
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
+    return ShimLauncher(build_shim(BUILD_DIR, SHIM_CLASS_BLOCK))
+
+
+def refine_with_shim(shim, image, logits, params, config=SMALL):
+    """image [N,H,W,F], logits [N,C,H,W] -> (scores [N,C,H,W] float32, plan)."""
+    n, c, height, width = logits.shape
+    image_nfhw = np.ascontiguousarray(image.transpose(0, 3, 1, 2), dtype=np.float32)
+    plan = MeanFieldPlan.create(
+        image_nfhw.shape, logits.shape, params, config, class_block=shim.class_block
+    )
+    scores = np.full((n, c, height, width), np.nan, np.float32)
+
+    def poisoned(shape, dtype):
+        return np.full(shape, np.nan, dtype)
+
+    run_plan(plan, image_nfhw, np.ascontiguousarray(logits), scores, shim, poisoned)
+    return scores, plan
+
+
+def random_inputs(seed, n, height, width, classes, features):
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(0, 255, (n, height, width, features)).astype(np.float32)
+    # Smooth blobs so the colour kernel matters, plus noise.
+    image[..., : features // 2 + 1] = np.where(
+        (np.arange(width) > width // 2)[None, None, :, None], 200.0, 40.0
+    ) + rng.normal(0, 10, (n, height, width, features // 2 + 1))
+    logits = rng.normal(0, 2, (n, classes, height, width)).astype(np.float32)
+    return image, logits
+
+
+def assert_matches_reference(scores, image, logits, params):
+    assert np.isfinite(scores).all()
+    expected = np.stack([reference.refine(image[i], logits[i], params) for i in range(len(image))])
+    error = np.abs(scores - expected).max() / np.abs(expected).max()
+    assert error <= 1e-4, f"max relative error {error:.2e}"
+
+
+# (height, width, classes, features, filter_size, blur, init, batch, iterations)
+CASES = [
+    (19, 23, 21, 3, 5, 4, "log", 2, 5),
+    (17, 13, 2, 1, 3, 1, "softmax", 1, 5),
+    (24, 21, 21, 4, 11, 3, "softmax", 1, 3),
+    (20, 22, 2, 3, 7, 2, "log", 2, 5),
+    (13, 18, 21, 1, 7, 1, "log", 1, 2),
+    (23, 16, 2, 4, 3, 4, "softmax", 1, 5),
+    (18, 15, 21, 3, 11, 2, "log", 1, 1),
+    (9, 11, 2, 3, 5, 4, "softmax", 3, 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
+)
+def test_shim_matches_reference(shim, height, width, classes, features, k, blur, init, n, its):
+    params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
+    image, logits = random_inputs(height * width + k, n, height, width, classes, features)
+    scores, _ = refine_with_shim(shim, image, logits, params)
+    assert_matches_reference(scores, image, logits, params)
+
+
+def test_pooling_in_several_class_chunks(shim):
+    """A small shared-memory budget splits the init/step pooling into rounds of classes."""
+    params = CRFParams(filter_size=3, blur=2, init="softmax", iterations=3)
+    config = LaunchConfig(
+        cell_block=(8, 8),
+        pixel_block=(8, 8),
+        pool_threads=64,
+        pool_box_width=8,
+        pool_box_pixels=64,
+        shared_memory=4096,
+    )
+    image, logits = random_inputs(3, 1, 21, 19, 21, 3)
+    scores, plan = refine_with_shim(shim, image, logits, params, config)
+    assert plan.chunk_classes < 21
+    assert_matches_reference(scores, image, logits, params)
+
+
+def test_gpu_launch_configuration(shim):
+    """The block shapes the GPU uses (16x16 cells, 256-thread pooling blocks) on the CPU."""
+    params = CRFParams(filter_size=7, blur=4, iterations=2)
+    image, logits = random_inputs(5, 2, 26, 37, 2, 3)
+    scores, plan = refine_with_shim(shim, image, logits, params, LaunchConfig())
+    assert plan.pool_tile == (8, 8)
+    assert_matches_reference(scores, image, logits, params)
+
+
+def test_launch_sequence(shim):
+    """One launch of each kernel per batch (not per image), one message per iteration."""
+    params = CRFParams(filter_size=3, blur=2, iterations=3)
+    image, logits = random_inputs(1, 2, 10, 12, 2, 1)
+    before = len(shim.launches)
+    refine_with_shim(shim, image, logits, params)
+    names = [launch[0] for launch in shim.launches[before:]]
+    assert names == [
+        "convcrf_pool_features",
+        "convcrf_init",
+        "convcrf_message",
+        "convcrf_step",
+        "convcrf_message",
+        "convcrf_step",
+        "convcrf_message",
+        "convcrf_final",
+    ]
+    assert all(
+        launch[1][2] == 2 for launch in shim.launches[before:] if launch[0] != "convcrf_message"
+    )
