@@ -123,9 +123,7 @@ def prepare_directories(spec: OutputSpec) -> None:
 def write_labels(path: str | Path, labels: np.ndarray) -> None:
     """Write ``[H,W]`` integer class ids to ``.png`` (palette), ``.npy`` (int32) or ``-``."""
     if str(path) == STDOUT:
-        data = _palette_png(path, labels)
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        _write_stdout(_palette_png(path, labels))
         return
     if Path(path).suffix.lower() == ".npy":
         _write(path, lambda handle: np.save(handle, labels.astype(np.int32)))
@@ -189,6 +187,20 @@ def _palette_png(path: str | Path, labels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _write_stdout(data: bytes) -> None:
+    """Write ``data`` to stdout; a reader that closed the pipe is a runtime failure."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError as exc:
+        # Point stdout at /dev/null so that the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise RuntimeFailure(
+            "stdout: the reader closed the pipe before the PNG was written"
+        ) from exc
 
 
 def _write(path: str | Path, fill) -> None:

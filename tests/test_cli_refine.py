@@ -285,3 +285,19 @@ def test_stdin_unary_and_stdout_png_through_a_real_process(case):
     failed = _subprocess([tmp_path / "img.png", "-", "-o", "-"], buffer.getvalue())
     assert failed.returncode == 2 and failed.stdout == b""
     assert failed.stderr.decode().strip().startswith("convcrf: error: stdin: unary holds 1 NaN")
+
+
+def test_closed_stdout_pipe_is_a_runtime_failure(case):
+    tmp_path, _, _ = case
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
+         tmp_path / "probs.npy", "-o", "-"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1
+    assert (
+        stderr == "convcrf: error: stdout: the reader closed the pipe before the PNG was written\n"
+    )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from convcrf_cli.backends import select_backend
 from convcrf_cli.commands.common import crf_options, echo_err, params_from_options, reports_errors
-from convcrf_cli.outputs import PROBS_DTYPES, OutputSpec
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.outputs import PROBS_DTYPES, STDOUT, OutputSpec
 from convcrf_cli.pipeline import ItemResult, UnaryOptions, describe_backend, refine_item
 from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS, UNARY_TYPES
 
@@ -139,6 +141,8 @@ def refine_command(
     Only the output goes to stdout; messages go to stderr. Exit status: 0 ok, 1 runtime
     failure, 2 bad usage or input.
     """
+    if output == STDOUT and sys.stdout.isatty():
+        raise BadInputError(None, "-o - writes a PNG to stdout, which is a terminal; redirect it")
     params = params_from_options(crf)
     backend = select_backend(device)
     if verbose:
