@@ -1,0 +1,117 @@
+"""The CUDA backend's Python logic without a device: kernel sources as package data, compile
+options, block and chunk choices, launch geometry, input kinds, NVRTC, and the CPU fallback."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from convcrf_cli.backends import DeviceError, cuda, select_backend
+from convcrf_cli.params import CRFParams
+
+
+def test_kernel_source_defines_every_kernel():
+    source = cuda.kernel_source()
+    defined = re.findall(r'extern "C" __global__ void (\w+)\(', source)
+    assert sorted(defined) == sorted(cuda.KERNEL_NAMES)
+
+
+def test_compile_options_set_the_class_block():
+    assert cuda.compile_options(11) == ("-std=c++17", "-DCONVCRF_CLASS_BLOCK=11")
+
+
+def test_class_block_fills_shared_memory_and_balances_chunks():
+    # k=7, 16x16 cells: tile 22x22 = 1936 bytes per channel; 3 colours + 2 positions.
+    small = cuda.LaunchConfig(shared_memory=48 * 1024)  # 25 channels fit -> 20 classes
+    assert cuda.class_block_for(21, 3, 7, small) == 11  # 21 classes in 2 chunks of 11 and 10
+    large = cuda.LaunchConfig(shared_memory=64 * 1024)  # 33 channels -> 28 classes
+    assert cuda.class_block_for(21, 3, 7, large) == 21
+    assert cuda.class_block_for(2, 3, 7, small) == 2
+    assert cuda.class_block_for(256, 3, 3, large) == 32  # capped by registers
+    assert cuda.class_block_for(100, 3, 3, large) == 25  # 4 chunks of 25
+
+
+def test_filter_too_large_for_shared_memory_is_a_device_error():
+    with pytest.raises(DeviceError, match="filter size 41"):
+        cuda.class_block_for(21, 3, 41, cuda.LaunchConfig())
+
+
+def test_blur_too_large_is_a_device_error():
+    params = CRFParams(blur=80)
+    with pytest.raises(DeviceError, match="blur 80"):
+        cuda.MeanFieldPlan.create((1, 3, 200, 200), (1, 2, 200, 200), params, cuda.LaunchConfig())
+
+
+def test_plan_geometry_at_pascal_size():
+    """500x375 (H=375, W=500), blur 4: coarse 94x125, padding 0/1/0, hand-computed grids."""
+    params = CRFParams(filter_size=7, blur=4)
+    plan = cuda.MeanFieldPlan.create(
+        (2, 3, 375, 500), (2, 21, 375, 500), params, cuda.LaunchConfig()
+    )
+    assert (plan.coarse_h, plan.coarse_w) == (94, 125)
+    assert (plan.pad_y, plan.pad_x) == (1, 0)  # 376 - 375 = 1 -> ceil(1/2) = 1
+    assert plan.cell_grid == (8, 6, 2)
+    assert plan.class_block == 11 and plan.num_chunks == 2
+    assert plan.message_grid == (8, 6, 4)
+    assert plan.message_shared == 4 * (2 + 3 + 11) * 22 * 22
+    assert plan.pool_tile == (8, 8)  # a 32x32-pixel box
+    assert plan.pool_grid == (16, 12, 2)
+    assert plan.chunk_classes == 10  # 48 KiB / 4 KiB per class - 2 statistics
+    assert plan.pool_shared == 4 * 12 * 1024
+    assert plan.pixel_grid == (16, 47, 2)
+
+
+def test_plan_at_blur_one_tiles_pixels_without_shared_memory():
+    params = CRFParams(filter_size=7, blur=1)
+    plan = cuda.MeanFieldPlan.create(
+        (1, 3, 2048, 2048), (1, 21, 2048, 2048), params, cuda.LaunchConfig()
+    )
+    assert (plan.coarse_h, plan.coarse_w, plan.pad_y, plan.pad_x) == (2048, 2048, 0, 0)
+    assert plan.pool_tile == (8, 32)
+    assert plan.pool_grid == (64, 256, 1)
+    assert plan.pool_shared == 0
+    assert plan.chunk_classes == 21
+
+
+def test_plan_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="differ"):
+        cuda.MeanFieldPlan.create((1, 3, 8, 8), (1, 2, 8, 9), CRFParams(), cuda.LaunchConfig())
+
+
+def test_array_kinds():
+    assert cuda.array_kind(np.zeros(2)) == "numpy"
+    assert cuda.array_kind(torch.zeros(2)) == "torch-cpu"
+
+
+def _gpu_usable() -> bool:
+    return cuda.cuda_unavailable_reason(0) is None
+
+
+@pytest.mark.skipif(_gpu_usable(), reason="a CUDA device is usable here: fallback not exercised")
+def test_auto_falls_back_to_cpu_with_the_reason():
+    reason = cuda.cuda_unavailable_reason(0)
+    assert reason and "\n" not in reason
+    backend = select_backend("auto")
+    assert backend.name == "cpu"
+    assert backend.fallback_reason == reason
+    with pytest.raises(DeviceError, match=re.escape(reason)):
+        select_backend("cuda")
+
+
+def _nvrtc_problem() -> str | None:
+    if cuda.nvrtc_version() is None:
+        return (
+            "CuPy's NVRTC library does not load here (pip install cupy-cuda13x nvidia-cuda-nvrtc)"
+        )
+    return None
+
+
+@pytest.mark.skipif(_nvrtc_problem() is not None, reason=str(_nvrtc_problem()))
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+@pytest.mark.parametrize("class_block", [1, 21, 32])
+def test_nvrtc_compiles_the_module(arch, class_block):
+    """The exact source and options the backend hands to cupy.RawModule compile with NVRTC."""
+    assert cuda.nvrtc_check(arch, class_block) is None
