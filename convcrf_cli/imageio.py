@@ -172,15 +172,15 @@ def _pixels(image: Image.Image, notes: list[str]) -> np.ndarray:
     mode = image.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         notes.append(f"alpha channel dropped (mode {mode}); colours used as stored")
-    if mode in _SIXTEEN_BIT_MODES:
-        return np.asarray(image).astype(np.uint16)[:, :, None]
-    if mode == "I":
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         values = np.asarray(image)
-        if values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max:
-            return values.astype(np.uint16)[:, :, None]
-        return values.astype(np.float32)[:, :, None]
-    if mode == "F":
-        return np.asarray(image, dtype=np.float32)[:, :, None]
+        in_uint16 = mode != "F" and values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max
+        values = values.astype(np.uint16 if in_uint16 else np.float32)
+        notes.append(
+            f"{'16-bit' if in_uint16 else 'floating-point'} grayscale values "
+            f"{values.min()}..{values.max()}: --col-schan is in these units"
+        )
+        return values[:, :, None]
     if mode in ("L", "LA", "La", "1"):
         return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
     if mode == "P":

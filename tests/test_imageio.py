@@ -38,8 +38,10 @@ def test_rgb_png_tiff_and_lossless_webp_read_exactly(tmp_path):
 def test_sixteen_bit_grayscale_png_keeps_raw_values(tmp_path):
     values = (np.arange(H * W).reshape(H, W) * 85).astype(np.uint16)
     _save(values, tmp_path / "g16.png")
-    got = read_image(tmp_path / "g16.png")
+    loaded = load_image(tmp_path / "g16.png")
+    got = loaded.pixels
     assert got.dtype == np.uint16 and got.shape == (H, W, 1)
+    assert any(note.startswith("16-bit grayscale values 0..") for note in loaded.notes)
     np.testing.assert_array_equal(got[:, :, 0], values)
     assert got.max() > 255
 
