@@ -102,11 +102,7 @@ def test_auto_falls_back_to_cpu_with_the_reason():
 
 
 def _nvrtc_problem() -> str | None:
-    if cuda.nvrtc_version() is None:
-        return (
-            "CuPy's NVRTC library does not load here (pip install cupy-cuda13x nvidia-cuda-nvrtc)"
-        )
-    return None
+    return cuda._load_nvrtc()[1]
 
 
 @pytest.mark.skipif(_nvrtc_problem() is not None, reason=str(_nvrtc_problem()))

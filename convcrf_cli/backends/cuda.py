@@ -17,7 +17,9 @@ import dataclasses
 import functools
 import importlib.resources
 import math
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -285,14 +287,10 @@ def compile_options(class_block: int) -> tuple[str, ...]:
 
 def nvrtc_check(arch: str = "compute_80", class_block: int = 8) -> str | None:
     """Compile the kernels to PTX with NVRTC (no device needed); None, or why it failed."""
-    try:
-        from cupy.cuda import nvrtc
-    except Exception as exc:  # ImportError, or a CUDA library that does not load
-        return f"CuPy's NVRTC is unavailable: {_import_problem(exc)}"
-    try:
-        program = nvrtc.createProgram(kernel_source(), "convcrf.cu", [], [])
-    except Exception as exc:
-        return f"NVRTC is unavailable: {exc}"
+    nvrtc, problem = _load_nvrtc()
+    if nvrtc is None:
+        return problem
+    program = nvrtc.createProgram(kernel_source(), "convcrf.cu", [], [])
     try:
         nvrtc.compileProgram(program, [*compile_options(class_block), f"--gpu-architecture={arch}"])
         nvrtc.getPTX(program)
@@ -303,24 +301,36 @@ def nvrtc_check(arch: str = "compute_80", class_block: int = 8) -> str | None:
     return None
 
 
-def nvrtc_version() -> str | None:
-    """``"major.minor"`` of the NVRTC library CuPy loads, or None when it does not load."""
-    try:
-        from cupy.cuda import nvrtc
-
-        major, minor = nvrtc.getVersion()
-    except Exception:
-        return None
+def nvrtc_version() -> str:
+    """``"major.minor"`` of the NVRTC library CuPy loads, or why it does not load."""
+    nvrtc, problem = _load_nvrtc()
+    if nvrtc is None:
+        return f"unavailable: {problem}"
+    major, minor = nvrtc.getVersion()
     return f"{major}.{minor}"
 
 
+def _load_nvrtc():
+    """(CuPy's nvrtc module, None) when the NVRTC library loads, else (None, the reason)."""
+    try:
+        from cupy.cuda import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as exc:  # ImportError, or a CUDA library that does not load
+        return None, f"CuPy's NVRTC does not load: {_import_problem(exc)}"
+    return nvrtc, None
+
+
 def _import_problem(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("cuda."):
+    """One line saying why an import failed, with the fix when our ``cuda/`` shadows NVIDIA's."""
+    lines = [line.strip() for line in str(exc).splitlines() if any(c.isalpha() for c in line)]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    shadow = getattr(sys.modules.get("cuda"), "__file__", None)
+    if shadow and (Path(shadow).parent / KERNEL_FILES[0]).exists():
         text += (
-            " (a directory named 'cuda' on sys.path, such as this repository's kernel "
-            "sources when Python runs from its root, hides NVIDIA's 'cuda' package; "
-            "run from another directory or set PYTHONSAFEPATH=1)"
+            f" (the kernel directory {Path(shadow).parent} hides NVIDIA's 'cuda' package because "
+            "Python runs from the repository root; run from another directory or set "
+            "PYTHONSAFEPATH=1)"
         )
     return text
 
