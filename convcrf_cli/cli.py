@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from convcrf_cli import __version__
+from convcrf_cli.commands.info_cmd import info_command
 from convcrf_cli.commands.params_cmd import params_command
 from convcrf_cli.commands.refine_cmd import refine_command
 from convcrf_cli.commands.synth_cmd import synth_command
@@ -17,5 +18,6 @@ def main() -> None:
 
 
 main.add_command(params_command)
+main.add_command(info_command)
 main.add_command(refine_command)
 main.add_command(synth_command)
