@@ -1,0 +1,150 @@
+"""GPU benchmark of the CUDA backend (issue 3 item 5); prints a markdown table.
+
+5-iteration inference on device-resident inputs, timed with CUDA events: warm-up, then the
+median of many runs. Compared with a PyTorch im2col ConvCRF (the original implementation's
+method: materialise the C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth
+floor: the bytes any implementation must move over the measured device-copy bandwidth.
+
+Run on a machine with CuPy and a CUDA device:  python bench/bench_gpu.py [--repeats 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+
+import cupy
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convcrf_cli.backends import cuda
+from convcrf_cli.params import CRFParams
+
+# (label, height, width, classes, blur, filter_size)
+CASES = [
+    ("500x375 C=21 blur 4 k=5", 375, 500, 21, 4, 5),
+    ("500x375 C=21 blur 4 k=7", 375, 500, 21, 4, 7),
+    ("500x375 C=21 blur 4 k=11", 375, 500, 21, 4, 11),
+    ("500x375 C=21 blur 4 k=13", 375, 500, 21, 4, 13),
+    ("2048x2048 C=21 blur 1 k=7", 2048, 2048, 21, 1, 7),
+]
+FEATURES = 3
+
+
+def time_gpu_ms(fn, repeats: int, warmup: int = 5) -> float:
+    """Median milliseconds of ``fn()`` between CUDA events on the current stream."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
+    src = cupy.ones(1 << 28, dtype=cupy.float32)  # 1 GiB
+    dst = cupy.empty_like(src)
+    ms = time_gpu_ms(lambda: cupy.copyto(dst, src), repeats=20)
+    return 2 * src.nbytes / (ms * 1e-3)
+
+
+def floor_bytes(height: int, width: int, classes: int, params: CRFParams) -> int:
+    """Bytes any implementation moves: the image once, the logits every iteration, the coarse
+    Q written and read between iterations, the scores written once (float32)."""
+    h, w = -(-height // params.blur), -(-width // params.blur)
+    its = params.iterations
+    floats = FEATURES * height * width + its * classes * height * width
+    floats += 2 * (its - 1) * classes * h * w + classes * height * width
+    return 4 * floats
+
+
+def im2col_refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """The original implementation's method in PyTorch: unfold features and Q (im2col)."""
+    k, b, s = params.filter_size, params.blur, params.filter_size // 2
+    n, _, height, width = image.shape
+    pad = (cuda._pool_padding(height, b), cuda._pool_padding(width, b))
+
+    def pool(x):
+        if b == 1:
+            return x
+        return F.avg_pool2d(x, b, b, padding=pad, count_include_pad=False)
+
+    rows = torch.arange(height, device=image.device, dtype=image.dtype)
+    cols = torch.arange(width, device=image.device, dtype=image.dtype)
+    pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).expand(n, 2, height, width)
+    kernel = 0
+    for feat, compat in (
+        (pool(pos / params.pos_sdims), params.pos_compat),
+        (pool(image / params.col_schan), params.col_compat),
+    ):
+        h, w = feat.shape[-2:]
+        cols_f = F.unfold(feat, k, padding=s).view(n, feat.shape[1], k * k, h, w)
+        inside = F.unfold(torch.ones_like(feat[:, :1]), k, padding=s).view(n, 1, k * k, h, w)
+        dist = (cols_f - feat.unsqueeze(2)).square().sum(1, keepdim=True)
+        kernel = kernel + compat * torch.exp(-0.5 * dist) * inside
+    lg = torch.log_softmax(logits, dim=1)
+    q = lg if params.init == "log" else torch.softmax(lg, dim=1)
+    c = logits.shape[1]
+    for i in range(params.iterations):
+        pooled = pool(q)
+        h, w = pooled.shape[-2:]
+        unfolded = F.unfold(pooled, k, padding=s).view(n, c, k * k, h, w)
+        msg = (unfolded * kernel).sum(2)
+        if b > 1:
+            msg = F.interpolate(msg, scale_factor=b, mode="bilinear", align_corners=False)
+            msg = msg[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width]
+        q = (params.unary_weight - params.weight) * lg + params.weight * msg
+        if i < params.iterations - 1:
+            q = torch.softmax(q, dim=1)
+    return q
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the im2col baseline")
+    args = parser.parse_args()
+
+    backend = cuda.CUDABackend(0)
+    bandwidth = copy_bandwidth()
+    print(f"device: {backend.describe()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print(f"torch {torch.__version__}; median of {args.repeats} runs after warm-up, CUDA events\n")
+    print("| case | ours (ms) | im2col torch (ms) | speed-up | floor (ms) | ours / floor |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for label, height, width, classes, blur, k in CASES:
+        params = CRFParams(filter_size=k, blur=blur, iterations=5)
+        image = cupy.asarray(rng.uniform(0, 255, (1, FEATURES, height, width)), dtype=cupy.float32)
+        logits = cupy.asarray(rng.normal(0, 2, (1, classes, height, width)), dtype=cupy.float32)
+        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, backend.launch_config())
+        launcher = cuda._CuPyLauncher(cuda._compiled_module(0, plan.class_block))
+        scores = cupy.empty_like(logits)
+        run = functools.partial(cuda.run_plan, plan, image, logits, scores, launcher, cupy.empty)
+        ours = time_gpu_ms(run, args.repeats)
+        baseline = float("nan")
+        if not args.no_baseline:
+            tensors = (torch.from_dlpack(image), torch.from_dlpack(logits), params)
+            try:
+                with torch.no_grad():
+                    baseline_run = functools.partial(im2col_refine, *tensors)
+                    baseline = time_gpu_ms(baseline_run, max(5, args.repeats // 5))
+            except torch.OutOfMemoryError:
+                baseline = float("nan")
+            torch.cuda.empty_cache()
+        floor = floor_bytes(height, width, classes, params) / bandwidth * 1e3
+        print(
+            f"| {label} | {ours:.3f} | {baseline:.2f} | {baseline / ours:.0f}x | "
+            f"{floor:.3f} | {ours / floor:.1f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU runs, in one call: install the package (a real, non-editable
+# install, so the .cu sources must come from package data), print the environment, run
+# `pytest -m gpu`, compute-sanitizer (memcheck, racecheck, synccheck) on small runs, and the
+# benchmark. Logs go to $OUT when set (the device tool), else to bench/gpu_logs/.
+# Usage: bash bench/gpu_check.sh      (PYTHON=... to choose the interpreter; default python3)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG="${OUT:-bench/gpu_logs}"
+PY="${PYTHON:-python3}"
+mkdir -p "$LOG"
+# The repository's cuda/ directory would hide NVIDIA's `cuda` package (CuPy imports
+# cuda.pathfinder) if the working directory were on sys.path.
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+SITE="$(mktemp -d)"
+status=0
+
+echo "== install"
+if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" . \
+    >"$LOG/install.log" 2>&1; then
+    cat "$LOG/install.log"
+    exit 1
+fi
+export PYTHONPATH="$SITE"
+ls "$SITE/convcrf_cli/cuda" | tee -a "$LOG/install.log"
+
+echo "== environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -m convcrf_cli info; } \
+    2>&1 | tee "$LOG/info.log"
+
+echo "== pytest -m gpu"
+"$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOG/pytest_gpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_backend.py tests/test_cuda_shim.py \
+    tests/test_cuda_compile.py 2>&1 | tee "$LOG/pytest_cuda_cpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== compute-sanitizer"
+SMALL_RUN='
+import numpy as np
+from convcrf_cli import CRFParams, refine
+rng = np.random.default_rng(0)
+for blur, k, init in ((2, 5, "log"), (1, 3, "softmax"), (4, 11, "softmax")):
+    image = rng.uniform(0, 255, (2, 37, 45, 3)).astype(np.float32)
+    logits = rng.normal(0, 2, (2, 21, 37, 45)).astype(np.float32)
+    scores = refine(image, logits, CRFParams(filter_size=k, blur=blur, init=init), device="cuda")
+    assert np.isfinite(scores).all()
+print("small runs done")
+'
+if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck synccheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -c "$SMALL_RUN" \
+            >"$LOG/sanitizer_$tool.log" 2>&1
+        rc=$?
+        echo "compute-sanitizer $tool: exit $rc ($(tail -n 1 "$LOG/sanitizer_$tool.log"))"
+        [ "$rc" -eq 0 ] || status=1
+    done
+else
+    echo "compute-sanitizer not found: skipped" | tee "$LOG/sanitizer.log"
+fi
+
+echo "== benchmark"
+"$PY" bench/bench_gpu.py 2>&1 | tee "$LOG/bench.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit "$status"
