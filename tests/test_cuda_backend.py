@@ -111,3 +111,15 @@ def _nvrtc_problem() -> str | None:
 def test_nvrtc_compiles_the_module(arch, class_block):
     """The exact source and options the backend hands to cupy.RawModule compile with NVRTC."""
     assert cuda.nvrtc_check(arch, class_block) is None
+
+
+def test_info_command_reports_versions_and_the_auto_device():
+    from click.testing import CliRunner
+
+    from convcrf_cli.cli import main
+
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    assert f"torch: {torch.__version__}" in result.output
+    expected = select_backend("auto").describe()
+    assert f"--device auto uses: {expected}" in result.output
