@@ -119,10 +119,19 @@ def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def coarse_message(q: torch.Tensor, kernel: torch.Tensor, blur: int) -> torch.Tensor:
+    """``window_sum(P(q))`` as a contiguous ``[N,C,h,w]`` for full-resolution ``q [N,C,H,W]``.
+
+    The window sum runs on a contiguous (classes-outermost) copy of the pooled grid, where its
+    shifted multiply-adds run along contiguous rows.
+    """
+    return window_sum(pool(q, blur).contiguous(), kernel)
+
+
 def message(q: torch.Tensor, kernel: torch.Tensor, blur: int) -> torch.Tensor:
     """Message ``crop(up_b(window_sum(P(q))))`` for full-resolution ``q [N,C,H,W]`` (§2.4)."""
     height, width = q.shape[-2:]
-    return upsample_crop(window_sum(pool(q, blur), kernel), blur, height, width)
+    return upsample_crop(coarse_message(q, kernel, blur), blur, height, width)
 
 
 def mean_field(
@@ -140,10 +149,16 @@ def mean_field(
     maps a message ``[N,C,H,W]`` to the added term of the "+C" compatibility transform.
     Returns ``[N,C,H,W]`` (a channels-last view: full-resolution work runs with classes
     innermost, where softmax and pooling are fastest).
+
+    When no gradient is needed (and there is no ``compat_transform``), the full-resolution
+    steps write into buffers allocated once per call instead of new tensors per step: same
+    operations, same results, without page-faulting fresh memory on every step.
     """
     w = params.weight if weight is None else weight
     u = params.unary_weight if unary_weight is None else unary_weight
     log_unary = torch.log_softmax(logits.permute(0, 2, 3, 1), dim=-1)  # [N,H,W,C]
+    if compat_transform is None and not _needs_grad(logits, kernel, w, u):
+        return _mean_field_buffered(log_unary, kernel, params, float(w), float(u))
     scaled_unary = (u - w) * log_unary
     q = log_unary if params.init == "log" else torch.softmax(log_unary, dim=-1)
     for i in range(params.iterations):
@@ -155,6 +170,43 @@ def mean_field(
         if i < params.iterations - 1:
             q = torch.softmax(q, dim=-1)
     return q.permute(0, 3, 1, 2)
+
+
+def _mean_field_buffered(
+    log_unary: torch.Tensor, kernel: torch.Tensor, params: CRFParams, w: float, u: float
+) -> torch.Tensor:
+    """:func:`mean_field` without autograd: ``log_unary [N,H,W,C]`` -> Q ``[N,C,H,W]``.
+
+    Per step: pool and window sum on the coarse grid, bilinear upsampling into one reused
+    channels-last buffer, ``(u - w)·L + w·msg`` and softmax into two reused buffers.
+    """
+    n, height, width, classes = log_unary.shape
+    blur = params.blur
+    q = log_unary if params.init == "log" else torch.softmax(log_unary, dim=-1)
+    msg = coarse_message(q.permute(0, 3, 1, 2), kernel, blur)
+    scaled_unary = log_unary.mul_(u - w)  # log_unary (and q, for init "log") is not used again
+    top, left = pool_padding(height, blur), pool_padding(width, blur)
+    up_size = (msg.shape[-2] * blur, msg.shape[-1] * blur)
+    # [N,C,h·b,w·b] stored channels-last, like the message it is made from
+    up = scaled_unary.new_empty(n, *up_size, classes).permute(0, 3, 1, 2) if blur > 1 else None
+    scores = torch.empty_like(scaled_unary)
+    q = torch.empty_like(scaled_unary) if params.init == "log" else q
+    for i in range(params.iterations):
+        if i > 0:
+            torch.ops.aten._softmax.out(scores, -1, False, out=q)
+            msg = coarse_message(q.permute(0, 3, 1, 2), kernel, blur)
+        if blur > 1:
+            msg = msg.contiguous(memory_format=torch.channels_last)
+            torch.ops.aten.upsample_bilinear2d.out(msg, up_size, False, blur, blur, out=up)
+            msg = up[:, :, top : top + height, left : left + width]
+        torch.add(scaled_unary, msg.permute(0, 2, 3, 1), alpha=w, out=scores)
+    return scores.permute(0, 3, 1, 2)
+
+
+def _needs_grad(*values) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in values
+    )
 
 
 def _is_number(value) -> bool:
