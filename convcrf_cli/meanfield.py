@@ -92,12 +92,33 @@ def crf_kernel(
     col_schan = params.col_schan if col_schan is None else col_schan
     pos_compat = params.pos_compat if pos_compat is None else pos_compat
     col_compat = params.col_compat if col_compat is None else col_compat
-    n, _, height, width = image.shape
-    pos = pool(position_features(n, height, width, pos_sdims, like=image), params.blur)
+    height, width = image.shape[-2:]
+    g_pos = position_kernel(height, width, params.blur, params.filter_size, pos_sdims, like=image)
     col = pool(image / col_schan, params.blur)
-    return pos_compat * gaussian_kernel(pos, params.filter_size) + col_compat * gaussian_kernel(
-        col, params.filter_size
-    )
+    return pos_compat * g_pos + col_compat * gaussian_kernel(col, params.filter_size)
+
+
+def position_kernel(
+    height: int, width: int, blur: int, filter_size: int, pos_sdims, *, like: torch.Tensor
+) -> torch.Tensor:
+    """The positional Gaussian of :func:`gaussian_kernel` as ``[1,k,k,h,w]``, built separably.
+
+    The pooled row feature of a coarse cell depends only on its row and the column feature only
+    on its column, so ``G[a,c,x,y] = R[a,x]·S[c,y]`` with 1-D truncated Gaussians ``R [k,h]``
+    and ``S [k,w]``: equal to ``gaussian_kernel(P(position_features))`` at the cost of one
+    ``k²·h·w`` product. dtype/device of ``like``; differentiable in ``pos_sdims``.
+    """
+    rows = _pooled_positions(height, blur, like) / pos_sdims
+    cols = _pooled_positions(width, blur, like) / pos_sdims
+    row_kernel = gaussian_kernel(rows.view(1, 1, -1, 1), filter_size)[0, :, filter_size // 2, :, 0]
+    col_kernel = gaussian_kernel(cols.view(1, 1, 1, -1), filter_size)[0, filter_size // 2, :, 0]
+    return (row_kernel[:, None, :, None] * col_kernel[None, :, None, :]).unsqueeze(0)
+
+
+def _pooled_positions(length: int, blur: int, like: torch.Tensor) -> torch.Tensor:
+    """Mean pixel index of each coarse cell along an axis of ``length``: ``[ceil(length/b)]``."""
+    index = torch.arange(length, dtype=like.dtype, device=like.device).view(1, 1, 1, length)
+    return pool(index, blur).view(-1)
 
 
 def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
