@@ -184,11 +184,11 @@ class ConvCRF(nn.Module):
     def to_params(self) -> CRFParams:
         """The current scalar parameters as :class:`CRFParams` (without the C/T matrices)."""
         return self.params.replace(
-            pos_sdims=float(self.log_pos_sdims.detach().exp()),
-            col_schan=float(self.log_col_schan.detach().exp()),
-            pos_compat=float(self.pos_compat.detach()),
-            col_compat=float(self.col_compat.detach()),
-            weight=float(self.weight.detach()),
+            pos_sdims=_shortest(self.log_pos_sdims.detach().exp()),
+            col_schan=_shortest(self.log_col_schan.detach().exp()),
+            pos_compat=_shortest(self.pos_compat.detach()),
+            col_compat=_shortest(self.col_compat.detach()),
+            weight=_shortest(self.weight.detach()),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -267,6 +267,13 @@ class ConvCRF(nn.Module):
             return cls.from_dict(data, num_classes, learn, num_features=num_features)
         except (ParamsError, TypeError) as exc:
             raise ParamsError(f"{path}: {exc}") from exc
+
+
+def _shortest(value: torch.Tensor) -> float:
+    """A scalar tensor as the shortest decimal that rounds to it in its dtype (float32 0.2
+    gives 0.2, not 0.20000000298023224)."""
+    scalar = value.cpu().numpy()[()]  # a NumPy scalar of the tensor's dtype
+    return float(np.format_float_scientific(scalar, unique=True, trim="-"))
 
 
 def _matrix(values: np.ndarray | None, size: int, learned: bool, name: str):
