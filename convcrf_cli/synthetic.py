@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from convcrf_cli.atomic import atomic_output
+from convcrf_cli.palette import palette_bytes
 
 MIN_COLOUR_DISTANCE = 60.0
 """Smallest RGB distance between the base colours of two regions of a scene."""
@@ -88,8 +89,8 @@ def write_dataset(
     """Write ``count`` synthetic samples under ``out_dir`` and return their names.
 
     Files per sample NAME: ``images/NAME.png`` (RGB), ``unaries/NAME.npy`` (``[C,H,W]``
-    float32 probabilities) and ``labels/NAME.png`` (8-bit grayscale PNG whose values are the
-    class ids). Sample ``i`` depends only on ``(seed, i)``.
+    float32 probabilities) and ``labels/NAME.png`` (palette PNG in Pascal VOC colours whose
+    pixel values are the class ids). Sample ``i`` depends only on ``(seed, i)``.
     """
     out_dir = Path(out_dir)
     for sub in ("images", "unaries", "labels"):
@@ -103,7 +104,9 @@ def write_dataset(
         with atomic_output(out_dir / "unaries" / f"{name}.npy") as handle:
             np.save(handle, unary)
         with atomic_output(out_dir / "labels" / f"{name}.png") as handle:
-            Image.fromarray(labels, mode="L").save(handle, format="PNG")
+            picture = Image.fromarray(labels)
+            picture.putpalette(palette_bytes())  # mode P: values stay the class ids
+            picture.save(handle, format="PNG")
         names.append(name)
     return names
 

@@ -11,6 +11,7 @@ from convcrf_cli import CRFParams, refine
 from convcrf_cli.cli import main
 from convcrf_cli.metrics import confusion_matrix, iou_per_class
 from convcrf_cli.synthetic import noisy_unary, random_scene, synthetic_sample, write_dataset
+from convcrf_cli.unary import PROB_EPS
 
 
 @pytest.mark.parametrize("size, classes", [((64, 80), 21), ((33, 17), 2), ((40, 40), 1)])
@@ -76,7 +77,7 @@ def test_refinement_with_default_parameters_raises_miou_well_above_the_unary():
     refined_counts = np.zeros_like(unary_counts)
     for index in range(4):
         image, labels, unary = synthetic_sample(7, index, 96, 128, classes)
-        scores = refine(image, np.log(np.maximum(unary, 1e-6)), CRFParams())
+        scores = refine(image, np.log(np.maximum(unary, PROB_EPS)), CRFParams())
         unary_counts += confusion_matrix(unary.argmax(axis=0), labels, classes)
         refined_counts += confusion_matrix(scores.argmax(axis=0), labels, classes)
     unary_miou = np.nanmean(iou_per_class(unary_counts))
@@ -90,7 +91,9 @@ def test_write_dataset_files_and_reproducibility(tmp_path):
     assert names == ["synth_00000", "synth_00001"]
     for name in names:
         image = np.asarray(Image.open(tmp_path / "a" / "images" / f"{name}.png"))
-        labels = np.asarray(Image.open(tmp_path / "a" / "labels" / f"{name}.png"))
+        label_png = Image.open(tmp_path / "a" / "labels" / f"{name}.png")
+        assert label_png.mode == "P"
+        labels = np.asarray(label_png)
         unary = np.load(tmp_path / "a" / "unaries" / f"{name}.npy")
         assert image.shape == (24, 40, 3) and labels.shape == (24, 40) and labels.max() < 5
         assert unary.shape == (5, 24, 40) and unary.dtype == np.float32

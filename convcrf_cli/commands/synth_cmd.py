@@ -55,11 +55,11 @@ def synth_command(
 ) -> None:
     """Write a synthetic segmentation dataset with known labels to OUT_DIR.
 
-    Each sample NAME has OUT_DIR/images/NAME.png (generated scene of coloured regions),
-    OUT_DIR/labels/NAME.png (class ids as 8-bit pixel values) and OUT_DIR/unaries/NAME.npy
-    ([C,H,W] float32 probabilities: the labels one-hot encoded, downsampled x8 and back up,
-    with 20% of the coarse cells replaced by a random class). Refining a unary with
-    `convcrf refine` should recover the boundaries.
+    Each sample NAME has OUT_DIR/images/NAME.png (a generated scene of coloured regions),
+    OUT_DIR/labels/NAME.png (palette PNG whose pixel values are the class ids) and
+    OUT_DIR/unaries/NAME.npy ([C,H,W] float32 probabilities: the labels one-hot encoded,
+    downsampled x8 and back up, with 20% of the coarse cells replaced by a random class).
+    Refining a unary with `convcrf refine` should recover the boundaries.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(out_dir, "exists and is not a directory")

@@ -1,0 +1,98 @@
+"""CPU benchmark: the CPU backend against a plain im2col implementation (`make bench`).
+
+Setting (issue 2, item 7): a 500×375 image (H=375, W=500), C=21 classes, 5 iterations, blur 4,
+filter sizes 5, 7 and 11. Both implementations run in the same process on the same random
+inputs: one warm-up, then the median of ``--repeat`` timed runs each, kernel weights included.
+The im2col baseline (``bench/im2col_baseline.py``) is the original implementation's approach and
+materialises the ``C·k²·h·w`` buffer; its output is checked against the backend's first, so
+that both compute the same thing.
+
+    .venv/bin/python bench/bench_cpu.py [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import im2col_baseline  # noqa: E402
+
+from convcrf_cli.backends.cpu import CPUBackend  # noqa: E402
+from convcrf_cli.params import CRFParams  # noqa: E402
+
+HEIGHT, WIDTH, CLASSES, ITERATIONS, BLUR = 375, 500, 21, 5, 4
+FILTER_SIZES = (5, 7, 11)
+
+
+def median_ms(run, repeat: int) -> float:
+    """Median wall time of ``run()`` in milliseconds after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * statistics.median(times)
+
+
+def machine_info() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [
+                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return (
+        f"{datetime.date.today()}: {cpu}, {os.cpu_count()} cores{load}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs per measurement")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
+    logits = rng.normal(0, 2, (1, CLASSES, HEIGHT, WIDTH)).astype(np.float32)
+    image_t, logits_t = torch.from_numpy(image), torch.from_numpy(logits)
+    backend = CPUBackend()
+
+    def baseline(params: CRFParams) -> np.ndarray:
+        with torch.no_grad():
+            return im2col_baseline.refine(image_t, logits_t, params).numpy()
+
+    print(machine_info())
+    print(
+        f"{WIDTH}x{HEIGHT} image, C={CLASSES}, {ITERATIONS} iterations, blur {BLUR}; "
+        f"median of {args.repeat} runs after a warm-up\n"
+    )
+    print("| filter size | CPU backend (ms) | im2col baseline (ms) | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for k in FILTER_SIZES:
+        params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)
+        ours, theirs = backend.run(image, logits, params), baseline(params)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+        ours_ms = median_ms(lambda p=params: backend.run(image, logits, p), args.repeat)
+        theirs_ms = median_ms(lambda p=params: baseline(p), args.repeat)
+        print(f"| {k} | {ours_ms:.1f} | {theirs_ms:.1f} | {theirs_ms / ours_ms:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The original ConvCRF's im2col approach, written plainly for comparison (DESIGN §3).
+
+NCHW tensors throughout; the message unfolds the pooled Q with ``torch.nn.functional.unfold``
+into the full ``[N, C·k², h·w]`` buffer, multiplies it by the kernel and sums over the window,
+as the original implementation does. Pooling, upsampling and softmax are the same operations as
+in :mod:`convcrf_cli.meanfield`, so both compute DESIGN §2 exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from convcrf_cli.meanfield import pool, position_features, upsample_crop
+from convcrf_cli.params import CRFParams
+
+
+def unfold_window(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N,C,h,w]`` -> ``[N,C,k,k,h,w]``: every window of the zero-padded grid (im2col)."""
+    n, c, h, w = x.shape
+    return F.unfold(x, k, padding=k // 2).view(n, c, k, k, h, w)
+
+
+def gaussian_kernel(features: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N,F,h,w]`` -> ``[N,k,k,h,w]``, 0 outside the grid, through the unfolded features."""
+    n, _, h, w = features.shape
+    windows = unfold_window(features, k)
+    dist2 = (windows - features[:, :, None, None]).square().sum(dim=1)
+    inside = unfold_window(features.new_ones(1, 1, h, w), k)[:, 0]
+    return torch.exp(-0.5 * dist2) * inside
+
+
+def refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> final Q ``[N,C,H,W]``."""
+    n, _, height, width = image.shape
+    k, b = params.filter_size, params.blur
+    pos = pool(position_features(n, height, width, params.pos_sdims, like=image), b)
+    col = pool(image / params.col_schan, b)
+    kernel = params.pos_compat * gaussian_kernel(pos, k) + params.col_compat * gaussian_kernel(
+        col, k
+    )
+    log_unary = torch.log_softmax(logits, dim=1)
+    q = log_unary if params.init == "log" else torch.softmax(log_unary, dim=1)
+    for i in range(params.iterations):
+        windows = unfold_window(pool(q, b), k)  # the C·k²·h·w buffer
+        summed = (windows * kernel[:, None]).sum(dim=(2, 3))
+        msg = upsample_crop(summed, b, height, width)
+        q = (params.unary_weight - params.weight) * log_unary + params.weight * msg
+        if i < params.iterations - 1:
+            q = torch.softmax(q, dim=1)
+    return q
