@@ -22,8 +22,10 @@ from PIL import Image
 from convcrf_cli.atomic import atomic_output
 from convcrf_cli.palette import palette_bytes
 
-MIN_COLOUR_DISTANCE = 60.0
+MIN_COLOUR_DISTANCE = 40.0
 """Smallest RGB distance between the base colours of two regions of a scene."""
+GRAIN_MAX = 40.0
+"""Largest amplitude of a region's fine texture (RGB units)."""
 
 
 def random_scene(
@@ -134,7 +136,7 @@ def _region_map(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     dist2 = (rows[None] - seeds[:, :1, None]) ** 2 + (cols[None] - seeds[:, 1:, None]) ** 2
     regions = dist2.argmin(axis=0)
     next_id = len(seeds)
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(3, 10))):
         inside = _random_shape(rng, rows, cols, size)
         if inside.any():
             regions[inside] = next_id
@@ -154,7 +156,7 @@ def _random_shape(
     angle = rng.uniform(0, math.pi)
     u = dr * math.cos(angle) + dc * math.sin(angle)
     v = -dr * math.sin(angle) + dc * math.cos(angle)
-    radius = rng.uniform(0.08, 0.3) * size
+    radius = rng.uniform(0.05, 0.25) * size
     if rng.random() < 0.5:
         aspect = rng.uniform(0.4, 1.0)
         return (u / radius) ** 2 + (v / (radius * aspect)) ** 2 <= 1.0
@@ -179,8 +181,13 @@ def _paint(rng: np.random.Generator, regions: np.ndarray, count: int) -> np.ndar
     rows = (np.arange(height) / max(height - 1, 1) - 0.5)[:, None, None]
     cols = (np.arange(width) / max(width - 1, 1) - 0.5)[None, :, None]
     image = base[regions] + rows * gradient[regions, 0] + cols * gradient[regions, 1]
-    texture = np.stack([_smooth_noise(rng, height, width, 12) for _ in range(3)], axis=-1)
-    image = image + 8.0 * texture + rng.normal(0.0, 5.0, image.shape)
+    # Texture: a smooth shading field everywhere, plus fine grain (features of a few pixels)
+    # whose strength varies by region, as between sky, cloth and foliage.
+    shading = np.stack([_smooth_noise(rng, height, width, 12) for _ in range(3)], axis=-1)
+    grain_cells = max(4, max(height, width) // 4)
+    grain = np.stack([_smooth_noise(rng, height, width, grain_cells) for _ in range(3)], axis=-1)
+    grain_strength = rng.uniform(0.0, GRAIN_MAX, count)[regions][..., None]
+    image = image + 8.0 * shading + grain_strength * grain + rng.normal(0.0, 6.0, image.shape)
     # A slight blur softens the edges as a camera's optics would.
     image = _box_blur3(image)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
