@@ -151,7 +151,6 @@ def fit(
     """
     num_classes, num_features = check_examples(examples, options.ignore_label)
     target = torch_device(device)
-    torch.manual_seed(options.seed)
     train, val = split_examples(examples, options.val_fraction, options.seed)
     module = ConvCRF.from_params(
         start, num_classes, learn=options.learn, num_features=num_features
@@ -177,14 +176,14 @@ def fit(
             if progress is not None:
                 progress(len(losses), total, float(np.mean(epoch_losses)))
     module.eval()
-    module = module.cpu()
+    miou_after = held_out_miou(module, val, num_classes, options.ignore_label)
     return FitResult(
-        module=module,
+        module=module.cpu(),
         train_names=tuple(e.name for e in train),
         val_names=tuple(e.name for e in val),
         miou_unary=_unary_miou(val, num_classes, options.ignore_label),
         miou_before=miou_before,
-        miou_after=held_out_miou(module, val, num_classes, options.ignore_label),
+        miou_after=miou_after,
         losses=tuple(losses),
     )
 
