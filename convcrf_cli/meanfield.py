@@ -105,7 +105,7 @@ def position_kernel(
 
     The pooled row feature of a coarse cell depends only on its row and the column feature only
     on its column, so ``G[a,c,x,y] = R[a,x]·S[c,y]`` with 1-D truncated Gaussians ``R [k,h]``
-    and ``S [k,w]``: equal to ``gaussian_kernel(P(position_features))`` at the cost of one
+    and ``S [k,w]``: equal (up to rounding) to ``gaussian_kernel(P(position_features))`` for one
     ``k²·h·w`` product. dtype/device of ``like``; differentiable in ``pos_sdims``.
     """
     rows = _pooled_positions(height, blur, like) / pos_sdims
@@ -172,8 +172,8 @@ def mean_field(
     innermost, where softmax and pooling are fastest).
 
     When no gradient is needed (and there is no ``compat_transform``), the full-resolution
-    steps write into buffers allocated once per call instead of new tensors per step: same
-    operations, same results, without page-faulting fresh memory on every step.
+    steps write into buffers allocated once per call instead of new tensors per step (same
+    operations, same results).
     """
     w = params.weight if weight is None else weight
     u = params.unary_weight if unary_weight is None else unary_weight
