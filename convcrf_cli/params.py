@@ -35,8 +35,8 @@ class CRFParams:
     init: first Q: ``"softmax"`` (textbook mean field) or ``"log"`` (the original implementation).
     """
 
-    filter_size: int = 7
-    blur: int = 4
+    filter_size: int = 9
+    blur: int = 3
     iterations: int = 5
     pos_sdims: float = 3.0
     pos_compat: float = 3.0
