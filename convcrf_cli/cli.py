@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from convcrf_cli import __version__
+from convcrf_cli.commands.fit_cmd import fit_command
 from convcrf_cli.commands.info_cmd import info_command
 from convcrf_cli.commands.params_cmd import params_command
 from convcrf_cli.commands.refine_cmd import refine_command
@@ -21,3 +22,4 @@ main.add_command(params_command)
 main.add_command(info_command)
 main.add_command(refine_command)
 main.add_command(synth_command)
+main.add_command(fit_command)

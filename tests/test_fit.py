@@ -1,0 +1,227 @@
+"""Learning CRF parameters: the library's ``fit`` and the ``convcrf fit`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from convcrf_cli import CRFParams, InputError, ParamsError, refine
+from convcrf_cli.cli import main
+from convcrf_cli.fit import Example, FitOptions, fit, split_examples
+from convcrf_cli.synthetic import synthetic_sample, write_dataset
+from convcrf_cli.torch import ConvCRF
+
+CLASSES = 4
+POOR_START = CRFParams(filter_size=7, blur=4, pos_sdims=3.0 * 4, col_schan=13.0 * 4)
+"""Feature scales four times the defaults (too wide); a fixed, cheap window for speed."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Training crops here are tiny: torch's thread pool only adds synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _examples(count, size, seed=0):
+    examples = []
+    for index in range(count):
+        image, labels, probs = synthetic_sample(seed, index, size, size, CLASSES)
+        logits = np.log(np.maximum(probs, 1e-6))
+        examples.append(Example(f"s{index}", image, logits, labels.astype(np.int64)))
+    return examples
+
+
+def test_fit_raises_held_out_miou_from_poor_start():
+    result = fit(_examples(16, 96), POOR_START, FitOptions(epochs=10, seed=0))
+    assert len(result.val_names) == 4 and len(result.train_names) == 12
+    assert not set(result.val_names) & set(result.train_names)
+    assert result.miou_after > result.miou_before + 0.04, result
+    assert result.miou_after > result.miou_unary + 0.15
+    assert np.mean(result.losses[-3:]) < 0.5 * np.mean(result.losses[:3])
+    learned = result.module.to_params()
+    assert learned.col_schan < POOR_START.col_schan  # the too-wide colour scale shrinks
+    fixed = ("filter_size", "blur", "iterations", "unary_weight", "init")
+    assert all(getattr(learned, name) == getattr(POOR_START, name) for name in fixed)
+
+
+def test_fit_is_deterministic_for_a_seed():
+    examples = _examples(4, 40)
+    options = FitOptions(epochs=2, crop_size=24, batch_size=2, seed=3)
+    first, second = fit(examples, POOR_START, options), fit(examples, POOR_START, options)
+    assert first.losses == second.losses
+    assert first.module.to_dict() == second.module.to_dict()
+    other = fit(examples, POOR_START, FitOptions(epochs=2, crop_size=24, batch_size=2, seed=4))
+    assert other.losses != first.losses
+
+
+def test_first_loss_is_cross_entropy_of_refined_output_over_labelled_pixels():
+    (example,) = _examples(1, 32)
+    labels = example.labels.copy()
+    labels[:10] = 255  # ignored rows
+    example = Example("a", example.image, example.logits, labels)
+    params = CRFParams(filter_size=5, blur=2)
+    result = fit([example], params, FitOptions(epochs=1, val_fraction=0, crop_size=32))
+    scores = refine(example.image, example.logits, params, device="cpu").astype(np.float64)
+    log_probs = scores - scores.max(0) - np.log(np.exp(scores - scores.max(0)).sum(0))
+    keep = labels != 255
+    rows, cols = np.nonzero(keep)
+    expected = -log_probs[labels[keep], rows, cols].mean()
+    assert result.losses[0] == pytest.approx(expected, rel=1e-4)
+    assert result.miou_before is None and result.miou_after is None
+
+
+def test_learn_c_and_t_trains_the_matrices():
+    result = fit(_examples(4, 40), POOR_START, FitOptions(epochs=2, crop_size=32, learn="C,T"))
+    module = result.module
+    assert module.compat_transform.abs().sum() > 0
+    assert not np.allclose(module.feature_transform.detach().numpy(), np.eye(3))
+    assert module.to_params() == POOR_START.replace(
+        pos_sdims=module.to_params().pos_sdims, col_schan=module.to_params().col_schan
+    )
+    assert module.to_params().pos_sdims == pytest.approx(POOR_START.pos_sdims, rel=1e-6)
+
+
+def test_split_examples_holds_out_at_least_one_and_keeps_one_for_training():
+    examples = _examples(3, 8)
+    train, val = split_examples(examples, 0.1, seed=0)
+    assert len(train) == 2 and len(val) == 1
+    with pytest.raises(InputError, match="none for training"):
+        split_examples(examples[:1], 0.5, seed=0)
+
+
+def test_inconsistent_examples_are_rejected():
+    a, b = _examples(2, 16)
+    with pytest.raises(InputError, match="b: 2 classes"):
+        fit([a, Example("b", b.image, b.logits[:2], b.labels)], CRFParams(), FitOptions())
+    bad = b.labels.copy()
+    bad[0, 0] = 7
+    with pytest.raises(InputError, match=r"b: label values must lie in \[0, 4\)"):
+        fit([a, Example("b", b.image, b.logits, bad)], CRFParams(), FitOptions())
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"learn": "compat,X"}, "X")],
+)
+def test_fit_options_are_validated(changes, message):
+    with pytest.raises(ParamsError, match=message):
+        FitOptions(**changes)
+
+
+def _subprocess(*args, cwd):
+    command = [sys.executable, "-m", "convcrf_cli", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def _in_process(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    write_dataset(root, count=6, height=48, width=48, num_classes=CLASSES, seed=1)
+    return root
+
+
+def test_cli_fit_writes_params_that_refine_reads(dataset, tmp_path):
+    learned = tmp_path / "learned.json"
+    run = _subprocess(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned,
+        "--epochs", "2", "-k", "5", "--pos-sdims", "12", "--col-schan", "52", "--device", "cpu",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "held-out mIoU (2 images): unary" in run.stdout and "after" in run.stdout
+    params = CRFParams.load(learned)
+    assert params.filter_size == 5 and params.col_schan != 52.0
+    name = "synth_00000"
+    out = tmp_path / "labels.png"
+    run = _subprocess(
+        "refine", dataset / "images" / f"{name}.png", dataset / "unaries" / f"{name}.npy",
+        "-o", out, "--params", learned, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    image = np.asarray(Image.open(dataset / "images" / f"{name}.png"))
+    unary = np.load(dataset / "unaries" / f"{name}.npy")
+    expected = refine(image, np.log(np.maximum(unary, 1e-6)), params).argmax(0)
+    assert (np.asarray(Image.open(out)) == expected).mean() > 0.999
+
+
+def test_cli_fit_with_compat_transform_is_refused_by_refine(dataset, tmp_path):
+    learned = tmp_path / "learned_c.json"
+    run = _in_process(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned,
+        "--epochs", "1", "-k", "3", "--learn", "compat,C", "--crop-size", "32", "--device", "cpu",
+    )  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert np.asarray(json.loads(learned.read_text())["compat_transform"]).shape == (4, 4)
+    assert ConvCRF.load(learned).num_classes == CLASSES
+    name = "synth_00000"
+    out = tmp_path / "out.png"
+    run = _in_process(
+        "refine", dataset / "images" / f"{name}.png", dataset / "unaries" / f"{name}.npy",
+        "-o", out, "--params", learned,
+    )  # fmt: skip
+    assert run.exit_code == 2
+    assert "compat_transform" in run.stderr and "ConvCRF.load" in run.stderr
+    assert not out.exists()
+
+
+def test_cli_fit_bad_label_map_fails_without_output(dataset, tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for path in (dataset / "labels").iterdir():
+        (labels / path.name).write_bytes(path.read_bytes())
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(labels / "synth_00003.png")
+    learned = tmp_path / "learned.json"
+    run = _in_process("fit", dataset / "images", dataset / "unaries", labels, "-o", learned)
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {labels / 'synth_00003.png'}: label map is 10x10, image is 48x48\n"
+    )
+    assert not learned.exists()
+    Image.fromarray(np.full((48, 48), 9, np.uint8)).save(labels / "synth_00003.png")
+    run = _in_process("fit", dataset / "images", dataset / "unaries", labels, "-o", learned)
+    assert run.exit_code == 2 and "label values must lie in [0, 4)" in run.stderr
+    (labels / "synth_00003.png").unlink()
+    run = _in_process("fit", dataset / "images", dataset / "unaries", labels, "-o", learned)
+    assert run.exit_code == 2 and "no label map named synth_00003.*" in run.stderr
+    assert not learned.exists()
+
+
+def test_cli_fit_unary_with_other_class_count_is_named(dataset, tmp_path):
+    unaries = tmp_path / "unaries"
+    unaries.mkdir()
+    for path in (dataset / "unaries").iterdir():
+        (unaries / path.name).write_bytes(path.read_bytes())
+    three = np.full((3, 48, 48), 1 / 3, np.float32)
+    np.save(unaries / "synth_00002.npy", three)
+    learned = tmp_path / "learned.json"
+    run = _in_process("fit", dataset / "images", unaries, dataset / "labels", "-o", learned)
+    assert run.exit_code == 2
+    assert run.stderr.startswith(f"convcrf: error: {unaries / 'synth_00002.npy'}: unary has 3")
+    assert not learned.exists()
+
+
+def test_cli_fit_refuses_missing_output_directory_before_training(dataset, tmp_path):
+    learned = tmp_path / "missing" / "learned.json"
+    run = _in_process(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned
+    )
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {learned}: output directory {learned.parent} does not exist\n"
+    )
