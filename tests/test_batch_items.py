@@ -1,0 +1,107 @@
+"""Batch pairing, manifests, sharding and output planning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from convcrf_cli import batch_items as bi
+from convcrf_cli.errors import BadInputError
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+
+def test_pairs_by_relative_path_and_lists_unpaired(tmp_path):
+    _touch(tmp_path / "img", "a.jpg", "sub/b.png", "c.jpg", "notes.txt")
+    _touch(tmp_path / "un", "a.npy", "sub/b.npz", "d.npy")
+    pairing = bi.pair_directories(tmp_path / "img", tmp_path / "un")
+    assert [(p.key, p.image.name, p.unary.name) for p in pairing.pairs] == [
+        ("a", "a.jpg", "a.npy"),
+        ("sub/b", "b.png", "b.npz"),
+    ]
+    assert [p.name for p in pairing.unpaired_images] == ["c.jpg"]
+    assert [p.name for p in pairing.unpaired_unaries] == ["d.npy"]
+
+
+def test_globs_restrict_matches(tmp_path):
+    _touch(tmp_path / "img", "a.jpg", "b.png")
+    _touch(tmp_path / "un", "a.npy", "b.npy")
+    pairing = bi.pair_directories(
+        tmp_path / "img", tmp_path / "un", bi.split_globs("*.png", bi.IMAGE_GLOBS)
+    )
+    assert [p.key for p in pairing.pairs] == ["b"]
+    assert [p.name for p in pairing.unpaired_unaries] == ["a.npy"]
+
+
+def test_same_stem_twice_is_an_error(tmp_path):
+    _touch(tmp_path / "img", "a.jpg", "a.png")
+    _touch(tmp_path / "un", "a.npy")
+    with pytest.raises(BadInputError, match="pairing is by name"):
+        bi.pair_directories(tmp_path / "img", tmp_path / "un")
+
+
+def test_csv_and_jsonl_manifests(tmp_path):
+    (tmp_path / "m.csv").write_text("image,unary,output\nx/1.jpg,u/1.npy,out/one.png\nx/2.jpg,u/2.npy,\n")
+    pairs = bi.read_manifest(str(tmp_path / "m.csv"))
+    assert pairs[0] == bi.Pair("out/one", tmp_path / "x/1.jpg", tmp_path / "u/1.npy", Path("out/one.png"))
+    assert pairs[1].key == "x/2" and pairs[1].output is None
+    (tmp_path / "m.jsonl").write_text('{"image": "a.jpg", "unary": "/abs/a.npy"}\n')
+    (pair,) = bi.read_manifest(str(tmp_path / "m.jsonl"))
+    assert pair.image == tmp_path / "a.jpg" and pair.unary == Path("/abs/a.npy")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("img,un\na,b\n", "header"), ('{"image": "a.jpg"}\n', "missing unary"), ("{bad\n", "JSON")],
+)
+def test_bad_manifest_names_the_file(tmp_path, text, message):
+    path = tmp_path / "m.txt"
+    path.write_text(text)
+    with pytest.raises(BadInputError, match=message) as info:
+        bi.read_manifest(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_shards_cover_every_item_exactly_once():
+    pairs = [bi.Pair(f"dir{i % 7}/img{i}", Path(f"{i}.jpg"), Path(f"{i}.npy")) for i in range(500)]
+    for count in (1, 3, 8):
+        shards = [bi.select_shard(pairs, i, count) for i in range(count)]
+        keys = [p.key for shard in shards for p in shard]
+        assert sorted(keys) == sorted(p.key for p in pairs)
+        assert len(keys) == len(set(keys))
+        if count > 1:  # a hash spreads the items; no shard is empty or holds nearly all
+            assert all(len(s) > len(pairs) / count / 2 for s in shards)
+    # Stable: the shard depends only on the key, not on the other items or their order.
+    assert bi.select_shard(pairs[::-1], 1, 3) == bi.select_shard(pairs, 1, 3)[::-1]
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/2", "a/b", "1"])
+def test_bad_shard_spec(text):
+    with pytest.raises(BadInputError, match="shard"):
+        bi.parse_shard(text)
+
+
+def test_plan_outputs_keeps_relative_paths_and_detects_collisions(tmp_path):
+    pairs = [bi.Pair("sub/a", Path("a.jpg"), Path("a.npy")), bi.Pair("b", Path("b.jpg"), Path("b.npy"))]
+    items = bi.plan_outputs(pairs, tmp_path / "out", ".png", tmp_path / "ov", tmp_path / "pr")
+    assert items[0].output == tmp_path / "out/sub/a.png"
+    assert items[0].overlay == tmp_path / "ov/sub/a.png"
+    assert items[0].probs == tmp_path / "pr/sub/a.npy"
+    clash = [bi.Pair("a", Path("1.jpg"), Path("1.npy"), Path("same.png")),
+             bi.Pair("b", Path("2.jpg"), Path("2.npy"), Path("same.png"))]
+    with pytest.raises(BadInputError, match="two inputs write here"):
+        bi.plan_outputs(clash, tmp_path)
+
+
+def test_image_list_pairs_by_stem(tmp_path):
+    _touch(tmp_path / "un", "a.npy", "b.npy")
+    pairing = bi.pair_image_list(["x/a.jpg", "y/c.jpg"], tmp_path / "un")
+    assert [(p.key, p.unary.name) for p in pairing.pairs] == [("a", "a.npy")]
+    assert pairing.unpaired_images == [Path("y/c.jpg")]
+    assert [p.name for p in pairing.unpaired_unaries] == ["b.npy"]
