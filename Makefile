@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q
 
 demo: install
 	$(VENV)/bin/convcrf refine sample_data/image.jpg sample_data/unary.npy \

@@ -47,9 +47,13 @@ def test_same_stem_twice_is_an_error(tmp_path):
 
 
 def test_csv_and_jsonl_manifests(tmp_path):
-    (tmp_path / "m.csv").write_text("image,unary,output\nx/1.jpg,u/1.npy,out/one.png\nx/2.jpg,u/2.npy,\n")
+    (tmp_path / "m.csv").write_text(
+        "image,unary,output\nx/1.jpg,u/1.npy,out/one.png\nx/2.jpg,u/2.npy,\n"
+    )
     pairs = bi.read_manifest(str(tmp_path / "m.csv"))
-    assert pairs[0] == bi.Pair("out/one", tmp_path / "x/1.jpg", tmp_path / "u/1.npy", Path("out/one.png"))
+    assert pairs[0] == bi.Pair(
+        "out/one", tmp_path / "x/1.jpg", tmp_path / "u/1.npy", Path("out/one.png")
+    )
     assert pairs[1].key == "x/2" and pairs[1].output is None
     (tmp_path / "m.jsonl").write_text('{"image": "a.jpg", "unary": "/abs/a.npy"}\n')
     (pair,) = bi.read_manifest(str(tmp_path / "m.jsonl"))
@@ -88,13 +92,18 @@ def test_bad_shard_spec(text):
 
 
 def test_plan_outputs_keeps_relative_paths_and_detects_collisions(tmp_path):
-    pairs = [bi.Pair("sub/a", Path("a.jpg"), Path("a.npy")), bi.Pair("b", Path("b.jpg"), Path("b.npy"))]
+    pairs = [
+        bi.Pair("sub/a", Path("a.jpg"), Path("a.npy")),
+        bi.Pair("b", Path("b.jpg"), Path("b.npy")),
+    ]
     items = bi.plan_outputs(pairs, tmp_path / "out", ".png", tmp_path / "ov", tmp_path / "pr")
     assert items[0].output == tmp_path / "out/sub/a.png"
     assert items[0].overlay == tmp_path / "ov/sub/a.png"
     assert items[0].probs == tmp_path / "pr/sub/a.npy"
-    clash = [bi.Pair("a", Path("1.jpg"), Path("1.npy"), Path("same.png")),
-             bi.Pair("b", Path("2.jpg"), Path("2.npy"), Path("same.png"))]
+    clash = [
+        bi.Pair("a", Path("1.jpg"), Path("1.npy"), Path("same.png")),
+        bi.Pair("b", Path("2.jpg"), Path("2.npy"), Path("same.png")),
+    ]
     with pytest.raises(BadInputError, match="two inputs write here"):
         bi.plan_outputs(clash, tmp_path)
 
