@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` only if the block finishes without error.
@@ -20,6 +29,7 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()
