@@ -168,18 +168,17 @@ def mean_field(
 
     ``logits`` ``[N,C,H,W]``; ``kernel`` from :func:`crf_kernel`. ``compat_transform``, if given,
     maps a message ``[N,C,H,W]`` to the added term of the "+C" compatibility transform.
-    Returns ``[N,C,H,W]`` (a channels-last view: full-resolution work runs with classes
-    innermost, where softmax and pooling are fastest).
+    Returns ``[N,C,H,W]``: a channels-last view when a gradient is needed (full-resolution work
+    runs with classes innermost there), else a contiguous tensor.
 
-    When no gradient is needed (and there is no ``compat_transform``), the full-resolution
-    steps write into buffers allocated once per call instead of new tensors per step (same
-    operations, same results).
+    When no gradient is needed (and there is no ``compat_transform``), the same steps run
+    in the pooling-phase layout of :func:`_mean_field_phases`.
     """
     w = params.weight if weight is None else weight
     u = params.unary_weight if unary_weight is None else unary_weight
-    log_unary = torch.log_softmax(logits.permute(0, 2, 3, 1), dim=-1)  # [N,H,W,C]
     if compat_transform is None and not _needs_grad(logits, kernel, w, u):
-        return _mean_field_buffered(log_unary, kernel, params, float(w), float(u))
+        return _mean_field_phases(logits, kernel, params, float(w), float(u))
+    log_unary = torch.log_softmax(logits.permute(0, 2, 3, 1), dim=-1)  # [N,H,W,C]
     scaled_unary = (u - w) * log_unary
     q = log_unary if params.init == "log" else torch.softmax(log_unary, dim=-1)
     for i in range(params.iterations):
@@ -193,35 +192,109 @@ def mean_field(
     return q.permute(0, 3, 1, 2)
 
 
-def _mean_field_buffered(
-    log_unary: torch.Tensor, kernel: torch.Tensor, params: CRFParams, w: float, u: float
-) -> torch.Tensor:
-    """:func:`mean_field` without autograd: ``log_unary [N,H,W,C]`` -> Q ``[N,C,H,W]``.
+def phase_ranges(length: int, blur: int) -> list[tuple[int, int, int]]:
+    """Where each pooling phase of an axis of ``length`` pixels lies, one tuple per phase ``i``.
 
-    Per step: pool and window sum on the coarse grid, bilinear upsampling into one reused
-    channels-last buffer, ``(u - w)·L + w·msg`` and softmax into two reused buffers.
+    Coarse cell ``x`` pools pixels ``x·b + i - p`` for ``i`` in ``[0,b)`` (``p`` from
+    :func:`pool_padding`), and bilinear upsampling followed by the crop maps the same pixels
+    back to cell ``x``. Phase ``i`` is valid in cells ``first:stop``, whose pixels are
+    ``source, source + b, ...``; ``stop <= first`` where the axis is too short for the phase.
     """
-    n, height, width, classes = log_unary.shape
+    pad = pool_padding(length, blur)
+    cells = coarse_size(length, blur)
+    ranges = []
+    for i in range(blur):
+        first = 1 if i < pad else 0
+        stop = min(cells, (length - 1 + pad - i) // blur + 1)
+        ranges.append((first, stop, first * blur + i - pad))
+    return ranges
+
+
+def _upsample_phases(blur: int) -> list[tuple[int, float]]:
+    """Bilinear ×``blur`` weights per output phase ``i``: ``(step, t)`` such that the upsampled
+    value is ``(1 - t)·m[x] + t·m[x + step]`` (half-pixel centres, source clamped at the edges)."""
+    offsets = [(i + 0.5) / blur - 0.5 for i in range(blur)]
+    return [(1 if d > 0 else -1, abs(d)) for d in offsets]
+
+
+def _mean_field_phases(
+    logits: torch.Tensor, kernel: torch.Tensor, params: CRFParams, w: float, u: float
+) -> torch.Tensor:
+    """:func:`mean_field` without autograd, ``logits [N,C,H,W]`` -> Q ``[N,C,H,W]`` contiguous.
+
+    Full-resolution tensors are held as ``[b,b,N,C,h,w]``: pixel ``(x·b + i - p, y·b + j - q)``
+    at ``[i,j,:,:,x,y]``. Pooling is then a sum over the ``b²`` phase slices, and the bilinear
+    upsampling of the message is, per phase, a fixed blend of the cell and one neighbour along
+    each axis. Each step runs phase by phase on ``[N,C,h,w]`` slices small enough to stay in
+    cache: message, ``(u - w)·L + w·msg``, softmax and its contribution to the pooled next Q;
+    the last step writes the scores straight into the ``[N,C,H,W]`` result.
+    """
+    n, classes, height, width = logits.shape
     blur = params.blur
-    q = log_unary if params.init == "log" else torch.softmax(log_unary, dim=-1)
-    msg = coarse_message(q.permute(0, 3, 1, 2), kernel, blur)
-    scaled_unary = log_unary.mul_(u - w)  # log_unary (and q, for init "log") is not used again
-    top, left = pool_padding(height, blur), pool_padding(width, blur)
-    up_size = (msg.shape[-2] * blur, msg.shape[-1] * blur)
-    # [N,C,h·b,w·b] stored channels-last, like the message it is made from
-    up = scaled_unary.new_empty(n, *up_size, classes).permute(0, 3, 1, 2) if blur > 1 else None
-    scores = torch.empty_like(scaled_unary)
-    q = torch.empty_like(scaled_unary) if params.init == "log" else q
-    for i in range(params.iterations):
-        if i > 0:
-            torch.ops.aten._softmax.out(scores, -1, False, out=q)
-            msg = coarse_message(q.permute(0, 3, 1, 2), kernel, blur)
-        if blur > 1:
-            msg = msg.contiguous(memory_format=torch.channels_last)
-            torch.ops.aten.upsample_bilinear2d.out(msg, up_size, False, blur, blur, out=up)
-            msg = up[:, :, top : top + height, left : left + width]
-        torch.add(scaled_unary, msg.permute(0, 2, 3, 1), alpha=w, out=scores)
-    return scores.permute(0, 3, 1, 2)
+    h, wc = kernel.shape[-2:]
+    rows, cols = phase_ranges(height, blur), phase_ranges(width, blur)
+    valid = [
+        (i, j, r, c)
+        for i, r in enumerate(rows)
+        for j, c in enumerate(cols)
+        if r[1] > r[0] and c[1] > c[0]
+    ]
+    # log-softmax of the unary per phase; cells outside the image hold 0 and are never pooled
+    unary = logits.new_zeros(blur, blur, n, classes, h, wc)
+    for i, j, (r0, r1, rs), (c0, c1, cs) in valid:
+        pixels = logits[:, :, rs::blur, cs::blur]
+        unary[i, j, :, :, r0:r1, c0:c1] = torch.log_softmax(pixels, dim=1)
+
+    counts = logits.new_zeros(h, wc)
+    for _, _, (r0, r1, _), (c0, c1, _) in valid:
+        counts[r0:r1, c0:c1] += 1
+    pooled = logits.new_zeros(n, classes, h, wc)
+    scratch = torch.empty_like(pooled)
+
+    def add_to_pool(q: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+        pooled[:, :, r0:r1, c0:c1] += q[:, :, r0:r1, c0:c1]
+
+    for i, j, (r0, r1, _), (c0, c1, _) in valid:
+        q = unary[i, j]
+        if params.init == "softmax":
+            q = torch.ops.aten._softmax.out(q, 1, False, out=scratch)
+        add_to_pool(q, r0, r1, c0, c1)
+    scaled_unary = unary.mul_(u - w)
+    msg = window_sum(pooled.div_(counts), kernel)
+
+    result = logits.new_empty(n, classes, height, width)
+    blends = _upsample_phases(blur)
+    for step in range(params.iterations):
+        last = step == params.iterations - 1
+        padded = F.pad(msg.mul_(w), (1, 1, 1, 1), mode="replicate")  # [N,C,h+2,w+2]
+        pooled.zero_()
+        for i, (row_step, row_t) in enumerate(blends):
+            rows_blend = padded[:, :, 1 : h + 1]
+            if row_t > 0:
+                rows_blend = torch.lerp(
+                    rows_blend, padded[:, :, 1 + row_step : h + 1 + row_step], row_t
+                )
+            for j, (col_step, col_t) in enumerate(blends):
+                (r0, r1, rs), (c0, c1, cs) = rows[i], cols[j]
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                if last:
+                    rr, cc = slice(r0, r1), slice(c0, c1)
+                    out = result[:, :, rs::blur, cs::blur]
+                else:
+                    rr, cc = slice(0, h), slice(0, wc)
+                    out = scratch
+                centre = rows_blend[:, :, rr, cc.start + 1 : cc.stop + 1]
+                torch.add(scaled_unary[i, j, :, :, rr, cc], centre, alpha=1 - col_t, out=out)
+                if col_t > 0:
+                    shift = cc.start + 1 + col_step
+                    out.add_(rows_blend[:, :, rr, shift : shift + cc.stop - cc.start], alpha=col_t)
+                if not last:
+                    torch.ops.aten._softmax.out(out, 1, False, out=out)
+                    add_to_pool(out, r0, r1, c0, c1)
+        if not last:
+            msg = window_sum(pooled.div_(counts), kernel)
+    return result
 
 
 def _needs_grad(*values) -> bool:
