@@ -239,27 +239,23 @@ def _mean_field_phases(
         for j, c in enumerate(cols)
         if r[1] > r[0] and c[1] > c[0]
     ]
-    # log-softmax of the unary per phase; cells outside the image hold 0 and are never pooled
-    unary = logits.new_zeros(blur, blur, n, classes, h, wc)
-    for i, j, (r0, r1, rs), (c0, c1, cs) in valid:
-        pixels = logits[:, :, rs::blur, cs::blur]
-        unary[i, j, :, :, r0:r1, c0:c1] = torch.log_softmax(pixels, dim=1)
-
-    counts = logits.new_zeros(h, wc)
-    for _, _, (r0, r1, _), (c0, c1, _) in valid:
-        counts[r0:r1, c0:c1] += 1
     pooled = logits.new_zeros(n, classes, h, wc)
-    scratch = torch.empty_like(pooled)
+    scratch, probabilities = torch.empty_like(pooled), torch.empty_like(pooled)
+    counts = logits.new_zeros(h, wc)
 
     def add_to_pool(q: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
         pooled[:, :, r0:r1, c0:c1] += q[:, :, r0:r1, c0:c1]
 
-    for i, j, (r0, r1, _), (c0, c1, _) in valid:
-        q = unary[i, j]
-        if params.init == "softmax":
-            q = torch.ops.aten._softmax.out(q, 1, False, out=scratch)
-        add_to_pool(q, r0, r1, c0, c1)
-    scaled_unary = unary.mul_(u - w)
+    # (u - w)·log_softmax(unary) per phase; cells outside the image hold 0 and are never pooled
+    scaled_unary = logits.new_empty(blur, blur, n, classes, h, wc)
+    for i, j, (r0, r1, rs), (c0, c1, cs) in valid:
+        phase = scaled_unary[i, j]
+        _zero_outside(phase, r0, r1, c0, c1)
+        phase[:, :, r0:r1, c0:c1] = logits[:, :, rs::blur, cs::blur]
+        log_q = torch.ops.aten._log_softmax.out(phase, 1, False, out=scratch)
+        torch.mul(log_q, u - w, out=phase)
+        add_to_pool(log_q if params.init == "log" else log_q.exp_(), r0, r1, c0, c1)
+        counts[r0:r1, c0:c1] += 1
     msg = window_sum(pooled.div_(counts), kernel)
 
     result = logits.new_empty(n, classes, height, width)
@@ -290,11 +286,19 @@ def _mean_field_phases(
                     shift = cc.start + 1 + col_step
                     out.add_(rows_blend[:, :, rr, shift : shift + cc.stop - cc.start], alpha=col_t)
                 if not last:
-                    torch.ops.aten._softmax.out(out, 1, False, out=out)
-                    add_to_pool(out, r0, r1, c0, c1)
+                    q = torch.ops.aten._softmax.out(out, 1, False, out=probabilities)
+                    add_to_pool(q, r0, r1, c0, c1)
         if not last:
             msg = window_sum(pooled.div_(counts), kernel)
     return result
+
+
+def _zero_outside(phase: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+    """Set the cells of ``phase [N,C,h,w]`` outside rows ``r0:r1`` and columns ``c0:c1`` to 0."""
+    phase[:, :, :r0] = 0
+    phase[:, :, r1:] = 0
+    phase[:, :, :, :c0] = 0
+    phase[:, :, :, c1:] = 0
 
 
 def _needs_grad(*values) -> bool:
