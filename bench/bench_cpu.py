@@ -2,7 +2,9 @@
 
 Setting (issue 2, item 7): a 500×375 image (H=375, W=500), C=21 classes, 5 iterations, blur 4,
 filter sizes 5, 7 and 11. Both implementations run in the same process on the same random
-inputs: one warm-up, then the median of ``--repeat`` timed runs each, kernel weights included.
+inputs: one warm-up each, then ``--repeat`` rounds that time one run of each in turn (so that
+both see the same machine load), reporting the median per implementation, kernel weights
+included.
 The im2col baseline (``bench/im2col_baseline.py``) is the original implementation's approach and
 materialises the ``C·k²·h·w`` buffer; its output is checked against the backend's first, so
 that both compute the same thing.
@@ -35,15 +37,18 @@ HEIGHT, WIDTH, CLASSES, ITERATIONS, BLUR = 375, 500, 21, 5, 4
 FILTER_SIZES = (5, 7, 11)
 
 
-def median_ms(run, repeat: int) -> float:
-    """Median wall time of ``run()`` in milliseconds after one warm-up call."""
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def paired_median_ms(runs, repeat: int) -> list[float]:
+    """Median wall time in milliseconds of each of ``runs``, timed in turn in each of ``repeat``
+    rounds after one warm-up call each."""
+    for run in runs:
         run()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    times = [[] for _ in runs]
+    for _ in range(repeat):
+        for run, own in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            own.append(time.perf_counter() - start)
+    return [1000.0 * statistics.median(own) for own in times]
 
 
 def machine_info() -> str:
@@ -81,7 +86,7 @@ def main() -> None:
     print(machine_info())
     print(
         f"{WIDTH}x{HEIGHT} image, C={CLASSES}, {ITERATIONS} iterations, blur {BLUR}; "
-        f"median of {args.repeat} runs after a warm-up\n"
+        f"median of {args.repeat} interleaved runs after a warm-up\n"
     )
     print("| filter size | CPU backend (ms) | im2col baseline (ms) | speed-up |")
     print("|---:|---:|---:|---:|")
@@ -89,8 +94,10 @@ def main() -> None:
         params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)
         ours, theirs = backend.run(image, logits, params), baseline(params)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
-        ours_ms = median_ms(lambda p=params: backend.run(image, logits, p), args.repeat)
-        theirs_ms = median_ms(lambda p=params: baseline(p), args.repeat)
+        ours_ms, theirs_ms = paired_median_ms(
+            [lambda p=params: backend.run(image, logits, p), lambda p=params: baseline(p)],
+            args.repeat,
+        )
         print(f"| {k} | {ours_ms:.1f} | {theirs_ms:.1f} | {theirs_ms / ours_ms:.1f}x |", flush=True)
 
 
