@@ -127,16 +127,18 @@ def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     s = k // 2
     h, w = q.shape[-2:]
     padded = F.pad(q, (s, s, s, s))
-    out = torch.zeros_like(q)
+    weights = kernel.unsqueeze(3)  # [N,k,k,1,h,w]
+    out = weights[:, 0, 0] * padded[:, :, :h, :w]
     grad = torch.is_grad_enabled() and (q.requires_grad or kernel.requires_grad)
     for a in range(k):
         for c in range(k):
+            if a == 0 and c == 0:
+                continue
             shifted = padded[:, :, a : a + h, c : c + w]
-            weight = kernel[:, a, c].unsqueeze(1)
             if grad:
-                out = out + weight * shifted
+                out = out + weights[:, a, c] * shifted
             else:
-                out.addcmul_(weight, shifted)
+                out.addcmul_(weights[:, a, c], shifted)
     return out
 
 
