@@ -276,18 +276,15 @@ def _mean_field_phases(
                 (r0, r1, rs), (c0, c1, cs) = rows[i], cols[j]
                 if r1 <= r0 or c1 <= c0:
                     continue
-                if last:
-                    rr, cc = slice(r0, r1), slice(c0, c1)
-                    out = result[:, :, rs::blur, cs::blur]
-                else:
-                    rr, cc = slice(0, h), slice(0, wc)
-                    out = scratch
-                centre = rows_blend[:, :, rr, cc.start + 1 : cc.stop + 1]
-                torch.add(scaled_unary[i, j, :, :, rr, cc], centre, alpha=1 - col_t, out=out)
+                out = scaled_unary[i, j] if last else scratch
+                torch.add(
+                    scaled_unary[i, j], rows_blend[:, :, :, 1 : wc + 1], alpha=1 - col_t, out=out
+                )
                 if col_t > 0:
-                    shift = cc.start + 1 + col_step
-                    out.add_(rows_blend[:, :, rr, shift : shift + cc.stop - cc.start], alpha=col_t)
-                if not last:
+                    out.add_(rows_blend[:, :, :, 1 + col_step : wc + 1 + col_step], alpha=col_t)
+                if last:
+                    result[:, :, rs::blur, cs::blur] = out[:, :, r0:r1, c0:c1]
+                else:
                     q = torch.ops.aten._softmax.out(out, 1, False, out=probabilities)
                     add_to_pool(q, r0, r1, c0, c1)
         if not last:
