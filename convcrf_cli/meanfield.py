@@ -110,9 +110,18 @@ def position_kernel(
     """
     rows = _pooled_positions(height, blur, like) / pos_sdims
     cols = _pooled_positions(width, blur, like) / pos_sdims
-    row_kernel = gaussian_kernel(rows.view(1, 1, -1, 1), filter_size)[0, :, filter_size // 2, :, 0]
-    col_kernel = gaussian_kernel(cols.view(1, 1, 1, -1), filter_size)[0, filter_size // 2, :, 0]
+    row_kernel, col_kernel = _gaussian_1d(rows, filter_size), _gaussian_1d(cols, filter_size)
     return (row_kernel[:, None, :, None] * col_kernel[None, :, None, :]).unsqueeze(0)
+
+
+def _gaussian_1d(values: torch.Tensor, filter_size: int) -> torch.Tensor:
+    """:func:`gaussian_kernel` along one axis: ``values [n]`` -> ``[k,n]`` weights
+    ``exp(-0.5·(v[x+a-s] - v[x])²)``, 0 where ``x+a-s`` lies outside ``[0,n)``."""
+    s = filter_size // 2
+    n = values.shape[0]
+    windows = F.pad(values, (s, s)).unfold(0, n, 1)  # view [k,n]: windows[a,x] = v[x+a-s]
+    inside = F.pad(values.new_ones(n), (s, s)).unfold(0, n, 1)
+    return torch.exp(-0.5 * (windows - values).square()) * inside
 
 
 def _pooled_positions(length: int, blur: int, like: torch.Tensor) -> torch.Tensor:
