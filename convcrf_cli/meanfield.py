@@ -82,7 +82,7 @@ def crf_kernel(
     pos_compat=None,
     col_compat=None,
 ) -> torch.Tensor:
-    """Combined kernel ``pos_compat·G_pos + col_compat·G_col`` as ``[N,k,k,h,w]``.
+    """Combined kernel ``pos_compat·G_pos + col_compat·G_col`` as contiguous ``[N,k,k,h,w]``.
 
     ``image`` is ``[N,F,H,W]`` in its raw value range. Keyword overrides (tensors or numbers)
     replace the corresponding fields of ``params``; the differentiable module passes learnable
@@ -95,7 +95,8 @@ def crf_kernel(
     height, width = image.shape[-2:]
     g_pos = position_kernel(height, width, params.blur, params.filter_size, pos_sdims, like=image)
     col = pool(image / col_schan, params.blur)
-    return pos_compat * g_pos + col_compat * gaussian_kernel(col, params.filter_size)
+    kernel = pos_compat * g_pos + col_compat * gaussian_kernel(col, params.filter_size)
+    return kernel.contiguous()  # the window sum reads [h,w] planes of it
 
 
 def position_kernel(
