@@ -137,18 +137,17 @@ def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     s = k // 2
     h, w = q.shape[-2:]
     padded = F.pad(q, (s, s, s, s))
-    weights = kernel.unsqueeze(3)  # [N,k,k,1,h,w]
-    out = weights[:, 0, 0] * padded[:, :, :h, :w]
+    # one view per window offset (a, c), in the same order for weights and shifted copies
+    weights = kernel.unsqueeze(3).flatten(1, 2).unbind(1)  # k² × [N,1,h,w]
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
+    shifted = [window for row in windows.unbind(2) for window in row.unbind(2)]  # views
+    out = weights[0] * shifted[0]
     grad = torch.is_grad_enabled() and (q.requires_grad or kernel.requires_grad)
-    for a in range(k):
-        for c in range(k):
-            if a == 0 and c == 0:
-                continue
-            shifted = padded[:, :, a : a + h, c : c + w]
-            if grad:
-                out = out + weights[:, a, c] * shifted
-            else:
-                out.addcmul_(weights[:, a, c], shifted)
+    for weight, window in zip(weights[1:], shifted[1:], strict=True):
+        if grad:
+            out = out + weight * window
+        else:
+            out.addcmul_(weight, window)
     return out
 
 
