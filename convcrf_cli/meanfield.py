@@ -269,33 +269,43 @@ def _mean_field_phases(
         counts[r0:r1, c0:c1] += 1
     msg = window_sum(pooled.div_(counts), kernel)
 
+    # views fixed for the whole run, so that each step only launches operations
     result = logits.new_empty(n, classes, height, width)
-    blends = _upsample_phases(blur)
+    padded = logits.new_empty(n, classes, h + 2, wc + 2)  # w·msg, edges replicated
+    row_blends = []  # per row phase i: [N,C,h,w+2], the message blended along rows
+    for step_, t in _upsample_phases(blur):
+        centre = padded[:, :, 1 : h + 1]
+        blend = centre if t == 0 else torch.empty_like(centre)
+        row_blends.append((blend, centre, padded[:, :, 1 + step_ : h + 1 + step_], t))
+    col_blends = _upsample_phases(blur)
+    steps = [
+        (
+            scaled_unary[i, j],
+            row_blends[i][0][:, :, :, 1 : wc + 1],
+            row_blends[i][0][:, :, :, 1 + col_blends[j][0] : wc + 1 + col_blends[j][0]],
+            col_blends[j][1],
+            (scaled_unary[i, j, :, :, r0:r1, c0:c1], result[:, :, rs::blur, cs::blur]),
+            (probabilities[:, :, r0:r1, c0:c1], pooled[:, :, r0:r1, c0:c1]),
+        )
+        for i, j, (r0, r1, rs), (c0, c1, cs) in valid
+    ]
     for step in range(params.iterations):
         last = step == params.iterations - 1
-        padded = F.pad(msg.mul_(w), (1, 1, 1, 1), mode="replicate")  # [N,C,h+2,w+2]
+        torch.ops.aten.replication_pad2d.out(msg.mul_(w), [1, 1, 1, 1], out=padded)
+        for blend, centre, neighbour, t in row_blends:
+            if t > 0:
+                torch.lerp(centre, neighbour, t, out=blend)
         pooled.zero_()
-        for i, (row_step, row_t) in enumerate(blends):
-            rows_blend = padded[:, :, 1 : h + 1]
-            if row_t > 0:
-                rows_blend = torch.lerp(
-                    rows_blend, padded[:, :, 1 + row_step : h + 1 + row_step], row_t
-                )
-            for j, (col_step, col_t) in enumerate(blends):
-                (r0, r1, rs), (c0, c1, cs) = rows[i], cols[j]
-                if r1 <= r0 or c1 <= c0:
-                    continue
-                out = scaled_unary[i, j] if last else scratch
-                torch.add(
-                    scaled_unary[i, j], rows_blend[:, :, :, 1 : wc + 1], alpha=1 - col_t, out=out
-                )
-                if col_t > 0:
-                    out.add_(rows_blend[:, :, :, 1 + col_step : wc + 1 + col_step], alpha=col_t)
-                if last:
-                    result[:, :, rs::blur, cs::blur] = out[:, :, r0:r1, c0:c1]
-                else:
-                    q = torch.ops.aten._softmax.out(out, 1, False, out=probabilities)
-                    add_to_pool(q, r0, r1, c0, c1)
+        for unary, centre, neighbour, t, (scores, target), (q, pool_cells) in steps:
+            out = unary if last else scratch
+            torch.add(unary, centre, alpha=1 - t, out=out)
+            if t > 0:
+                out.add_(neighbour, alpha=t)
+            if last:
+                target.copy_(scores)
+            else:
+                torch.ops.aten._softmax.out(out, 1, False, out=probabilities)
+                pool_cells += q
         if not last:
             msg = window_sum(pooled.div_(counts), kernel)
     return result
