@@ -2,9 +2,9 @@
 
 Setting (issue 2, item 7): a 500×375 image (H=375, W=500), C=21 classes, 5 iterations, blur 4,
 filter sizes 5, 7 and 11. Both implementations run in the same process on the same random
-inputs: one warm-up each, then ``--repeat`` rounds that time one run of each in turn (so that
-both see the same machine load), reporting the median per implementation, kernel weights
-included.
+inputs, in ``--repeat`` rounds that give each implementation one turn of an untimed and a timed
+run (so that both see the same machine load and each is timed in steady state), reporting the
+median per implementation, kernel weights included.
 The im2col baseline (``bench/im2col_baseline.py``) is the original implementation's approach and
 materialises the ``C·k²·h·w`` buffer; its output is checked against the backend's first, so
 that both compute the same thing.
@@ -38,13 +38,16 @@ FILTER_SIZES = (5, 7, 11)
 
 
 def paired_median_ms(runs, repeat: int) -> list[float]:
-    """Median wall time in milliseconds of each of ``runs``, timed in turn in each of ``repeat``
-    rounds after one warm-up call each."""
-    for run in runs:
-        run()
+    """Median steady-state wall time in milliseconds of each of ``runs``.
+
+    In each of ``repeat`` rounds every run gets one turn: an untimed call, then a timed one, so
+    that all see the same machine load and each is timed after a call of its own (as when
+    processing a batch), not just after the other's large allocations were returned to the OS.
+    """
     times = [[] for _ in runs]
     for _ in range(repeat):
         for run, own in zip(runs, times, strict=True):
+            run()
             start = time.perf_counter()
             run()
             own.append(time.perf_counter() - start)
@@ -86,7 +89,7 @@ def main() -> None:
     print(machine_info())
     print(
         f"{WIDTH}x{HEIGHT} image, C={CLASSES}, {ITERATIONS} iterations, blur {BLUR}; "
-        f"median of {args.repeat} interleaved runs after a warm-up\n"
+        f"median of {args.repeat} alternating turns (untimed run, timed run)\n"
     )
     print("| filter size | CPU backend (ms) | im2col baseline (ms) | speed-up |")
     print("|---:|---:|---:|---:|")
