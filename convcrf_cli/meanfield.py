@@ -238,7 +238,8 @@ def _mean_field_phases(
     upsampling of the message is, per phase, a fixed blend of the cell and one neighbour along
     each axis. Each step runs phase by phase on ``[N,C,h,w]`` slices small enough to stay in
     cache: message, ``(u - w)·L + w·msg``, softmax and its contribution to the pooled next Q;
-    the last step writes the scores straight into the ``[N,C,H,W]`` result.
+    the last step adds the message into the unary buffer in place and copies each phase of
+    these scores into the ``[N,C,H,W]`` result.
     """
     n, classes, height, width = logits.shape
     blur = params.blur
