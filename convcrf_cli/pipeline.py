@@ -46,7 +46,8 @@ class ItemResult:
     """What :func:`refine_item` did.
 
     histogram: pixels per class after refinement, ``[C] int64``; unary_histogram: before
-    (argmax of the unary). seconds: the whole item; crf_seconds: the CRF alone.
+    (argmax of the unary); changed_pixels: pixels whose label the CRF changed.
+    seconds: the whole item; crf_seconds: the CRF alone (its share of a batched call).
     notes: details for ``-v``; warnings: things to report always.
     """
 
@@ -60,11 +61,35 @@ class ItemResult:
     unary_reason: str
     histogram: np.ndarray
     unary_histogram: np.ndarray
+    changed_pixels: int
     seconds: float
     crf_seconds: float
     device: str
     notes: tuple[str, ...]
     warnings: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedItem:
+    """One item read and checked, ready for the CRF: everything but the computation.
+
+    image: the decoded image (``pixels [H,W,F]``). unary: the converted unary
+    (``logits [C,H,W] float32``). seconds: time spent reading and checking.
+    """
+
+    image_path: str
+    unary_name: str
+    spec: OutputSpec
+    image: LoadedImage
+    unary: unary.Unary
+    notes: tuple[str, ...]
+    warnings: tuple[str, ...]
+    seconds: float
+
+    @property
+    def group_key(self) -> tuple[int, ...]:
+        """Items with equal keys can be refined in one batched call: ``(H, W, F, C)``."""
+        return (*self.image.pixels.shape, self.unary.num_classes)
 
 
 def refine_item(
@@ -84,6 +109,32 @@ def refine_item(
     ``"-"`` for ``.npy`` bytes on ``stdin`` (default ``sys.stdin.buffer``).
     memory_limit: bytes the CRF may use; default the memory available now (``MemAvailable``).
     """
+    prepared = prepare_item(
+        image_path,
+        unary_source,
+        outputs_spec,
+        params,
+        unary_options,
+        memory_limit=memory_limit,
+        stdin=stdin,
+    )
+    crf_start = time.perf_counter()
+    scores = refine_prepared([prepared], params, backend)[0]
+    crf_seconds = time.perf_counter() - crf_start
+    return write_item(prepared, scores, crf_seconds, describe_backend(backend))
+
+
+def prepare_item(
+    image_path: str | Path,
+    unary_source: str | Path,
+    outputs_spec: OutputSpec,
+    params: CRFParams,
+    unary_options: UnaryOptions | None = None,
+    *,
+    memory_limit: int | None = None,
+    stdin: BinaryIO | None = None,
+) -> PreparedItem:
+    """Read and check one item (see :func:`refine_item`); creates the output directories."""
     start = time.perf_counter()
     options = unary_options or UnaryOptions()
     outputs.check_outputs(outputs_spec, [image_path, unary_source])
@@ -101,26 +152,9 @@ def refine_item(
         num_classes=options.num_classes,
         layout=options.layout,
     )
-    classes = converted.num_classes
-    outputs.check_class_count(outputs_spec, classes)
-    _check_memory(image_path, pixels.shape, classes, params, memory_limit)
+    outputs.check_class_count(outputs_spec, converted.num_classes)
+    _check_memory(image_path, pixels.shape, converted.num_classes, params, memory_limit)
     outputs.prepare_directories(outputs_spec)
-
-    crf_start = time.perf_counter()
-    scores = as_numpy(refine(pixels, converted.logits, params, backend))
-    crf_seconds = time.perf_counter() - crf_start
-    labels = scores.argmax(axis=0)
-
-    outputs.write_labels(outputs_spec.labels, labels)
-    written = [str(outputs_spec.labels)]
-    if outputs_spec.probs is not None:
-        outputs.write_probabilities(
-            outputs_spec.probs, _softmax(scores), converted.layout, outputs_spec.probs_dtype
-        )
-        written.append(str(outputs_spec.probs))
-    if outputs_spec.overlay is not None:
-        outputs.write_overlay(outputs_spec.overlay, pixels, labels, outputs_spec.alpha)
-        written.append(str(outputs_spec.overlay))
 
     notes = [f"{image_path}: {note}" for note in image.notes]
     warnings = list(converted.warnings)
@@ -135,22 +169,74 @@ def refine_item(
                 f"({image.orientation_name}) applied; the unary must be in that orientation "
                 "(--exif-orientation ignore uses the pixels as stored)"
             )
-    return ItemResult(
-        image=str(image_path),
-        unary=source.name,
-        written=tuple(written),
-        image_hw=(height, width),
-        num_classes=classes,
-        layout=converted.layout,
-        unary_kind=converted.kind,
-        unary_reason=converted.reason,
-        histogram=np.bincount(labels.ravel(), minlength=classes),
-        unary_histogram=np.bincount(converted.logits.argmax(axis=0).ravel(), minlength=classes),
-        seconds=time.perf_counter() - start,
-        crf_seconds=crf_seconds,
-        device=describe_backend(backend),
+    return PreparedItem(
+        image_path=str(image_path),
+        unary_name=source.name,
+        spec=outputs_spec,
+        image=image,
+        unary=converted,
         notes=tuple(notes),
         warnings=tuple(warnings),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def refine_prepared(
+    items: list[PreparedItem], params: CRFParams, backend: Backend
+) -> list[np.ndarray]:
+    """Run the CRF on items of one :attr:`PreparedItem.group_key` in one batched call.
+
+    Returns each item's refined scores, ``[C,H,W] float32``.
+    """
+    if len({item.group_key for item in items}) != 1:
+        raise ValueError("refine_prepared needs items of one size, channel and class count")
+    if len(items) == 1:
+        return [as_numpy(refine(items[0].image.pixels, items[0].unary.logits, params, backend))]
+    pixels = np.stack([item.image.pixels for item in items])
+    logits = np.stack([item.unary.logits for item in items])
+    return list(as_numpy(refine(pixels, logits, params, backend)))
+
+
+def write_item(
+    prepared: PreparedItem, scores: np.ndarray, crf_seconds: float, device: str
+) -> ItemResult:
+    """Write the outputs of one refined item; ``scores`` ``[C,H,W] float32``.
+
+    crf_seconds: this item's share of the CRF time; device: where the CRF ran.
+    """
+    start = time.perf_counter()
+    spec = prepared.spec
+    pixels = prepared.image.pixels
+    labels = scores.argmax(axis=0)
+    outputs.write_labels(spec.labels, labels)
+    written = [str(spec.labels)]
+    if spec.probs is not None:
+        outputs.write_probabilities(
+            spec.probs, _softmax(scores), prepared.unary.layout, spec.probs_dtype
+        )
+        written.append(str(spec.probs))
+    if spec.overlay is not None:
+        outputs.write_overlay(spec.overlay, pixels, labels, spec.alpha)
+        written.append(str(spec.overlay))
+    classes = prepared.unary.num_classes
+    unary_labels = prepared.unary.logits.argmax(axis=0)
+    return ItemResult(
+        image=prepared.image_path,
+        unary=prepared.unary_name,
+        written=tuple(written),
+        image_hw=(pixels.shape[0], pixels.shape[1]),
+        num_classes=classes,
+        layout=prepared.unary.layout,
+        unary_kind=prepared.unary.kind,
+        unary_reason=prepared.unary.reason,
+        histogram=np.bincount(labels.ravel(), minlength=classes),
+        unary_histogram=np.bincount(unary_labels.ravel(), minlength=classes),
+        changed_pixels=int(np.count_nonzero(labels != unary_labels)),
+        seconds=prepared.seconds + crf_seconds + time.perf_counter() - start,
+        crf_seconds=crf_seconds,
+        device=device,
+        notes=prepared.notes,
+        warnings=prepared.warnings,
     )
 
 

@@ -14,7 +14,10 @@ import click
 from convcrf_cli.backends import DeviceError
 from convcrf_cli.core import InputError
 from convcrf_cli.errors import ConvCRFError
+from convcrf_cli.outputs import PROBS_DTYPES
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
+from convcrf_cli.pipeline import UnaryOptions
+from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS, UNARY_TYPES
 
 _DEFAULTS = CRFParams()
 
@@ -77,6 +80,111 @@ def params_from_options(options: dict[str, Any], base: CRFParams | None = None) 
     base = base or CRFParams()
     given = {name: options.pop(name) for name in PARAM_FIELDS if name in options}
     return base.replace(**{k: v for k, v in given.items() if v is not None})
+
+
+_UNARY_TYPE_HELP = (
+    "What the unary array holds. prob: probabilities, converted with log(max(p, "
+    f"{PROB_EPS:g})); logit: class scores, used as they are; energy: pydensecrf energies "
+    "-log p, converted to -E; auto: prob when every value lies in [0, 1] and each pixel's "
+    f"values sum to 1 within {AUTO_TOLERANCE:g} (one channel: values in [0, 1]), logit "
+    "otherwise (energies are never guessed). A single channel is a foreground score: "
+    "two classes, background and foreground."
+)
+
+unary_type_option = click.option(
+    "--unary-type",
+    type=click.Choice(UNARY_TYPES),
+    default="auto",
+    show_default=True,
+    help=_UNARY_TYPE_HELP,
+)
+
+
+def unary_options(func: Callable) -> Callable:
+    """Add the options that say how to read a unary; :func:`unary_options_from` reads them."""
+    decorators = [
+        unary_type_option,
+        click.option(
+            "--layout",
+            type=click.Choice(("auto", "CHW", "HWC"), case_sensitive=False),
+            default="auto",
+            show_default=True,
+            help="Axis order of the unary; auto matches its shape to the image size (needed "
+            "only when both fit: a square image with C = H = W).",
+        ),
+        click.option(
+            "--label-confidence",
+            type=float,
+            default=DEFAULT_LABEL_CONFIDENCE,
+            show_default=True,
+            help="For a label-image unary: probability of each pixel's label; the rest is "
+            "spread evenly over the other classes (as pydensecrf's unary_from_labels).",
+        ),
+        click.option(
+            "--ignore-label",
+            type=int,
+            default=None,
+            help="For a label-image unary: label of unsure pixels (e.g. 255), given a uniform "
+            "distribution over the classes.",
+        ),
+        click.option(
+            "--num-classes",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Number of classes: for a label image (default: largest label + 1); for an "
+            "array, checked against its class axis.",
+        ),
+        click.option(
+            "--exif-orientation",
+            type=click.Choice(("apply", "ignore")),
+            default="apply",
+            show_default=True,
+            help="Use the image in its EXIF orientation (as viewers and cv2.imread show it) or "
+            "as stored. The unary must be in the same orientation.",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def unary_options_from(options: dict[str, Any]) -> UnaryOptions:
+    """Pop the options of :func:`unary_options` from ``options``."""
+    layout = options.pop("layout")
+    return UnaryOptions(
+        unary_type=options.pop("unary_type"),
+        layout="auto" if layout.lower() == "auto" else layout.upper(),
+        label_confidence=options.pop("label_confidence"),
+        ignore_label=options.pop("ignore_label"),
+        num_classes=options.pop("num_classes"),
+        apply_exif=options.pop("exif_orientation") == "apply",
+    )
+
+
+def device_option(help_text: str) -> Callable:
+    """``--device`` (default ``auto``) with ``help_text``."""
+    return click.option("--device", default="auto", show_default=True, help=help_text)
+
+
+DEVICE_HELP = "auto (CUDA if usable, else the CPU), cpu, cuda or cuda:N."
+
+
+def output_format_options(func: Callable) -> Callable:
+    """Add ``--alpha`` (overlay opacity) and ``--probs-dtype``."""
+    func = click.option(
+        "--probs-dtype",
+        type=click.Choice(PROBS_DTYPES),
+        default="float32",
+        show_default=True,
+        help="Data type of the refined probabilities.",
+    )(func)
+    return click.option(
+        "--alpha",
+        type=click.FloatRange(0.0, 1.0),
+        default=0.5,
+        show_default=True,
+        help="Opacity of the label colours in the overlay.",
+    )(func)
 
 
 def echo_err(message: str) -> None:

@@ -9,12 +9,19 @@ import numpy as np
 from tqdm import tqdm
 
 from convcrf_cli.batch_items import IMAGE_GLOBS, UNARY_GLOBS, find_files
-from convcrf_cli.commands.common import crf_options, echo_err, params_from_options, reports_errors
+from convcrf_cli.commands.common import (
+    crf_options,
+    device_option,
+    echo_err,
+    params_from_options,
+    reports_errors,
+    unary_type_option,
+)
 from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.fit import Example, FitOptions, FitResult, fit
 from convcrf_cli.imageio import read_image, read_label_image
 from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS
-from convcrf_cli.unary import UNARY_TYPES, read_unary
+from convcrf_cli.unary import read_unary
 
 LABEL_GLOBS = ("*.png", "*.tif", "*.tiff", "*.bmp")
 
@@ -66,25 +73,14 @@ _FIT_DEFAULTS = FitOptions()
 )
 @click.option("--batch-size", type=int, default=_FIT_DEFAULTS.batch_size, show_default=True)
 @click.option(
-    "--unary-type",
-    type=click.Choice(UNARY_TYPES),
-    default="auto",
-    show_default=True,
-    help="How to read the unaries: probabilities, logits, energies (-log p) or auto-detect.",
-)
-@click.option(
     "--ignore-label",
     type=int,
     default=_FIT_DEFAULTS.ignore_label,
     show_default=True,
     help="Label value left out of the loss and the mean IoU.",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto, cpu, cuda or cuda:N (training runs in PyTorch on that device).",
-)
+@unary_type_option
+@device_option("auto, cpu, cuda or cuda:N (training runs in PyTorch on that device).")
 @click.option("-v", "--verbose", is_flag=True, help="Report the pairing, split and result.")
 @crf_options
 @reports_errors

@@ -8,20 +8,20 @@ from pathlib import Path
 import click
 
 from convcrf_cli.backends import select_backend
-from convcrf_cli.commands.common import crf_options, echo_err, params_from_options, reports_errors
-from convcrf_cli.errors import BadInputError
-from convcrf_cli.outputs import PROBS_DTYPES, STDOUT, OutputSpec
-from convcrf_cli.pipeline import ItemResult, UnaryOptions, describe_backend, refine_item
-from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS, UNARY_TYPES
-
-_UNARY_TYPE_HELP = (
-    "What the UNARY array holds. prob: probabilities, converted with log(max(p, "
-    f"{PROB_EPS:g})); logit: class scores, used as they are; energy: pydensecrf energies "
-    "-log p, converted to -E; auto: prob when every value lies in [0, 1] and each pixel's "
-    f"values sum to 1 within {AUTO_TOLERANCE:g} (one channel: values in [0, 1]), logit "
-    "otherwise (energies are never guessed). A single channel is a foreground score: "
-    "two classes, background and foreground."
+from convcrf_cli.commands.common import (
+    DEVICE_HELP,
+    crf_options,
+    device_option,
+    echo_err,
+    output_format_options,
+    params_from_options,
+    reports_errors,
+    unary_options,
+    unary_options_from,
 )
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.outputs import STDOUT, OutputSpec
+from convcrf_cli.pipeline import ItemResult, describe_backend, refine_item
 
 
 @click.command("refine")
@@ -40,76 +40,14 @@ _UNARY_TYPE_HELP = (
     help="Also write the label colours blended over the image (.png, .jpg, ...).",
 )
 @click.option(
-    "--alpha",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.5,
-    show_default=True,
-    help="Opacity of the label colours in the overlay.",
-)
-@click.option(
     "--probs",
     default=None,
     help="Also write refined probabilities (.npy) in the layout of UNARY (CHW or HWC; "
     "CHW for a label image).",
 )
-@click.option(
-    "--probs-dtype",
-    type=click.Choice(PROBS_DTYPES),
-    default="float32",
-    show_default=True,
-    help="Data type of --probs.",
-)
-@click.option(
-    "--unary-type",
-    type=click.Choice(UNARY_TYPES),
-    default="auto",
-    show_default=True,
-    help=_UNARY_TYPE_HELP,
-)
-@click.option(
-    "--layout",
-    type=click.Choice(("auto", "CHW", "HWC"), case_sensitive=False),
-    default="auto",
-    show_default=True,
-    help="Axis order of UNARY; auto matches its shape to the image size (needed only when "
-    "both fit: a square image with C = H = W).",
-)
-@click.option(
-    "--label-confidence",
-    type=float,
-    default=DEFAULT_LABEL_CONFIDENCE,
-    show_default=True,
-    help="For a label-image UNARY: probability of each pixel's label; the rest is spread "
-    "evenly over the other classes (as pydensecrf's unary_from_labels).",
-)
-@click.option(
-    "--ignore-label",
-    type=int,
-    default=None,
-    help="For a label-image UNARY: label of unsure pixels (e.g. 255), given a uniform "
-    "distribution over the classes.",
-)
-@click.option(
-    "--num-classes",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Number of classes: for a label image (default: largest label + 1); for an array, "
-    "checked against its class axis.",
-)
-@click.option(
-    "--exif-orientation",
-    type=click.Choice(("apply", "ignore")),
-    default="apply",
-    show_default=True,
-    help="Use IMAGE in its EXIF orientation (as viewers and cv2.imread show it) or as stored. "
-    "UNARY must be in the same orientation.",
-)
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA if usable, else the CPU), cpu, cuda or cuda:N.",
-)
+@output_format_options
+@unary_options
+@device_option(DEVICE_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Report device, input details and timing.")
 @crf_options
 @reports_errors
@@ -118,18 +56,10 @@ def refine_command(
     unary_source: str,
     output: str,
     overlay: str | None,
-    alpha: float,
     probs: str | None,
-    probs_dtype: str,
-    unary_type: str,
-    layout: str,
-    label_confidence: float,
-    ignore_label: int | None,
-    num_classes: int | None,
-    exif_orientation: str,
     device: str,
     verbose: bool,
-    **crf: object,
+    **options: object,
 ) -> None:
     """Refine the segmentation UNARY of IMAGE with a ConvCRF; write the labels to -o OUTPUT.
 
@@ -143,7 +73,8 @@ def refine_command(
     """
     if output == STDOUT and sys.stdout.isatty():
         raise BadInputError(None, "-o - writes a PNG to stdout, which is a terminal; redirect it")
-    params = params_from_options(crf)
+    params = params_from_options(options)
+    unary = unary_options_from(options)
     backend = select_backend(device)
     if verbose:
         fallback = getattr(backend, "fallback_reason", None)
@@ -155,18 +86,10 @@ def refine_command(
         labels=output,
         overlay=overlay,
         probs=probs,
-        probs_dtype=probs_dtype,
-        alpha=alpha,
+        probs_dtype=options.pop("probs_dtype"),
+        alpha=options.pop("alpha"),
     )
-    options = UnaryOptions(
-        unary_type=unary_type,
-        layout="auto" if layout.lower() == "auto" else layout.upper(),
-        label_confidence=label_confidence,
-        ignore_label=ignore_label,
-        num_classes=num_classes,
-        apply_exif=exif_orientation == "apply",
-    )
-    result = refine_item(image, unary_source, spec, params, backend, options)
+    result = refine_item(image, unary_source, spec, params, backend, unary)
     for warning in result.warnings:
         echo_err(f"convcrf: warning: {warning}")
     if verbose:
