@@ -120,7 +120,8 @@ def read_manifest(source: str) -> list[Pair]:
 
     Relative image and unary paths are taken relative to the manifest's directory (the working
     directory for stdin); ``output`` is relative to the batch output directory. Keys are the
-    output paths without suffix, or the image paths without suffix.
+    output paths without suffix, else the image paths without suffix (just the stem for an
+    absolute image path or one with ``..``).
     """
     text = sys.stdin.read() if source == "-" else _read_text(Path(source))
     base = Path(".") if source == "-" else Path(source).parent
@@ -132,9 +133,21 @@ def read_manifest(source: str) -> list[Pair]:
         if missing:
             raise BadInputError(source, f"entry {number}: missing {' and '.join(missing)}")
         output = Path(row["output"]) if row.get("output") else None
-        key = (Path(row["output"]) if row.get("output") else Path(row["image"])).with_suffix("")
-        pairs.append(Pair(key.as_posix(), base / row["image"], base / row["unary"], output))
+        if output is not None and not _inside(output):
+            raise BadInputError(
+                source, f"entry {number}: output {output} must be a relative path without '..'"
+            )
+        image = Path(row["image"])
+        key = output or (image if _inside(image) else Path(image.name))
+        pairs.append(
+            Pair(key.with_suffix("").as_posix(), base / image, base / row["unary"], output)
+        )
     return pairs
+
+
+def _inside(path: Path) -> bool:
+    """Whether ``path`` stays inside the directory it is relative to."""
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _read_text(path: Path) -> str:
@@ -195,9 +208,11 @@ def plan_outputs(
     overlay_dir: Path | None = None,
     probs_dir: Path | None = None,
 ) -> list[BatchItem]:
-    """Decide every output path (relative paths kept) and reject collisions before any work."""
+    """Decide every output path (relative paths kept) and reject collisions before any work:
+    two inputs writing one file, or an output that would overwrite an input."""
     items = []
     owner: dict[Path, str] = {}
+    inputs = {path.resolve() for pair in pairs for path in (pair.image, pair.unary)}
     for pair in pairs:
         output = out_dir / (pair.output or f"{pair.key}{out_suffix}")
         item = BatchItem(
@@ -210,6 +225,8 @@ def plan_outputs(
         )
         for path in item.outputs():
             resolved = path.resolve()
+            if resolved in inputs:
+                raise BadInputError(path, "output would overwrite an input file")
             if resolved in owner:
                 raise BadInputError(
                     path, f"two inputs write here: {owner[resolved]} and {pair.image}"

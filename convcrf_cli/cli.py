@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from convcrf_cli import __version__
+from convcrf_cli.commands.batch_cmd import batch_command
 from convcrf_cli.commands.fit_cmd import fit_command
 from convcrf_cli.commands.info_cmd import info_command
 from convcrf_cli.commands.params_cmd import params_command
@@ -21,5 +22,6 @@ def main() -> None:
 main.add_command(params_command)
 main.add_command(info_command)
 main.add_command(refine_command)
+main.add_command(batch_command)
 main.add_command(synth_command)
 main.add_command(fit_command)

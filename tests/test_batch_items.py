@@ -114,3 +114,10 @@ def test_image_list_pairs_by_stem(tmp_path):
     assert [(p.key, p.unary.name) for p in pairing.pairs] == [("a", "a.npy")]
     assert pairing.unpaired_images == [Path("y/c.jpg")]
     assert [p.name for p in pairing.unpaired_unaries] == ["b.npy"]
+
+
+def test_plan_outputs_refuses_to_overwrite_an_input(tmp_path):
+    pairs = [bi.Pair("a", tmp_path / "a.png", tmp_path / "u/a.npy")]
+    with pytest.raises(BadInputError, match="overwrite an input"):
+        bi.plan_outputs(pairs, tmp_path, ".png")
+    assert bi.plan_outputs(pairs, tmp_path, ".npy")[0].output == tmp_path / "a.npy"

@@ -1,0 +1,260 @@
+"""``convcrf batch`` and shell pipelines through real processes: pairing, manifests, lists on
+stdin, bad items in the middle, fail-fast, interrupt and resume, sharding, collisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from convcrf_cli.cli import main
+
+CONVCRF = [sys.executable, "-m", "convcrf_cli"]
+
+
+def _item(root: Path, key: str, size: tuple[int, int] = (24, 32), seed: int = 0) -> None:
+    """Write ``root/img/KEY.png`` (two-region RGB) and ``root/un/KEY.npy`` ``[3,H,W]`` probs."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    truth = np.zeros((height, width), int)
+    truth[:, width // 2 :] = 1
+    truth[height // 2 :, : width // 3] = 2
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+    image = np.clip(colours[truth] + rng.normal(0, 10, (height, width, 3)), 0, 255)
+    scores = np.eye(3)[truth].transpose(2, 0, 1) * 2.0 + rng.normal(0, 1.2, (3, height, width))
+    probs = np.exp(scores - scores.max(axis=0))
+    for folder in ("img", "un"):
+        (root / folder / key).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.astype(np.uint8)).save(root / "img" / f"{key}.png")
+    np.save(root / "un" / f"{key}.npy", (probs / probs.sum(axis=0)).astype(np.float32))
+
+
+def _dataset(root: Path, keys: list[str], **kwargs) -> Path:
+    for seed, key in enumerate(keys):
+        _item(root, key, seed=seed, **kwargs)
+    return root
+
+
+def _batch(*args: object, stdin: bytes | None = None, timeout: float = 180):
+    return subprocess.run(
+        [*CONVCRF, "batch", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def _report(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _single(root: Path, key: str, output: Path) -> np.ndarray:
+    """The labels of ``convcrf refine`` on one item."""
+    result = CliRunner().invoke(
+        main, ["refine", str(root / "img" / f"{key}.png"), str(root / "un" / f"{key}.npy"),
+               "-o", str(output)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return np.asarray(Image.open(output))
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+
+
+def test_pairs_by_relative_path_lists_unpaired_and_equals_single_mode(tmp_path):
+    root = _dataset(tmp_path, ["a", "city/b", "city/c"])
+    Image.new("RGB", (8, 8)).save(root / "img" / "lonely.png")
+    np.save(root / "un" / "orphan.npy", np.zeros((3, 8, 8), np.float32))
+    done = _batch(
+        root / "img", root / "un", "-o", root / "out", "--overlay-dir", root / "ov",
+        "--probs-dir", root / "pr", "--report", root / "r.jsonl",
+    )  # fmt: skip
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert done.stdout == b""
+    assert _files(root / "out") == ["a.png", "city/b.png", "city/c.png"]
+    assert _files(root / "ov") == ["a.png", "city/b.png", "city/c.png"]
+    assert _files(root / "pr") == ["a.npy", "city/b.npy", "city/c.npy"]
+    assert "1 file(s) without unary: " in stderr and "lonely.png" in stderr
+    assert "1 file(s) without image: " in stderr and "orphan.npy" in stderr
+    assert "3 done, 0 skipped, 0 failed" in stderr
+    for key in ("a", "city/b"):
+        single = _single(root, key, tmp_path / "single.png")
+        np.testing.assert_array_equal(np.asarray(Image.open(root / "out" / f"{key}.png")), single)
+    records = _report(root / "r.jsonl")
+    statuses = sorted((r.get("key", r.get("image", r.get("unary"))), r["status"]) for r in records)
+    assert [s for _, s in statuses].count("done") == 3
+    assert [s for _, s in statuses].count("unpaired") == 2
+    first = next(r for r in records if r.get("key") == "a")
+    assert sum(first["histogram_after"]) == 24 * 32 == sum(first["histogram_before"])
+    assert 0.0 <= first["changed_fraction"] <= 1.0 and first["seconds"] > 0
+
+
+def test_manifest_csv_and_jsonl_with_outputs(tmp_path):
+    root = _dataset(tmp_path, ["x", "y"])
+    (root / "m.csv").write_text("image,unary,output\nimg/x.png,un/x.npy,first/one.png\n"
+                                "img/y.png,un/y.npy,second.png\n")  # fmt: skip
+    done = _batch("--manifest", root / "m.csv", "-o", root / "out")
+    assert done.returncode == 0, done.stderr.decode()
+    assert _files(root / "out") == ["first/one.png", "second.png"]
+    lines = [json.dumps({"image": str(root / "img/y.png"), "unary": str(root / "un/y.npy")})]
+    done = _batch("--manifest", "-", "-o", root / "out2", "--out-format", "npy",
+                  stdin="\n".join(lines).encode())  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert _files(root / "out2") == ["y.npy"]  # absolute image path: keyed by its name
+    labels = np.load(root / "out2" / "y.npy")
+    np.testing.assert_array_equal(labels, np.asarray(Image.open(root / "out/second.png")))
+
+
+def test_collisions_are_refused_before_any_work(tmp_path):
+    root = _dataset(tmp_path, ["x", "y"])
+    (root / "m.csv").write_text("image,unary,output\nimg/x.png,un/x.npy,same.png\n"
+                                "img/y.png,un/y.npy,same.png\n")  # fmt: skip
+    done = _batch("--manifest", root / "m.csv", "-o", root / "out")
+    assert done.returncode == 2
+    assert "same.png: two inputs write here" in done.stderr.decode()
+    assert not (root / "out").exists()
+    (root / "up.csv").write_text("image,unary,output\nimg/x.png,un/x.npy,../x.png\n")
+    escape = _batch("--manifest", root / "up.csv", "-o", root / "out")
+    assert escape.returncode == 2 and "without '..'" in escape.stderr.decode()
+    overwrite = _batch(root / "img", root / "un", "-o", root / "img")
+    assert overwrite.returncode == 2 and "overwrite an input" in overwrite.stderr.decode()
+
+
+def test_bad_items_in_the_middle_are_reported_and_the_batch_goes_on(tmp_path):
+    root = _dataset(tmp_path, ["a", "b", "c", "d", "e"])
+    (root / "img" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    nan = np.load(root / "un" / "d.npy")
+    nan[1, 2, 3] = np.nan
+    np.save(root / "un" / "d.npy", nan)
+    done = _batch(root / "img", root / "un", "-o", root / "out", "--report", root / "r.jsonl",
+                  "--jobs", "2")  # fmt: skip
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert _files(root / "out") == ["a.png", "c.png", "e.png"]
+    assert f"{root / 'img' / 'b.png'}: " in stderr and "NaN" in stderr
+    assert "3 done, 0 skipped, 2 failed" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("convcrf: error: 2 of 5 items failed: ")
+    failed = {r["key"]: r["error"] for r in _report(root / "r.jsonl") if r["status"] == "failed"}
+    assert set(failed) == {"b", "d"}
+    assert "d.npy" in failed["d"] and "NaN" in failed["d"]
+
+    fast = _batch(root / "img", root / "un", "-o", root / "fast", "--fail-fast", "--jobs", "1")
+    assert fast.returncode == 1
+    assert "not run" in fast.stderr.decode()
+    assert "c.png" not in _files(root / "fast") and "e.png" not in _files(root / "fast")
+
+
+def test_from_list_on_stdin_and_report_on_stdout(tmp_path):
+    root = _dataset(tmp_path, ["p", "q", "r"])
+    listing = "\n".join(str(root / "img" / f"{k}.png") for k in ("p", "r")) + "\n"
+    done = _batch("--from-list", "-", root / "un", "-o", root / "out", "--report", "-",
+                  stdin=listing.encode())  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert _files(root / "out") == ["p.png", "r.png"]
+    records = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert sorted(r["key"] for r in records) == ["p", "r"]
+    assert all(r["status"] == "done" for r in records)
+    assert "1 file(s) without image: " in done.stderr.decode()  # q.npy was not listed
+
+
+def test_shards_cover_every_item_exactly_once(tmp_path):
+    keys = [f"k{i:02d}" for i in range(12)]
+    root = _dataset(tmp_path, keys, size=(12, 12))
+    seen: list[str] = []
+    for index in range(3):
+        done = _batch(root / "img", root / "un", "-o", root / "out", "--shard", f"{index}/3",
+                      "--report", "-")  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        seen += [json.loads(line)["key"] for line in done.stdout.decode().splitlines()]
+    assert sorted(seen) == keys
+    assert _files(root / "out") == [f"{k}.png" for k in keys]
+    bad = _batch(root / "img", root / "un", "-o", root / "out", "--shard", "3/3")
+    assert bad.returncode == 2 and "--shard 3/3" in bad.stderr.decode()
+
+
+def test_batched_calls_give_the_same_labels(tmp_path):
+    root = _dataset(tmp_path, ["a", "b", "c"])
+    _item(root, "d", size=(20, 28), seed=7)
+    one = _batch(root / "img", root / "un", "-o", root / "one", "--batch-size", "1")
+    three = _batch(root / "img", root / "un", "-o", root / "three", "--batch-size", "3")
+    assert one.returncode == 0 and three.returncode == 0, three.stderr.decode()
+    for name in _files(root / "one"):
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(root / "one" / name)),
+            np.asarray(Image.open(root / "three" / name)),
+        )
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, signum, status):
+    keys = [f"i{n:02d}" for n in range(16)]
+    root = _dataset(tmp_path, keys, size=(160, 160))
+    slow = ["--blur", "1", "-k", "11", "-n", "8", "--jobs", "1"]
+    process = subprocess.Popen(
+        [*CONVCRF, "batch", root / "img", root / "un", "-o", root / "out", *slow],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while len(list((root / "out").glob("*.png"))) < 2 and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == status, stderr.decode()
+    assert b"not run" in stderr
+    written = _files(root / "out")
+    assert 2 <= len(written) < len(keys)
+    assert all(name.endswith(".png") and not name.startswith(".") for name in written)
+    for name in written:
+        Image.open(root / "out" / name).load()  # complete files only
+
+    resumed = _batch(root / "img", root / "un", "-o", root / "out", *slow, "--skip-existing")
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert f"{len(keys) - len(written)} done, {len(written)} skipped, 0 failed" in (
+        resumed.stderr.decode()
+    )
+    assert _files(root / "out") == [f"{k}.png" for k in keys]
+
+
+def test_shell_pipelines_segmenter_to_refine_to_consumer_and_find_to_batch(tmp_path):
+    root = _dataset(tmp_path, ["a", "b"])
+    segmenter = tmp_path / "segmenter.py"
+    segmenter.write_text(textwrap.dedent(f"""
+        import sys, numpy as np
+        sys.stdout.buffer.write(open({str(root / "un" / "a.npy")!r}, "rb").read())
+    """))  # fmt: skip
+    consumer = (
+        "import sys, io; from PIL import Image; "
+        "print(Image.open(io.BytesIO(sys.stdin.buffer.read())).size)"
+    )
+    python = sys.executable
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    pipeline = (
+        f"set -o pipefail; {python} {segmenter} | {python} -m convcrf_cli refine "
+        f"{root / 'img' / 'a.png'} - -o - | {python} -c '{consumer}'"
+    )
+    done = subprocess.run(["bash", "-c", pipeline], capture_output=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == "(32, 24)"
+    listing = (
+        f"find {root / 'img'} -name '*.png' | {python} -m convcrf_cli batch --from-list - "
+        f"{root / 'un'} -o {root / 'out'} --quiet"
+    )
+    done = subprocess.run(["bash", "-c", listing], capture_output=True, timeout=180, env=env)
+    assert done.returncode == 0 and done.stderr == b"", done.stderr.decode()
+    assert _files(root / "out") == ["a.png", "b.png"]
+    single = _single(root, "b", tmp_path / "single.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(root / "out" / "b.png")), single)
