@@ -25,6 +25,10 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_cpu.py
+	$(PY) bench/bench_batch.py
+	@if PYTHONSAFEPATH=1 $(PY) -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" \
+		2>/dev/null; then PYTHONSAFEPATH=1 $(PY) bench/bench_gpu.py; \
+	else echo "bench/bench_gpu.py skipped: CuPy or a CUDA device is missing"; fi
 
 lint: install
 	$(PY) -m ruff check convcrf_cli tests bench

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,8 @@ from convcrf_cli.pipeline import (
 )
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+DEFAULT_JOBS = max(2, min(8, os.cpu_count() or 1))
+"""I/O workers by default: the core count, at least 2 and at most 8."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +49,7 @@ class BatchSettings:
     memory_limit: bytes one CRF call may use (default: the memory available).
     """
 
-    jobs: int = 2
+    jobs: int = DEFAULT_JOBS
     batch_size: int = 1
     skip_existing: bool = False
     fail_fast: bool = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -19,6 +18,7 @@ from convcrf_cli.atomic import atomic_write_bytes
 from convcrf_cli.backends import select_backend
 from convcrf_cli.batch_items import BatchItem, Pairing
 from convcrf_cli.batch_runner import (
+    DEFAULT_JOBS,
     DONE,
     FAILED,
     SKIPPED,
@@ -43,7 +43,6 @@ from convcrf_cli.errors import BadInputError
 from convcrf_cli.outputs import OutputSpec
 from convcrf_cli.pipeline import describe_backend
 
-DEFAULT_JOBS = max(2, min(8, os.cpu_count() or 1))
 GPU_BATCH_SIZE = 8
 UNPAIRED_SHOWN = 10
 
