@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 INIT_CHOICES = ("softmax", "log")
 
@@ -121,23 +124,29 @@ class CRFParams:
     @classmethod
     def load(cls, path: str | Path) -> CRFParams:
         """Read parameters from a JSON file; errors name the file."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
-        except json.JSONDecodeError as exc:
-            raise ParamsError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
-        try:
-            return cls.from_dict(data)
-        except (ParamsError, TypeError) as exc:
-            raise ParamsError(f"{path}: {exc}") from exc
+        return read_params_json(path, cls.from_dict)
 
     def save(self, path: str | Path) -> None:
         """Write parameters as JSON (atomically: temporary file, then rename)."""
         from convcrf_cli.atomic import atomic_write_bytes
 
         atomic_write_bytes(Path(path), self.to_json().encode())
+
+
+def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
+    """Read the JSON object in ``path`` and ``build`` something from it; every fault (an
+    unreadable file, invalid JSON, a rejected value) is a :class:`ParamsError` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ParamsError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+    try:
+        return build(data)
+    except (ParamsError, TypeError) as exc:
+        raise ParamsError(f"{path}: {exc}") from exc
 
 
 def _is_real(value: Any) -> bool:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from convcrf_cli import meanfield
-from convcrf_cli.params import TRANSFORM_KEYS, CRFParams, ParamsError
+from convcrf_cli.params import TRANSFORM_KEYS, CRFParams, ParamsError, read_params_json
 
 LEARNABLE_GROUPS = ("compat", "scales", "weight", "C", "T")
 """Names of the parameter groups that :class:`ConvCRF` can learn."""
@@ -256,17 +256,9 @@ class ConvCRF(nn.Module):
         num_features: int = 3,
     ) -> ConvCRF:
         """Read a file written by :meth:`save` (or any CRFParams JSON); errors name the file."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as exc:
-            raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
-        except json.JSONDecodeError as exc:
-            raise ParamsError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
-        try:
-            return cls.from_dict(data, num_classes, learn, num_features=num_features)
-        except (ParamsError, TypeError) as exc:
-            raise ParamsError(f"{path}: {exc}") from exc
+        return read_params_json(
+            path, lambda data: cls.from_dict(data, num_classes, learn, num_features=num_features)
+        )
 
 
 def _shortest(value: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import torch
 
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.imageio import read_label_image
@@ -401,7 +402,7 @@ def _to_logits(chw: np.ndarray, kind: str, name: str) -> np.ndarray:
             )
         if values.shape[0] == 1:
             values = np.concatenate([1.0 - values, values])
-        return np.log(np.maximum(values, PROB_EPS))
+        return torch.from_numpy(values).clamp_(min=PROB_EPS).log_().numpy()  # a copy: in place
     if kind == "energy":
         if values.shape[0] == 1:
             raise BadInputError(name, "energies need one channel per class; got a single channel")

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -24,13 +23,7 @@ POOR_START = CRFParams(filter_size=7, blur=4, pos_sdims=3.0 * 4, col_schan=13.0 
 """Feature scales four times the defaults (too wide); a fixed, cheap window for speed."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Training crops here are tiny: torch's thread pool only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _examples(count, size, seed=0):
@@ -121,7 +114,7 @@ def test_fit_options_are_validated(changes, message):
 
 def _subprocess(*args, cwd):
     command = [sys.executable, "-m", "convcrf_cli", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_torch_thread fixture
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
 
 

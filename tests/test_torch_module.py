@@ -13,14 +13,7 @@ from torch.func import functional_call
 from convcrf_cli import CRFParams, ParamsError, refine
 from convcrf_cli.torch import LEARNABLE_GROUPS, ConvCRF, parse_learn
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: torch's thread pool only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(seed, height, width, features, classes):
