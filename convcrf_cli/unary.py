@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import torch
 
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.imageio import read_label_image
@@ -402,7 +401,8 @@ def _to_logits(chw: np.ndarray, kind: str, name: str) -> np.ndarray:
             )
         if values.shape[0] == 1:
             values = np.concatenate([1.0 - values, values])
-        return torch.from_numpy(values).clamp_(min=PROB_EPS).log_().numpy()  # a copy: in place
+        np.maximum(values, PROB_EPS, out=values)  # values is a copy: work in place
+        return np.log(values, out=values)
     if kind == "energy":
         if values.shape[0] == 1:
             raise BadInputError(name, "energies need one channel per class; got a single channel")

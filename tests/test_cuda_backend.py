@@ -28,10 +28,11 @@ def test_class_block_fills_shared_memory_and_balances_chunks():
     small = cuda.LaunchConfig(shared_memory=48 * 1024)  # 25 channels fit -> 20 classes
     assert cuda.class_block_for(21, 3, 7, small) == 11  # 21 classes in 2 chunks of 11 and 10
     large = cuda.LaunchConfig(shared_memory=64 * 1024)  # 33 channels -> 28 classes
-    assert cuda.class_block_for(21, 3, 7, large) == 21
+    assert cuda.class_block_for(21, 3, 7, large) == 11  # capped at 16 per chunk
     assert cuda.class_block_for(2, 3, 7, small) == 2
-    assert cuda.class_block_for(256, 3, 3, large) == 32  # capped by registers
-    assert cuda.class_block_for(100, 3, 3, large) == 25  # 4 chunks of 25
+    assert cuda.class_block_for(16, 3, 7, large) == 16
+    assert cuda.class_block_for(256, 3, 3, large) == 16
+    assert cuda.class_block_for(100, 3, 3, large) == 15  # 7 chunks of 15 (the last 10)
 
 
 def test_filter_too_large_for_shared_memory_is_a_device_error():
@@ -57,10 +58,10 @@ def test_plan_geometry_at_pascal_size():
     assert plan.class_block == 11 and plan.num_chunks == 2
     assert plan.message_grid == (8, 6, 4)
     assert plan.message_shared == 4 * (2 + 3 + 11) * 22 * 22
-    assert plan.pool_tile == (8, 8)  # a 32x32-pixel box
-    assert plan.pool_grid == (16, 12, 2)
-    assert plan.chunk_classes == 10  # 48 KiB / 4 KiB per class - 2 statistics
-    assert plan.pool_shared == 4 * 12 * 1024
+    assert plan.pool_tile == (2, 8)  # an 8x32-pixel box
+    assert plan.pool_grid == (16, 47, 2)
+    assert plan.chunk_classes == 21  # all: 48 KiB / 1 KiB per class - 2 statistics = 46
+    assert plan.pool_shared == 4 * 23 * 256
     assert plan.pixel_grid == (16, 47, 2)
 
 
