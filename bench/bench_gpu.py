@@ -2,8 +2,8 @@
 
 5-iteration inference on device-resident inputs, timed with CUDA events: warm-up, then the
 median of many runs. "ours" is the backend as `refine` calls it (CuPy arrays in, a new scores
-array out; small inputs replay a captured CUDA graph); "launches" issues the same kernels one by
-one (`run_plan`), which at small sizes measures the host's launch rate as much as the GPU.
+array out, the plan made on every call); "launches" issues the kernels alone (`run_plan`, the
+plan made once). At 500×375 both measure the host's launch rate as much as the GPU.
 Compared with a PyTorch im2col ConvCRF (the original implementation's method: materialise the
 C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth floor: the bytes any
 implementation must move over the measured device-copy bandwidth.

@@ -391,51 +391,6 @@ class _CuPyLauncher:
         kernel(grid, block, args, shared_mem=shared_mem)
 
 
-GRAPH_MAX_BYTES = 64 * 2**20
-"""Logits up to this size run as a captured CUDA graph: one launch instead of 2 + 2·iterations,
-which matters where launching costs more than computing (500×375, 21 classes: 15.8 MB)."""
-GRAPH_CACHE_SIZE = 4
-"""Captured graphs kept per backend (each holds its own input, output and work buffers)."""
-
-
-class _GraphRun:
-    """The kernels of one plan captured as a CUDA graph over static buffers.
-
-    :meth:`run` copies the inputs into the static buffers, replays the graph and returns a
-    copy of the scores, all on the current stream.
-    """
-
-    def __init__(self, cupy, plan: MeanFieldPlan, module) -> None:
-        self.cupy = cupy
-        n, c, f = plan.batch, plan.classes, plan.features
-        self.image = cupy.zeros((n, f, plan.height, plan.width), dtype=cupy.float32)
-        self.logits = cupy.zeros((n, c, plan.height, plan.width), dtype=cupy.float32)
-        self.scores = cupy.empty_like(self.logits)
-        self.work: list = []
-
-        def allocate(shape, dtype):  # work buffers live as long as the graph
-            self.work.append(cupy.empty(shape, dtype=dtype))
-            return self.work[-1]
-
-        launch = _CuPyLauncher(module)
-        stream = cupy.cuda.Stream(non_blocking=True)
-        cupy.cuda.get_current_stream().synchronize()
-        with stream:
-            run_plan(plan, self.image, self.logits, self.scores, launch, allocate)  # loads
-            stream.synchronize()
-            buffers = iter(self.work)
-            stream.begin_capture()
-            run_plan(plan, self.image, self.logits, self.scores, launch, lambda *_: next(buffers))
-            self.graph = stream.end_capture()
-
-    def run(self, image, logits):
-        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 on the device -> new scores."""
-        self.cupy.copyto(self.image, image)
-        self.cupy.copyto(self.logits, logits)
-        self.graph.launch(self.cupy.cuda.get_current_stream())
-        return self.scores.copy()
-
-
 def array_kind(array: Any) -> str:
     """The kind of array the result is returned as: numpy, cupy, torch-cuda or torch-cpu."""
     module = type(array).__module__.split(".")[0]
@@ -456,7 +411,6 @@ class CUDABackend:
     def __init__(self, index: int = 0) -> None:
         self.index = index
         self.cupy = _import_cupy()
-        self._graphs: dict[tuple, _GraphRun] = {}
 
     def describe(self) -> str:
         props = self.cupy.cuda.runtime.getDeviceProperties(self.index)
@@ -482,21 +436,9 @@ class CUDABackend:
                     image_d.shape, logits_d.shape, params, self.launch_config()
                 )
                 module = _compiled_module(self.index, plan.class_block)
-                if logits_d.nbytes <= GRAPH_MAX_BYTES:
-                    scores = self._graph(plan, module).run(image_d, logits_d)
-                else:
-                    scores = cupy.empty(logits_d.shape, dtype=cupy.float32)
-                    run_plan(plan, image_d, logits_d, scores, _CuPyLauncher(module), cupy.empty)
+                scores = cupy.empty(logits_d.shape, dtype=cupy.float32)
+                run_plan(plan, image_d, logits_d, scores, _CuPyLauncher(module), cupy.empty)
         return self._like(scores, kind)
-
-    def _graph(self, plan: MeanFieldPlan, module) -> _GraphRun:
-        """The captured run of ``plan`` on the current stream (the last few are kept)."""
-        key = (plan, self.cupy.cuda.get_current_stream().ptr)
-        graph = self._graphs.pop(key, None) or _GraphRun(self.cupy, plan, module)
-        self._graphs[key] = graph  # most recently used last
-        while len(self._graphs) > GRAPH_CACHE_SIZE:
-            del self._graphs[next(iter(self._graphs))]
-        return graph
 
     def _stream(self, kind: str):
         """Torch's current stream for torch CUDA inputs (ordered after the work that made
