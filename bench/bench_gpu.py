@@ -36,18 +36,20 @@ CASES = [
 FEATURES = 3
 
 
-def time_gpu_ms(fn, repeats: int, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn()`` between CUDA events on the current stream."""
+def time_gpu_ms(fn, repeats: int, warmup: int = 5, inner: int = 1) -> float:
+    """Median milliseconds of ``fn()`` between CUDA events on the current stream (each sample
+    times ``inner`` back-to-back calls and divides)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / inner)
     return statistics.median(times)
 
 

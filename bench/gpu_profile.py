@@ -16,27 +16,13 @@ import time
 
 import cupy
 import numpy as np
+from bench_gpu import time_gpu_ms
 
 from convcrf_cli.backends import cuda
 from convcrf_cli.params import CRFParams
 
 CASES = [("500x375 blur 4 k=7", 375, 500, 4, 7), ("2048x2048 blur 1 k=7", 2048, 2048, 1, 7)]
 CLASSES, FEATURES = 21, 3
-
-
-def median_ms(fn, repeats: int = 30, warmup: int = 3, inner: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        for _ in range(inner):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / inner)
-    return statistics.median(times)
 
 
 class RecordingLauncher:
@@ -60,7 +46,7 @@ def graph_ms(run) -> float:
         stream.begin_capture()
         run()
         graph = stream.end_capture()
-        return median_ms(lambda: graph.launch(stream), inner=10)
+        return time_gpu_ms(lambda: graph.launch(stream), 30, 3, 10)
 
 
 def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
@@ -94,7 +80,7 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
         seen[name] = seen.get(name, 0) + 1
     for name, count in seen.items():
         call = next(c for c in launcher.calls if c[0] == name)
-        ms = median_ms(lambda call=call: launcher.launch(*call), inner=20)
+        ms = time_gpu_ms(lambda call=call: launcher.launch(*call), 30, 3, 20)
         print(f"| {name} | {count} | {ms:.4f} |")
     host = []
     for _ in range(30):
@@ -104,7 +90,7 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
         host.append(1000 * (time.perf_counter() - start))
     print(
         f"\nhost time to issue one inference: {statistics.median(host):.3f} ms; "
-        f"event-timed inference {median_ms(run):.3f} ms; CUDA graph replay "
+        f"event-timed inference {time_gpu_ms(run, 30, 3):.3f} ms; CUDA graph replay "
         f"{graph_ms(run):.3f} ms"
     )
 

@@ -14,7 +14,8 @@ import dataclasses
 
 import cupy
 import numpy as np
-from gpu_profile import RecordingLauncher, median_ms
+from bench_gpu import time_gpu_ms
+from gpu_profile import RecordingLauncher
 
 from convcrf_cli.backends import cuda
 from convcrf_cli.params import CRFParams
@@ -35,7 +36,7 @@ def kernel_times(image, logits, params, config, class_block=None) -> dict[str, f
     times = {}
     for call in launcher.calls:
         if call[0] not in times:
-            times[call[0]] = median_ms(lambda call=call: launcher.launch(*call), 15, 2, 20)
+            times[call[0]] = time_gpu_ms(lambda call=call: launcher.launch(*call), 15, 2, 20)
     return times
 
 
