@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a session with a GPU runs, in one call: install the package (a real, non-editable
 # install, so the .cu sources must come from package data), print the environment, run
-# `pytest -m gpu`, compute-sanitizer (memcheck, racecheck, synccheck) on small runs, and the
-# benchmark. Logs go to $OUT when set (the device tool), else to bench/gpu_logs/.
+# `pytest -m gpu`, compute-sanitizer (memcheck, racecheck, synccheck) on small runs, a batch on the
+# GPU against the CPU, and the benchmark. Logs go to $OUT when set (the device tool), else to bench/gpu_logs/.
 # Usage: bash bench/gpu_check.sh      (PYTHON=... to choose the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +58,25 @@ if command -v compute-sanitizer >/dev/null; then
 else
     echo "compute-sanitizer not found: skipped" | tee "$LOG/sanitizer.log"
 fi
+
+echo "== batch on the GPU (same-sized images share a launch) against the CPU"
+DATA="$(mktemp -d)"
+"$PY" -m convcrf_cli synth "$DATA" --count 24 --size 375x500 >/dev/null
+for device in cuda cpu; do
+    "$PY" -m convcrf_cli batch "$DATA/images" "$DATA/unaries" -o "$DATA/out_$device" \
+        --device "$device" --out-format npy -v --report "$DATA/$device.jsonl" 2>&1 | tail -n 2
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+done
+"$PY" - "$DATA" <<'COMPARE' 2>&1 | tee "$LOG/batch_gpu.log"
+import sys, pathlib, numpy as np
+root = pathlib.Path(sys.argv[1])
+names = sorted(p.name for p in (root / "out_cuda").glob("*.npy"))
+differing = [float((np.load(root / "out_cuda" / n) != np.load(root / "out_cpu" / n)).mean())
+             for n in names]
+print(f"{len(names)} label maps; largest share of pixels whose label differs: {max(differing):.2e}")
+sys.exit(0 if len(names) == 24 and max(differing) < 1e-3 else 1)
+COMPARE
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark"
 "$PY" bench/bench_gpu.py 2>&1 | tee "$LOG/bench.md"
