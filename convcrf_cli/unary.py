@@ -36,7 +36,7 @@ from typing import BinaryIO
 import numpy as np
 
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.imageio import read_label_image
+from convcrf_cli.imageio import check_label_size, read_label_image
 
 UNARY_TYPES = ("auto", "prob", "logit", "energy")
 LAYOUTS = ("auto", "CHW", "HWC")
@@ -215,12 +215,7 @@ def labels_to_unary(
     num_classes: int | None = None,
 ) -> Unary:
     """Logits ``[C,H,W] float32`` from a label map ``[H,W]`` of class ids (see module doc)."""
-    if labels.shape != tuple(image_hw):
-        raise BadInputError(
-            name,
-            f"label map is {labels.shape[0]}×{labels.shape[1]} but the image is "
-            f"{image_hw[0]}×{image_hw[1]}",
-        )
+    check_label_size(name, labels, image_hw)
     valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
     if not valid.any():
         raise BadInputError(name, "label map holds only the ignore label")

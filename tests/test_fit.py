@@ -183,7 +183,7 @@ def test_cli_fit_bad_label_map_fails_without_output(dataset, tmp_path):
     run = _in_process("fit", dataset / "images", dataset / "unaries", labels, "-o", learned)
     assert run.exit_code == 2
     assert run.stderr == (
-        f"convcrf: error: {labels / 'synth_00003.png'}: label map is 10x10, image is 48x48\n"
+        f"convcrf: error: {labels / 'synth_00003.png'}: label map is 10×10 but the image is 48×48\n"
     )
     assert not learned.exists()
     Image.fromarray(np.full((48, 48), 9, np.uint8)).save(labels / "synth_00003.png")

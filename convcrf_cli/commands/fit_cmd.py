@@ -19,7 +19,7 @@ from convcrf_cli.commands.common import (
 )
 from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.fit import Example, FitOptions, FitResult, fit
-from convcrf_cli.imageio import read_image, read_label_image
+from convcrf_cli.imageio import check_label_size, read_image, read_label_image
 from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS
 from convcrf_cli.unary import read_unary
 
@@ -200,12 +200,7 @@ def check_labels(
     path: Path, labels: np.ndarray, image_hw: tuple[int, int], num_classes: int, ignore: int
 ) -> None:
     """Raise BadInputError naming ``path`` unless ``labels`` fit the image and the classes."""
-    if labels.shape != tuple(image_hw):
-        raise BadInputError(
-            path,
-            f"label map is {labels.shape[0]}x{labels.shape[1]}, "
-            f"image is {image_hw[0]}x{image_hw[1]}",
-        )
+    check_label_size(path, labels, image_hw)
     values = labels[labels != ignore]
     if values.size and (values.min() < 0 or values.max() >= num_classes):
         raise BadInputError(
