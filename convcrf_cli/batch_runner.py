@@ -36,6 +36,8 @@ from convcrf_cli.pipeline import (
 )
 
 DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+ITEM_ERRORS = (ConvCRFError, MemoryError, OSError, RuntimeError, ValueError)
+"""What one item may raise without stopping the batch (anything else is a bug and does)."""
 DEFAULT_JOBS = max(2, min(8, os.cpu_count() or 1))
 """I/O workers by default: the core count, at least 2 and at most 8."""
 
@@ -192,7 +194,7 @@ class _Run:
         start = time.perf_counter()
         try:
             return future.result()
-        except (ConvCRFError, MemoryError, OSError, RuntimeError, ValueError) as exc:
+        except ITEM_ERRORS as exc:
             self.failed = True
             return _failure(item, exc)
         finally:
@@ -229,7 +231,7 @@ class _Run:
         start = time.perf_counter()
         try:
             scores = refine_prepared([p for _, p in group], self.params, self.backend)
-        except (ConvCRFError, MemoryError, RuntimeError, ValueError) as exc:
+        except ITEM_ERRORS as exc:
             self.stats.crf_seconds += time.perf_counter() - start
             if len(group) > 1:
                 for single in group:

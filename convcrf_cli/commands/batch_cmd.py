@@ -44,7 +44,8 @@ from convcrf_cli.outputs import OutputSpec
 from convcrf_cli.pipeline import describe_backend
 
 GPU_BATCH_SIZE = 8
-UNPAIRED_SHOWN = 10
+PATHS_SHOWN = 10
+"""Paths named in one message line (unpaired files, failed items); the report has all."""
 
 
 class Terminated(Exception):
@@ -243,9 +244,7 @@ def batch_command(
         fail("interrupted" if exit_code == 130 else "terminated", exit_code)
     failed = [str(r.item.image) for r in reports if r.status == FAILED]
     if failed:
-        shown = ", ".join(failed[:UNPAIRED_SHOWN])
-        more = f" and {len(failed) - UNPAIRED_SHOWN} more" if len(failed) > UNPAIRED_SHOWN else ""
-        fail(f"{len(failed)} of {len(items)} items failed: {shown}{more}", 1)
+        fail(f"{len(failed)} of {len(items)} items failed: {_some(failed)}", 1)
 
 
 def _pairing(
@@ -283,9 +282,14 @@ def _report_unpaired(pairing: Pairing) -> None:
     ):
         if not paths:
             continue
-        shown = ", ".join(str(p) for p in paths[:UNPAIRED_SHOWN])
-        more = f" and {len(paths) - UNPAIRED_SHOWN} more" if len(paths) > UNPAIRED_SHOWN else ""
-        echo_err(f"convcrf: warning: {len(paths)} file(s) without {missing}: {shown}{more}")
+        echo_err(f"convcrf: warning: {len(paths)} file(s) without {missing}: {_some(paths)}")
+
+
+def _some(paths: list) -> str:
+    """The first :data:`PATHS_SHOWN` of ``paths``, comma-separated, and how many more."""
+    shown = ", ".join(str(path) for path in paths[:PATHS_SHOWN])
+    more = len(paths) - PATHS_SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 @contextlib.contextmanager
