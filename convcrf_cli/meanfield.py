@@ -132,23 +132,71 @@ def _pooled_positions(length: int, blur: int, like: torch.Tensor) -> torch.Tenso
 
 
 def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """``Σ_{a,c} K[a,c]·Pad0(q)[:, x+a-s, y+c-s]`` for ``q [N,C,h,w]``, ``kernel [N,k,k,h,w]``."""
-    k = kernel.shape[1]
-    s = k // 2
+    """``Σ_{a,c} K[a,c]·Pad0(q)[:, x+a-s, y+c-s]`` for ``q [N,C,h,w]``, ``kernel [N,k,k,h,w]``.
+
+    Returns ``[N,C,h,w]``. Differentiable in both inputs through :class:`_WindowSum`, whose
+    hand-written backward never materialises the ``C·k²·h·w`` buffer either.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or kernel.requires_grad):
+        return _WindowSum.apply(q, kernel)
+    return _window_sum(q, kernel)
+
+
+def _shifted_windows(q: torch.Tensor, filter_size: int) -> list[torch.Tensor]:
+    """The ``k²`` views ``Pad0(q)[:, :, a : a+h, c : c+w]`` of ``q [N,C,h,w]``, offsets ``(a, c)``
+    in row-major order (the order of ``kernel.flatten(1, 2)``)."""
+    s = filter_size // 2
     h, w = q.shape[-2:]
-    padded = F.pad(q, (s, s, s, s))
-    # one view per window offset (a, c), in the same order for weights and shifted copies
+    windows = F.pad(q, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
+    return [window for row in windows.unbind(2) for window in row.unbind(2)]
+
+
+def _window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """:func:`window_sum` as ``k²`` in-place multiply-adds of shifted views (no autograd)."""
     weights = kernel.unsqueeze(3).flatten(1, 2).unbind(1)  # k² × [N,1,h,w]
-    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
-    shifted = [window for row in windows.unbind(2) for window in row.unbind(2)]  # views
+    shifted = _shifted_windows(q, kernel.shape[1])
     out = weights[0] * shifted[0]
-    grad = torch.is_grad_enabled() and (q.requires_grad or kernel.requires_grad)
     for weight, window in zip(weights[1:], shifted[1:], strict=True):
-        if grad:
-            out = out + weight * window
-        else:
-            out.addcmul_(weight, window)
+        out.addcmul_(weight, window)
     return out
+
+
+class _WindowSum(torch.autograd.Function):
+    """:func:`window_sum` with its adjoint written out.
+
+    With ``g = dL/d out``: ``dL/dq`` is the transposed window sum, each offset's weighted ``g``
+    added into the padded grid at that offset, then cropped; ``dL/dK[a,c] = Σ_classes g ·
+    window(a,c)``. Both loop over the ``k²`` offsets on ``[N,C,h,w]`` planes.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, kernel)
+        return _window_sum(q, kernel)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, kernel = ctx.saved_tensors
+        k = kernel.shape[1]
+        s = k // 2
+        h, w = q.shape[-2:]
+        grad = grad.contiguous()
+        grad_q = grad_kernel = None
+        if ctx.needs_input_grad[0]:
+            padded = grad.new_zeros(q.shape[0], q.shape[1], h + 2 * s, w + 2 * s)
+            for a in range(k):
+                for c in range(k):
+                    target = padded[:, :, a : a + h, c : c + w]
+                    target.addcmul_(kernel[:, a, c].unsqueeze(1), grad)
+            grad_q = padded[:, :, s : s + h, s : s + w]
+        if ctx.needs_input_grad[1]:
+            grad_kernel = torch.empty_like(kernel)
+            product = torch.empty_like(grad)
+            planes = grad_kernel.flatten(1, 2).unbind(1)  # k² × [N,h,w], row-major offsets
+            for plane, window in zip(planes, _shifted_windows(q, k), strict=True):
+                torch.sum(torch.mul(grad, window, out=product), dim=1, out=plane)
+        return grad_q, grad_kernel
 
 
 def coarse_message(q: torch.Tensor, kernel: torch.Tensor, blur: int) -> torch.Tensor:
