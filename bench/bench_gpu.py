@@ -16,14 +16,20 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
+from pathlib import Path
 
 import cupy
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from convcrf_cli.backends import cuda
-from convcrf_cli.params import CRFParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import im2col_baseline  # noqa: E402
+
+from convcrf_cli.backends import cuda  # noqa: E402
+from convcrf_cli.grid import coarse_size  # noqa: E402
+from convcrf_cli.params import CRFParams  # noqa: E402
 
 # (label, height, width, classes, blur, filter_size)
 CASES = [
@@ -64,52 +70,11 @@ def copy_bandwidth() -> float:
 def floor_bytes(height: int, width: int, classes: int, params: CRFParams) -> int:
     """Bytes any implementation moves: the image once, the logits every iteration, the coarse
     Q written and read between iterations, the scores written once (float32)."""
-    h, w = -(-height // params.blur), -(-width // params.blur)
+    h, w = coarse_size(height, params.blur), coarse_size(width, params.blur)
     its = params.iterations
     floats = FEATURES * height * width + its * classes * height * width
     floats += 2 * (its - 1) * classes * h * w + classes * height * width
     return 4 * floats
-
-
-def im2col_refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torch.Tensor:
-    """The original implementation's method in PyTorch: unfold features and Q (im2col)."""
-    k, b, s = params.filter_size, params.blur, params.filter_size // 2
-    n, _, height, width = image.shape
-    pad = (cuda._pool_padding(height, b), cuda._pool_padding(width, b))
-
-    def pool(x):
-        if b == 1:
-            return x
-        return F.avg_pool2d(x, b, b, padding=pad, count_include_pad=False)
-
-    rows = torch.arange(height, device=image.device, dtype=image.dtype)
-    cols = torch.arange(width, device=image.device, dtype=image.dtype)
-    pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij")).expand(n, 2, height, width)
-    kernel = 0
-    for feat, compat in (
-        (pool(pos / params.pos_sdims), params.pos_compat),
-        (pool(image / params.col_schan), params.col_compat),
-    ):
-        h, w = feat.shape[-2:]
-        cols_f = F.unfold(feat, k, padding=s).view(n, feat.shape[1], k * k, h, w)
-        inside = F.unfold(torch.ones_like(feat[:, :1]), k, padding=s).view(n, 1, k * k, h, w)
-        dist = (cols_f - feat.unsqueeze(2)).square().sum(1, keepdim=True)
-        kernel = kernel + compat * torch.exp(-0.5 * dist) * inside
-    lg = torch.log_softmax(logits, dim=1)
-    q = lg if params.init == "log" else torch.softmax(lg, dim=1)
-    c = logits.shape[1]
-    for i in range(params.iterations):
-        pooled = pool(q)
-        h, w = pooled.shape[-2:]
-        unfolded = F.unfold(pooled, k, padding=s).view(n, c, k * k, h, w)
-        msg = (unfolded * kernel).sum(2)
-        if b > 1:
-            msg = F.interpolate(msg, scale_factor=b, mode="bilinear", align_corners=False)
-            msg = msg[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width]
-        q = (params.unary_weight - params.weight) * lg + params.weight * msg
-        if i < params.iterations - 1:
-            q = torch.softmax(q, dim=1)
-    return q
 
 
 def main() -> None:
@@ -143,7 +108,7 @@ def main() -> None:
             tensors = (torch.from_dlpack(image), torch.from_dlpack(logits), params)
             try:
                 with torch.no_grad():
-                    baseline_run = functools.partial(im2col_refine, *tensors)
+                    baseline_run = functools.partial(im2col_baseline.refine, *tensors)
                     baseline = time_gpu_ms(baseline_run, max(5, args.repeats // 5))
             except torch.OutOfMemoryError:
                 baseline = float("nan")

@@ -2,8 +2,9 @@
 
 NCHW tensors throughout; the message unfolds the pooled Q with ``torch.nn.functional.unfold``
 into the full ``[N, C·k², h·w]`` buffer, multiplies it by the kernel and sums over the window,
-as the original implementation does. Pooling, upsampling and softmax are the same operations as
-in :mod:`convcrf_cli.meanfield`, so both compute DESIGN §2 exactly.
+as the original implementation does. Pooling, upsampling (``F.interpolate`` and a crop) and
+softmax are plain tensor operations on full-resolution NCHW tensors; its output is checked
+against the CPU backend's before it is timed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from convcrf_cli.meanfield import pool, position_features, upsample_crop
+from convcrf_cli.grid import pool_padding
+from convcrf_cli.meanfield import pool
 from convcrf_cli.params import CRFParams
 
 
@@ -19,6 +21,23 @@ def unfold_window(x: torch.Tensor, k: int) -> torch.Tensor:
     """``[N,C,h,w]`` -> ``[N,C,k,k,h,w]``: every window of the zero-padded grid (im2col)."""
     n, c, h, w = x.shape
     return F.unfold(x, k, padding=k // 2).view(n, c, k, k, h, w)
+
+
+def position_features(n: int, height: int, width: int, pos_sdims: float, like: torch.Tensor):
+    """Positional features ``(row, col) / pos_sdims`` as ``[N,2,H,W]``, dtype/device of ``like``."""
+    rows = torch.arange(height, dtype=like.dtype, device=like.device)
+    cols = torch.arange(width, dtype=like.dtype, device=like.device)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))
+    return (grid / pos_sdims).unsqueeze(0).expand(n, 2, height, width)
+
+
+def upsample_crop(x: torch.Tensor, blur: int, height: int, width: int) -> torch.Tensor:
+    """Bilinear ×``blur`` upsampling (half-pixel centres) of ``[N,C,h,w]``, cropped to H×W."""
+    if blur == 1:
+        return x
+    up = F.interpolate(x, scale_factor=blur, mode="bilinear", align_corners=False)
+    top, left = pool_padding(height, blur), pool_padding(width, blur)
+    return up[:, :, top : top + height, left : left + width]
 
 
 def gaussian_kernel(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,7 +53,7 @@ def refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torc
     """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> final Q ``[N,C,H,W]``."""
     n, _, height, width = image.shape
     k, b = params.filter_size, params.blur
-    pos = pool(position_features(n, height, width, params.pos_sdims, like=image), b)
+    pos = pool(position_features(n, height, width, params.pos_sdims, image), b)
     col = pool(image / params.col_schan, b)
     kernel = params.pos_compat * gaussian_kernel(pos, k) + params.col_compat * gaussian_kernel(
         col, k

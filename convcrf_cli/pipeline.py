@@ -20,8 +20,8 @@ from convcrf_cli import outputs, unary
 from convcrf_cli.backends import Backend, as_numpy
 from convcrf_cli.core import refine
 from convcrf_cli.errors import BadInputError
+from convcrf_cli.grid import coarse_size
 from convcrf_cli.imageio import LoadedImage, load_image
-from convcrf_cli.meanfield import coarse_size
 from convcrf_cli.outputs import OutputSpec
 from convcrf_cli.params import CRFParams
 

@@ -143,20 +143,8 @@ class ConvCRF(nn.Module):
             pos_compat=self.pos_compat,
             col_compat=self.col_compat,
         )
-        compat = None
-        if self.compat_transform is not None:
-            matrix = self.compat_transform
-
-            def compat(msg: torch.Tensor) -> torch.Tensor:
-                return torch.einsum("dc,nchw->ndhw", matrix, msg)
-
         return meanfield.mean_field(
-            logits,
-            kernel,
-            self.params,
-            weight=self.weight,
-            unary_weight=self.params.unary_weight,
-            compat_transform=compat,
+            logits, kernel, self.params, weight=self.weight, compat_matrix=self.compat_transform
         )
 
     def _check_shapes(self, image: torch.Tensor, logits: torch.Tensor) -> None:

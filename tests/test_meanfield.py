@@ -9,7 +9,7 @@ import pytest
 import reference
 import torch
 
-from convcrf_cli import CRFParams, meanfield, refine
+from convcrf_cli import CRFParams, meanfield, refine, window
 
 RTOL = 1e-4
 
@@ -91,13 +91,12 @@ def test_pool_padding_hand_computed():
 
 
 def test_upsample_hand_computed():
+    # The reference's upsampling, which the phase layout's blends are checked against.
     # Coarse row [0, 4], blur 2, output 4 -> sources -0.25 (clamped 0), 0.25, 0.75, 1.25 (-> 1).
-    coarse = torch.tensor([[[[0.0, 4.0]]]])
-    up = meanfield.upsample_crop(coarse, 2, 2, 4)
-    np.testing.assert_allclose(up[0, 0, 0].numpy(), [0.0, 1.0, 3.0, 4.0])
+    coarse = np.array([[[0.0, 4.0]]])
+    np.testing.assert_allclose(reference.upsample_crop(coarse, 2, 1, 4)[0, 0], [0, 1, 3, 4])
     # Odd width 3 with blur 2: pad 1 on the left, crop columns 1..3 of the 4 upsampled.
-    up3 = meanfield.upsample_crop(coarse, 2, 2, 3)
-    np.testing.assert_allclose(up3[0, 0, 0].numpy(), [1.0, 3.0, 4.0])
+    np.testing.assert_allclose(reference.upsample_crop(coarse, 2, 1, 3)[0, 0], [1, 3, 4])
 
 
 def test_gaussian_zero_outside_window_and_centre_one():
@@ -113,40 +112,24 @@ def test_gaussian_zero_outside_window_and_centre_one():
     np.testing.assert_allclose(g[2, 2, 0, 0].item(), np.exp(-4.5), rtol=1e-6)
 
 
-def test_message_is_window_sum_on_tiny_grid():
-    # 1 class on a 1x3 grid, uniform kernel of ones, blur 1: each output sums its in-grid window.
+def test_window_sum_on_tiny_grid():
+    # 1 class on a 1x3 grid, uniform kernel of ones: each output sums its in-grid window.
     q = torch.tensor([[[[1.0, 2.0, 4.0]]]])
     kernel = torch.ones(1, 3, 3, 1, 3)
-    msg = meanfield.message(q, kernel, 1)
-    np.testing.assert_allclose(msg[0, 0, 0].numpy(), [3.0, 7.0, 6.0])
+    np.testing.assert_allclose(window.window_sum(q, kernel)[0, 0, 0].numpy(), [3.0, 7.0, 6.0])
 
 
 @pytest.mark.parametrize("k, h, w", [(1, 2, 3), (3, 4, 5), (5, 3, 4), (7, 2, 6)])
-def test_window_sum_backward_matches_finite_differences(k, h, w):
-    # The hand-written adjoint, including windows wider than the grid.
+def test_window_sum_adjoints(k, h, w):
+    # <window_sum(q, K), g> = <q, adjoint(g, K)> = <K, products(g, q)>, windows wider than
+    # the grid included.
     torch.manual_seed(k)
-    q = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
-    kernel = torch.rand(2, k, k, h, w, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(meanfield.window_sum, (q, kernel))
-
-
-def test_window_sum_gradient_of_one_input_only():
-    torch.manual_seed(1)
-    q = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    kernel = torch.rand(1, 3, 3, 4, 4, dtype=torch.float64)
-    weights = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    for leaf in (q, kernel):
-        leaf.requires_grad_(True)
-        (meanfield.window_sum(q, kernel) * weights).sum().backward()
-        other = kernel if leaf is q else q
-        assert leaf.grad is not None and other.grad is None
-        # autograd through the plain multiply-adds of shifted views gives the same gradient
-        expected = torch.autograd.grad(
-            (meanfield._window_sum(q, kernel) * weights).sum(), leaf, allow_unused=True
-        )[0]
-        torch.testing.assert_close(leaf.grad, expected)
-        leaf.requires_grad_(False)
-        leaf.grad = None
+    q = torch.randn(2, 3, h, w, dtype=torch.float64)
+    kernel = torch.rand(2, k, k, h, w, dtype=torch.float64)
+    grad = torch.randn(2, 3, h, w, dtype=torch.float64)
+    forward = torch.sum(window.window_sum(q, kernel) * grad)
+    torch.testing.assert_close(torch.sum(q * window.window_sum_adjoint(grad, kernel)), forward)
+    torch.testing.assert_close(torch.sum(kernel * window.window_products(grad, q, k)), forward)
 
 
 def test_refine_rejects_mismatched_sizes():

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from convcrf_cli.backends import DeviceError
+from convcrf_cli.grid import pool_padding
 from convcrf_cli.params import CRFParams
 
 KERNEL_FILES = ("features.cu", "message.cu", "fullres.cu")
@@ -160,11 +161,11 @@ class MeanFieldPlan:
 
     @property
     def pad_y(self) -> int:
-        return _pool_padding(self.height, self.blur)
+        return pool_padding(self.height, self.blur)
 
     @property
     def pad_x(self) -> int:
-        return _pool_padding(self.width, self.blur)
+        return pool_padding(self.width, self.blur)
 
     # -- message and feature kernels: one thread per coarse cell --------------------------
     @property
@@ -225,10 +226,6 @@ class MeanFieldPlan:
     def pixel_grid(self) -> tuple[int, int, int]:
         px, py = self.config.pixel_block
         return (-(-self.width // px), -(-self.height // py), self.batch)
-
-
-def _pool_padding(length: int, blur: int) -> int:
-    return math.ceil(((blur - length % blur) % blur) / 2)
 
 
 Launch = Callable[[str, tuple[int, int, int], tuple[int, int, int], tuple, int], None]

@@ -1,0 +1,15 @@
+"""Geometry of the coarse grid that message passing runs on (DESIGN §2.2), shared by backends."""
+
+from __future__ import annotations
+
+import math
+
+
+def pool_padding(length: int, blur: int) -> int:
+    """Padding on each side of an axis of ``length`` pixels for pooling by ``blur`` (§2.2)."""
+    return math.ceil(((blur - length % blur) % blur) / 2)
+
+
+def coarse_size(length: int, blur: int) -> int:
+    """Length of the coarse grid: ``ceil(length / blur)``."""
+    return -(-length // blur)

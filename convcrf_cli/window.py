@@ -1,0 +1,61 @@
+"""The window sum of ConvCRF message passing (DESIGN §2.4) and its two adjoints.
+
+All three loop over the ``k²`` window offsets and work on ``[N,C,h,w]`` planes, so the
+``C·k²·h·w`` im2col buffer of the original implementation is never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``Σ_{a,c} K[a,c]·Pad0(q)[:, x+a-s, y+c-s]`` for ``q [N,C,h,w]``, ``kernel [N,k,k,h,w]``.
+
+    Returns a new ``[N,C,h,w]`` tensor. Not differentiable by autograd; the mean field's
+    backward uses :func:`window_sum_adjoint` and :func:`window_products`.
+    """
+    weights = kernel.unsqueeze(3).flatten(1, 2).unbind(1)  # k² × [N,1,h,w]
+    shifted = _shifted_windows(q, kernel.shape[1])
+    out = weights[0] * shifted[0]
+    for weight, window in zip(weights[1:], shifted[1:], strict=True):
+        out.addcmul_(weight, window)
+    return out
+
+
+def window_sum_adjoint(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The transpose of :func:`window_sum` in ``q``: ``dL/dq`` for ``grad = dL/d out``.
+
+    Each offset's weighted ``grad [N,C,h,w]`` is added into the zero-padded grid at that
+    offset, which is then cropped back to ``[N,C,h,w]``.
+    """
+    k = kernel.shape[1]
+    s = k // 2
+    n, classes, h, w = grad.shape
+    padded = grad.new_zeros(n, classes, h + 2 * s, w + 2 * s)
+    for a in range(k):
+        for c in range(k):
+            padded[:, :, a : a + h, c : c + w].addcmul_(kernel[:, a, c].unsqueeze(1), grad)
+    return padded[:, :, s : s + h, s : s + w]
+
+
+def window_products(grad: torch.Tensor, q: torch.Tensor, filter_size: int) -> torch.Tensor:
+    """The transpose of :func:`window_sum` in the kernel: ``dL/dK [N,k,k,h,w]``, where
+    ``dL/dK[a,c] = Σ_classes grad · Pad0(q)[:, x+a-s, y+c-s]`` for ``grad, q [N,C,h,w]``."""
+    n, _, h, w = q.shape
+    out = grad.new_empty(n, filter_size, filter_size, h, w)
+    product = torch.empty_like(grad)
+    planes = out.flatten(1, 2).unbind(1)  # k² × [N,h,w], offsets in row-major order
+    for plane, window in zip(planes, _shifted_windows(q, filter_size), strict=True):
+        torch.sum(torch.mul(grad, window, out=product), dim=1, out=plane)
+    return out
+
+
+def _shifted_windows(q: torch.Tensor, filter_size: int) -> list[torch.Tensor]:
+    """The ``k²`` views ``Pad0(q)[:, :, a : a+h, c : c+w]`` of ``q [N,C,h,w]``, offsets ``(a, c)``
+    in row-major order (the order of ``kernel.flatten(1, 2)``)."""
+    s = filter_size // 2
+    h, w = q.shape[-2:]
+    windows = F.pad(q, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
+    return [window for row in windows.unbind(2) for window in row.unbind(2)]
