@@ -3,6 +3,7 @@
 Every case of tests/test_cuda_shim.py runs on the device with all buffers poisoned with NaN; a
 2048x2048 image is checked against the PyTorch mean field in float64 (itself checked against
 tests/reference.py in test_meanfield.py), since the loop-based reference is too slow there.
+The differentiable module on CUDA tensors is compared with itself on the CPU, gradients included.
 """
 
 from __future__ import annotations
@@ -106,3 +107,29 @@ def test_refine_selects_cuda_and_batches():
     scores = refine(image, logits, params, device="cuda")
     assert scores.shape == logits.shape
     assert_matches_reference(scores, image, logits, params)
+
+
+def _module_outputs(device: str) -> list[torch.Tensor]:
+    """Scores, the logits' gradient and every learned parameter's gradient of ConvCRF (with
+    the "+C" transform) under a cross-entropy loss, computed on ``device``, as CPU tensors."""
+    import torch.nn.functional as F
+
+    from convcrf_cli.torch import ConvCRF
+
+    image, logits = random_inputs(5, 2, 45, 62, 21, 3)
+    labels = torch.from_numpy(np.random.default_rng(5).integers(0, 21, (2, 45, 62)))
+    crf = ConvCRF.from_params(CRFParams(filter_size=7, blur=3), 21, "compat,scales,weight,C")
+    crf = crf.to(device)
+    image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
+    logits_t = torch.from_numpy(logits).to(device).requires_grad_()
+    scores = crf(image_t, logits_t)
+    F.cross_entropy(scores, labels.to(device)).backward()
+    grads = [p.grad for p in crf.parameters() if p.requires_grad]
+    return [t.detach().cpu() for t in (scores, logits_t.grad, *grads)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with CUDA")
+def test_torch_module_on_cuda_tensors_matches_cpu():
+    for on_cpu, on_gpu in zip(_module_outputs("cpu"), _module_outputs("cuda"), strict=True):
+        scale = float(on_cpu.abs().max())
+        torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4 * scale)
