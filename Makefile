@@ -25,6 +25,9 @@ demo: install
 
 bench: install
 	$(PY) bench/bench_cpu.py
+	@$(PY) -c "import pydensecrf" 2>/dev/null || $(PY) -m pip install -q "pydensecrf2==1.1" || true
+	@if $(PY) -c "import pydensecrf" 2>/dev/null; then $(PY) bench/bench_densecrf.py; \
+	else echo "bench/bench_densecrf.py skipped: pydensecrf2 does not build here"; fi
 	$(PY) bench/bench_batch.py
 	@if PYTHONSAFEPATH=1 $(PY) -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" \
 		2>/dev/null; then PYTHONSAFEPATH=1 $(PY) bench/bench_gpu.py; \

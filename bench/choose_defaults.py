@@ -60,6 +60,20 @@ def evaluate(samples, params: CRFParams, classes: int) -> Score:
     return score(counts, seconds)
 
 
+def synthetic_samples(
+    count: int, height: int, width: int, classes: int, seed: int
+) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]], Score]:
+    """The synthetic task as ``(image [1,3,H,W] float32, logits [1,C,H,W], labels [H,W])``
+    samples (logits = log of the unary probabilities), and the unary's own score."""
+    samples, unary_counts = [], np.zeros((classes, classes), dtype=np.int64)
+    for index in range(count):
+        image, labels, unary = synthetic_sample(seed, index, height, width, classes)
+        logits = np.log(np.maximum(unary, PROB_EPS))
+        samples.append((image.transpose(2, 0, 1)[None].astype(np.float32), logits[None], labels))
+        unary_counts += confusion_matrix(unary.argmax(axis=0), labels, classes)
+    return samples, score(unary_counts, [])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=30)
@@ -70,13 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     height, width = (int(v) for v in args.size.lower().split("x"))
 
-    samples, unary_counts = [], np.zeros((args.classes, args.classes), dtype=np.int64)
-    for index in range(args.count):
-        image, labels, unary = synthetic_sample(args.seed, index, height, width, args.classes)
-        logits = np.log(np.maximum(unary, PROB_EPS))
-        samples.append((image.transpose(2, 0, 1)[None].astype(np.float32), logits[None], labels))
-        unary_counts += confusion_matrix(unary.argmax(axis=0), labels, args.classes)
-    unary = score(unary_counts, [])
+    samples, unary = synthetic_samples(args.count, height, width, args.classes, args.seed)
 
     print(
         f"Synthetic task: {args.count} images {height}x{width}, {args.classes} classes, seed "
