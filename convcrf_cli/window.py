@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PRODUCT_BUDGET = 1 << 22
+"""Most elements of the temporary product in :func:`window_products` (16 MB in float32)."""
+
 
 def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """``Σ_{a,c} K[a,c]·Pad0(q)[:, x+a-s, y+c-s]`` for ``q [N,C,h,w]``, ``kernel [N,k,k,h,w]``.
@@ -42,13 +45,23 @@ def window_sum_adjoint(grad: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor
 
 def window_products(grad: torch.Tensor, q: torch.Tensor, filter_size: int) -> torch.Tensor:
     """The transpose of :func:`window_sum` in the kernel: ``dL/dK [N,k,k,h,w]``, where
-    ``dL/dK[a,c] = Σ_classes grad · Pad0(q)[:, x+a-s, y+c-s]`` for ``grad, q [N,C,h,w]``."""
-    n, _, h, w = q.shape
-    out = grad.new_empty(n, filter_size, filter_size, h, w)
-    product = torch.empty_like(grad)
-    planes = out.flatten(1, 2).unbind(1)  # k² × [N,h,w], offsets in row-major order
-    for plane, window in zip(planes, _shifted_windows(q, filter_size), strict=True):
-        torch.sum(torch.mul(grad, window, out=product), dim=1, out=plane)
+    ``dL/dK[a,c] = Σ_classes grad · Pad0(q)[:, x+a-s, y+c-s]`` for ``grad, q [N,C,h,w]``.
+
+    Computed for a run of offsets of one window row at a time, as many as keep the product
+    buffer (``N·C·run·h·w``) within :data:`PRODUCT_BUDGET` elements.
+    """
+    n, classes, h, w = q.shape
+    k, s = filter_size, filter_size // 2
+    out = grad.new_empty(n, k, k, h, w)
+    windows = F.pad(q, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
+    run = max(1, min(k, PRODUCT_BUDGET // max(1, n * classes * h * w)))
+    product = grad.new_empty(n, classes, run, h, w)
+    for a in range(k):
+        for c0 in range(0, k, run):
+            c1 = min(k, c0 + run)
+            taken = product[:, :, : c1 - c0]
+            torch.mul(grad.unsqueeze(2), windows[:, :, a, c0:c1], out=taken)
+            torch.sum(taken, dim=1, out=out[:, a, c0:c1])
     return out
 
 

@@ -120,9 +120,12 @@ def test_window_sum_on_tiny_grid():
 
 
 @pytest.mark.parametrize("k, h, w", [(1, 2, 3), (3, 4, 5), (5, 3, 4), (7, 2, 6)])
-def test_window_sum_adjoints(k, h, w):
+@pytest.mark.parametrize("run", [None, 1, 2])
+def test_window_sum_adjoints(k, h, w, run, monkeypatch):
     # <window_sum(q, K), g> = <q, adjoint(g, K)> = <K, products(g, q)>, windows wider than
-    # the grid included.
+    # the grid included; a small budget splits window rows into runs of `run` offsets.
+    if run is not None:
+        monkeypatch.setattr(window, "PRODUCT_BUDGET", run * 2 * 3 * h * w)
     torch.manual_seed(k)
     q = torch.randn(2, 3, h, w, dtype=torch.float64)
     kernel = torch.rand(2, k, k, h, w, dtype=torch.float64)
