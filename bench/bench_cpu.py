@@ -7,9 +7,11 @@ run (so that both see the same machine load and each is timed in steady state), 
 median per implementation, kernel weights included.
 The im2col baseline (``bench/im2col_baseline.py``) is the original implementation's approach and
 materialises the ``C·k²·h·w`` buffer; its output is checked against the backend's first, so
-that both compute the same thing.
+that both compute the same thing. A second table times a training step (the mean field forward
+and backward, as ``convcrf fit`` and the ``ConvCRF`` module run it) against autograd through
+the same baseline, after checking that both give the same gradients.
 
-    .venv/bin/python bench/bench_cpu.py [--repeat 7]
+    .venv/bin/python bench/bench_cpu.py [--repeat 7] [--train-repeat 3]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import im2col_baseline  # noqa: E402
 
+from convcrf_cli import meanfield  # noqa: E402
 from convcrf_cli.backends.cpu import CPUBackend  # noqa: E402
 from convcrf_cli.params import CRFParams  # noqa: E402
 
@@ -54,6 +57,16 @@ def paired_median_ms(runs, repeat: int) -> list[float]:
     return [1000.0 * statistics.median(own) for own in times]
 
 
+def training_step(mean_field, logits: torch.Tensor, kernel: torch.Tensor, params: CRFParams):
+    """Gradients ``(d logits, d kernel)`` (NumPy) of ``Σ Q·R`` for a fixed pseudo-random
+    ``R``, with ``Q = mean_field(logits, kernel, params)``."""
+    logits, kernel = logits.detach().requires_grad_(), kernel.detach().requires_grad_()
+    scores = mean_field(logits, kernel, params)
+    weights = torch.linspace(-1, 1, scores.numel()).view_as(scores).sin()
+    torch.sum(scores * weights).backward()
+    return logits.grad.numpy(), kernel.grad.numpy()
+
+
 def machine_info() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -74,6 +87,7 @@ def machine_info() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per measurement")
+    parser.add_argument("--train-repeat", type=int, default=3, help="timed training steps")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -102,6 +116,34 @@ def main() -> None:
             args.repeat,
         )
         print(f"| {k} | {ours_ms:.1f} | {theirs_ms:.1f} | {theirs_ms / ours_ms:.1f}x |", flush=True)
+
+    print(
+        "\nTraining step: mean field forward + backward (gradients of the logits and the kernel "
+        "under a fixed linear loss), the hand-written backward against autograd through the "
+        f"im2col baseline; median of {args.train_repeat} turns\n"
+    )
+    print("| filter size | ours (ms) | im2col + autograd (ms) | speed-up |")
+    print("|---:|---:|---:|---:|")
+    for k in FILTER_SIZES:
+        params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)
+        with torch.no_grad():
+            kernel = meanfield.crf_kernel(image_t, params)
+        ours_grads = training_step(meanfield.mean_field, logits_t, kernel, params)
+        theirs_grads = training_step(im2col_baseline.mean_field, logits_t, kernel, params)
+        for got, want in zip(ours_grads, theirs_grads, strict=True):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+        ours_ms, theirs_ms = paired_median_ms(
+            [
+                lambda p=params, kern=kernel: training_step(
+                    meanfield.mean_field, logits_t, kern, p
+                ),
+                lambda p=params, kern=kernel: training_step(
+                    im2col_baseline.mean_field, logits_t, kern, p
+                ),
+            ],
+            args.train_repeat,
+        )
+        print(f"| {k} | {ours_ms:.0f} | {theirs_ms:.0f} | {theirs_ms / ours_ms:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

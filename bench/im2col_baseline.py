@@ -49,15 +49,20 @@ def gaussian_kernel(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.exp(-0.5 * dist2) * inside
 
 
-def refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torch.Tensor:
-    """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> final Q ``[N,C,H,W]``."""
+def crf_kernel(image: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """``image [N,F,H,W]`` -> the combined kernel ``[N,k,k,h,w]`` on the coarse grid."""
     n, _, height, width = image.shape
     k, b = params.filter_size, params.blur
     pos = pool(position_features(n, height, width, params.pos_sdims, image), b)
     col = pool(image / params.col_schan, b)
-    kernel = params.pos_compat * gaussian_kernel(pos, k) + params.col_compat * gaussian_kernel(
-        col, k
-    )
+    return params.pos_compat * gaussian_kernel(pos, k) + params.col_compat * gaussian_kernel(col, k)
+
+
+def mean_field(logits: torch.Tensor, kernel: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """``logits [N,C,H,W]``, ``kernel [N,k,k,h,w]`` -> final Q ``[N,C,H,W]``; differentiable
+    by autograd (which then keeps every iteration's unfolded buffer)."""
+    height, width = logits.shape[-2:]
+    k, b = params.filter_size, params.blur
     log_unary = torch.log_softmax(logits, dim=1)
     q = log_unary if params.init == "log" else torch.softmax(log_unary, dim=1)
     for i in range(params.iterations):
@@ -68,3 +73,8 @@ def refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torc
         if i < params.iterations - 1:
             q = torch.softmax(q, dim=1)
     return q
+
+
+def refine(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> torch.Tensor:
+    """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> final Q ``[N,C,H,W]``."""
+    return mean_field(logits, crf_kernel(image, params), params)
