@@ -49,7 +49,8 @@ class PhaseLayout:
     """Geometry of the phase layout of an ``height × width`` image pooled by ``blur``.
 
     ``phases`` lists the non-empty phases as ``(i, j, (r0, r1, rs), (c0, c1, cs))``: phase
-    ``(i, j)`` holds cells ``r0:r1, c0:c1``, whose pixels are rows ``rs::b``, columns ``cs::b``.
+    ``(i, j)`` holds cells ``r0:r1, c0:c1``, whose pixels are rows ``rs::b``, columns ``cs::b``;
+    ``empty_phases`` the ``(i, j)`` of the others (images shorter than the blur along an axis).
     ``counts [h,w]`` is the number of pixels pooled into each cell (dtype/device of ``like``).
     """
 
@@ -64,6 +65,12 @@ class PhaseLayout:
             for j, c in enumerate(cols)
             if r[1] > r[0] and c[1] > c[0]
         ]
+        self.empty_phases = [
+            (i, j)
+            for i, r in enumerate(rows)
+            for j, c in enumerate(cols)
+            if not (r[1] > r[0] and c[1] > c[0])
+        ]
         self.blends = upsample_phases(blur)
         self.counts = like.new_zeros(self.h, self.w)
         for _, _, (r0, r1, _), (c0, c1, _) in self.phases:
@@ -76,9 +83,13 @@ class PhaseLayout:
     def gather(self, full: torch.Tensor) -> torch.Tensor:
         """``[N,C,H,W]`` -> ``[b,b,N,C,h,w]``, zero in cells outside the image."""
         b = self.blur
-        out = self.new_phases(*full.shape[:2], full)
+        out = full.new_empty(b, b, *full.shape[:2], self.h, self.w)
+        for i, j in self.empty_phases:
+            out[i, j] = 0
         for i, j, (r0, r1, rs), (c0, c1, cs) in self.phases:
-            out[i, j, :, :, r0:r1, c0:c1] = full[:, :, rs::b, cs::b]
+            phase = out[i, j]
+            _zero_outside(phase, r0, r1, c0, c1)
+            phase[:, :, r0:r1, c0:c1] = full[:, :, rs::b, cs::b]
         return out
 
     def scatter(self, phases: torch.Tensor) -> torch.Tensor:
@@ -177,11 +188,9 @@ def mean_field(
         return transformed
 
     # (u - w)·log_softmax(unary) per phase; cells outside the image hold 0 and are never pooled
-    scaled_unary = logits.new_empty(blur, blur, n, classes, h, wc)
-    for i, j, (r0, r1, rs), (c0, c1, cs) in layout.phases:
+    scaled_unary = layout.gather(logits)
+    for i, j, (r0, r1, _), (c0, c1, _) in layout.phases:
         phase = scaled_unary[i, j]
-        _zero_outside(phase, r0, r1, c0, c1)
-        phase[:, :, r0:r1, c0:c1] = logits[:, :, rs::blur, cs::blur]
         log_q = scratch if record_ is None else record_.log_unary[i, j]
         torch.ops.aten._log_softmax.out(phase, 1, False, out=log_q)
         torch.mul(log_q, u - w, out=phase)

@@ -19,11 +19,11 @@ def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     Returns a new ``[N,C,h,w]`` tensor. Not differentiable by autograd; the mean field's
     backward uses :func:`window_sum_adjoint` and :func:`window_products`.
     """
-    weights = kernel.unsqueeze(3).flatten(1, 2).unbind(1)  # k² × [N,1,h,w]
-    shifted = _shifted_windows(q, kernel.shape[1])
+    weights = kernel.unsqueeze(3).flatten(1, 2).unbind(1)  # k² × [N,1,h,w], row-major offsets
+    shifted = [window for row in _windows(q, kernel.shape[1]).unbind(2) for window in row.unbind(2)]
     out = weights[0] * shifted[0]
     for weight, window in zip(weights[1:], shifted[1:], strict=True):
-        out.addcmul_(weight, window)
+        out.addcmul_(weight, window)  # unbound views: cheaper to issue than indexing per offset
     return out
 
 
@@ -51,9 +51,9 @@ def window_products(grad: torch.Tensor, q: torch.Tensor, filter_size: int) -> to
     buffer (``N·C·run·h·w``) within :data:`PRODUCT_BUDGET` elements.
     """
     n, classes, h, w = q.shape
-    k, s = filter_size, filter_size // 2
+    k = filter_size
     out = grad.new_empty(n, k, k, h, w)
-    windows = F.pad(q, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
+    windows = _windows(q, k)
     run = max(1, min(k, PRODUCT_BUDGET // max(1, n * classes * h * w)))
     product = grad.new_empty(n, classes, run, h, w)
     for a in range(k):
@@ -65,10 +65,9 @@ def window_products(grad: torch.Tensor, q: torch.Tensor, filter_size: int) -> to
     return out
 
 
-def _shifted_windows(q: torch.Tensor, filter_size: int) -> list[torch.Tensor]:
-    """The ``k²`` views ``Pad0(q)[:, :, a : a+h, c : c+w]`` of ``q [N,C,h,w]``, offsets ``(a, c)``
-    in row-major order (the order of ``kernel.flatten(1, 2)``)."""
+def _windows(q: torch.Tensor, filter_size: int) -> torch.Tensor:
+    """The view ``[N,C,k,k,h,w]`` of ``q [N,C,h,w]`` whose ``[:, :, a, c]`` is
+    ``Pad0(q)[:, :, a : a+h, c : c+w]``: every window offset's shifted copy, without copying."""
     s = filter_size // 2
     h, w = q.shape[-2:]
-    windows = F.pad(q, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # view [N,C,k,k,h,w]
-    return [window for row in windows.unbind(2) for window in row.unbind(2)]
+    return F.pad(q, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)
