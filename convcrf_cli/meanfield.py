@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from convcrf_cli import phases
+from convcrf_cli.backends import cuda_autograd
 from convcrf_cli.grid import pool_padding
 from convcrf_cli.params import CRFParams
 
@@ -113,50 +114,97 @@ def mean_field(
     *,
     weight=None,
     compat_matrix: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Run ``params.iterations`` mean-field steps (§2.5); returns the final Q ``[N,C,H,W]``.
 
     ``logits [N,C,H,W]``; ``kernel [N,k,k,h,w]`` from :func:`crf_kernel`; ``weight`` (a
     number or a 0-d tensor) replaces ``params.weight``; ``compat_matrix [C,C]``, if given,
-    adds ``M·msg`` to every message (the "+C" compatibility transform). Differentiable in
-    ``logits``, ``kernel``, ``weight`` and ``compat_matrix`` through :class:`_MeanField`.
+    adds ``M·msg`` to every message (the "+C" transform). Differentiable in ``logits``,
+    ``kernel``, ``weight`` and ``compat_matrix`` through :class:`_MeanField`.
+
+    float32 CUDA tensors run on the fused CUDA kernels of
+    :mod:`convcrf_cli.backends.cuda_autograd` where CuPy can launch them (``fused=None``);
+    ``fused=False`` forces the PyTorch implementation of :mod:`convcrf_cli.phases`.
     """
     w = params.weight if weight is None else weight
+    launcher = _fused_launcher(logits, kernel, compat_matrix) if fused is not False else None
     if _needs_grad(logits, kernel, w, compat_matrix):
         w = w if isinstance(w, torch.Tensor) else logits.new_tensor(float(w))
-        return _MeanField.apply(logits, kernel, w, compat_matrix, params)
+        return _MeanField.apply(logits, kernel, w, compat_matrix, params, launcher)
     w = float(w.detach()) if isinstance(w, torch.Tensor) else float(w)
+    if launcher is not None:
+        launch, block = launcher
+        return cuda_autograd.mean_field(logits, kernel, params, w, compat_matrix, launch, block)[0]
     scores, _ = phases.mean_field(logits, kernel, params, w, compat_matrix)
     return scores
 
 
 class _MeanField(torch.autograd.Function):
-    """:func:`phases.mean_field` with :func:`phases.mean_field_backward` as its backward."""
+    """The mean field with a hand-written backward: :func:`phases.mean_field` and
+    :func:`phases.mean_field_backward`, or their fused CUDA counterparts when a launcher for
+    the fused kernels is given (``(launch, class_block)``)."""
 
     @staticmethod
-    def forward(ctx, logits, kernel, weight, compat_matrix, params):
-        ctx.params, ctx.weight = params, float(weight)
-        scores, ctx.record = phases.mean_field(
-            logits, kernel, params, ctx.weight, compat_matrix, record=True
-        )
-        ctx.save_for_backward(kernel, compat_matrix)
+    def forward(ctx, logits, kernel, weight, compat_matrix, params, launcher):
+        ctx.params, ctx.weight, ctx.launcher = params, float(weight), launcher
+        if launcher is None:
+            scores, ctx.record = phases.mean_field(
+                logits, kernel, params, ctx.weight, compat_matrix, record=True
+            )
+            ctx.save_for_backward(kernel, compat_matrix)
+        else:
+            launch, block = launcher
+            scores, ctx.record = cuda_autograd.mean_field(
+                logits, kernel, params, ctx.weight, compat_matrix, launch, block
+            )
+            ctx.save_for_backward(kernel, compat_matrix, logits)
         return scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        kernel, compat_matrix = ctx.saved_tensors
-        grads = phases.mean_field_backward(
-            ctx.record,
-            grad.contiguous(),
-            kernel,
-            ctx.params,
-            ctx.weight,
-            compat_matrix,
-            needs_logits=ctx.needs_input_grad[0],
-        )
+        needs_logits = ctx.needs_input_grad[0]
+        if ctx.launcher is None:
+            kernel, compat_matrix = ctx.saved_tensors
+            grads = phases.mean_field_backward(
+                ctx.record,
+                grad.contiguous(),
+                kernel,
+                ctx.params,
+                ctx.weight,
+                compat_matrix,
+                needs_logits=needs_logits,
+            )
+        else:
+            kernel, compat_matrix, logits = ctx.saved_tensors
+            grads = cuda_autograd.mean_field_backward(
+                ctx.record,
+                logits,
+                grad.contiguous(),
+                kernel,
+                ctx.weight,
+                compat_matrix,
+                needs_logits,
+                ctx.launcher[0],
+            )
         grad_logits, grad_kernel, grad_weight, grad_matrix = grads
-        return grad_logits, grad_kernel, grad_weight, grad_matrix, None
+        return grad_logits, grad_kernel, grad_weight, grad_matrix, None, None
+
+
+def _fused_launcher(logits: torch.Tensor, kernel: torch.Tensor, compat_matrix) -> tuple | None:
+    """``(launch, class_block)`` for the fused CUDA kernels when the inputs are contiguous
+    float32 CUDA tensors and CuPy can run the kernels on their device, else None."""
+    tensors = [logits, kernel] + ([] if compat_matrix is None else [compat_matrix])
+    if not all(t.is_cuda and t.dtype == torch.float32 for t in tensors):
+        return None
+    if not (logits.is_contiguous() and kernel.is_contiguous()):
+        return None
+    index = logits.device.index if logits.device.index is not None else 0
+    if not cuda_autograd.fused_available(index):
+        return None
+    block = cuda_autograd.class_block(logits.shape[1])
+    return cuda_autograd.cuda_launcher(index, block), block
 
 
 def _needs_grad(*values) -> bool:

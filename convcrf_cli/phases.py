@@ -166,8 +166,8 @@ def mean_field(
     ``M·msg`` to every message (the "+C" transform, applied on the coarse grid, where it
     commutes with the upsampling). Returns the final Q ``[N,C,H,W]`` (contiguous) and, with
     ``record``, a :class:`MeanFieldRecord` (else None). Each step: message, ``(u - w)·L +
-    w·msg``, softmax and its contribution to the pooled next Q, phase by phase; the last step
-    adds the message into the unary buffer in place and copies the scores into the result.
+    w·msg``, softmax and its contribution to the pooled next Q, phase by phase, in a cache-sized
+    scratch slice; the last step copies its scores from there into the result.
     """
     n, classes, height, width = logits.shape
     blur, w, u = params.blur, weight, params.unary_weight
@@ -213,7 +213,7 @@ def mean_field(
             row_blends[i][0][:, :, :, 1 : wc + 1],
             row_blends[i][0][:, :, :, 1 + layout.blends[j][0] : wc + 1 + layout.blends[j][0]],
             layout.blends[j][1],
-            (scaled_unary[i, j, :, :, r0:r1, c0:c1], result[:, :, rs::blur, cs::blur]),
+            result[:, :, rs::blur, cs::blur],
         )
         for i, j, (r0, r1, rs), (c0, c1, cs) in layout.phases
     ]
@@ -225,16 +225,15 @@ def mean_field(
                 torch.lerp(centre, neighbour, t, out=blend)
         kept = None if last or record_ is None else layout.new_phases(n, classes, logits)
         pooled.zero_()
-        for (i, j, rows, cols), unary, centre, neighbour, t, (scores, target) in steps:
-            out = unary if last else scratch
-            torch.add(unary, centre, alpha=1 - t, out=out)
+        for (i, j, rows, cols), unary, centre, neighbour, t, target in steps:
+            torch.add(unary, centre, alpha=1 - t, out=scratch)
             if t > 0:
-                out.add_(neighbour, alpha=t)
+                scratch.add_(neighbour, alpha=t)
             if last:
-                target.copy_(scores)
+                target.copy_(scratch[:, :, rows, cols])
                 continue
             q = probabilities if kept is None else kept[i, j]
-            torch.ops.aten._softmax.out(out, 1, False, out=q)
+            torch.ops.aten._softmax.out(scratch, 1, False, out=q)
             pooled[:, :, rows, cols] += q[:, :, rows, cols]
         if kept is not None:
             record_.probabilities.append(kept)

@@ -243,3 +243,157 @@ extern "C" __global__ void convcrf_final(const float* __restrict__ logits,
     float* out = scores + (long long)n * num_classes * plane + (long long)y * width + x;
     for (int c = 0; c < num_classes; ++c) out[c * plane] = score(c);
 }
+
+// ---- Adjoints of the full-resolution passes (the PyTorch module's backward on the GPU) ----
+
+#ifndef CONVCRF_CLASS_BLOCK
+#define CONVCRF_CLASS_BLOCK 8  // classes per thread of convcrf_upsample_adjoint (as in message.cu)
+#endif
+
+// Weight of coarse cell `cell` in the bilinear upsampling of output index `index` (0 if no tap).
+__device__ inline float tap_weight(int index, int blur, int n, int cell) {
+    int i0, i1;
+    float frac;
+    bilinear_taps(index, blur, n, i0, i1, frac);
+    return (i0 == cell ? 1.0f - frac : 0.0f) + (i1 == cell ? frac : 0.0f);
+}
+
+// Rows (or columns) [first, stop) of the image pooled into coarse cell `cell` of an axis.
+__device__ inline void cell_span(int cell, int blur, int pad, int length, int& first, int& stop) {
+    first = max(cell * blur - pad, 0);
+    stop = min(cell * blur + blur - pad, length);
+}
+
+// The transpose of crop(up(.)), the message's upsampling: grad [N,C,H,W] -> out [N,C,h,w],
+//   out[c,i,j] = sum_{y,x} tap_weight(y + pad_y, i) * tap_weight(x + pad_x, j) * grad[c,y,x].
+// Cell i is a tap of the pixels with (i-1)*blur <= y + pad_y < (i+2)*blur only. One thread per
+// coarse cell and chunk of CONVCRF_CLASS_BLOCK classes (blockIdx.z = image * num_chunks + chunk).
+extern "C" __global__ void convcrf_upsample_adjoint(const float* __restrict__ grad,
+                                                    float* __restrict__ out, int num_classes,
+                                                    int height, int width, int coarse_h,
+                                                    int coarse_w, int blur, int pad_y, int pad_x,
+                                                    int num_chunks) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = blockIdx.y * blockDim.y + threadIdx.y;
+    if (j >= coarse_w || i >= coarse_h) return;
+    const int n = blockIdx.z / num_chunks;
+    const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
+    const int count = min(CONVCRF_CLASS_BLOCK, num_classes - c0);
+    const long long plane = (long long)height * width;
+    const long long coarse_plane = (long long)coarse_h * coarse_w;
+    const float* grad_n = grad + ((long long)n * num_classes + c0) * plane;
+    const int y0 = max((i - 1) * blur - pad_y, 0), y1 = min((i + 2) * blur - pad_y, height);
+    const int x0 = max((j - 1) * blur - pad_x, 0), x1 = min((j + 2) * blur - pad_x, width);
+
+    float acc[CONVCRF_CLASS_BLOCK];
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
+    for (int y = y0; y < y1; ++y) {
+        const float wy = tap_weight(y + pad_y, blur, coarse_h, i);
+        if (wy == 0.0f) continue;
+        for (int x = x0; x < x1; ++x) {
+            const float weight = wy * tap_weight(x + pad_x, blur, coarse_w, j);
+            if (weight == 0.0f) continue;
+            const long long pixel = (long long)y * width + x;
+#pragma unroll
+            for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+                if (cc < count) acc[cc] += weight * grad_n[cc * plane + pixel];
+            }
+        }
+    }
+    float* out_n = out + ((long long)n * num_classes + c0) * coarse_plane + (long long)i * coarse_w + j;
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+        if (cc < count) out_n[cc * coarse_plane] = acc[cc];
+    }
+}
+
+// The gradient of pooled Q spread back to a pixel (pooling's adjoint: the cell's value over
+// its pixel count). Returns a pointer to class 0 of the pixel's cell; *inv_count is set.
+__device__ inline const float* spread_source(const ScoreArgs& args, const float* grad_pooled,
+                                             int n, int y, int x, float* inv_count) {
+    const int ci = (y + args.pad_y) / args.blur;
+    const int cj = (x + args.pad_x) / args.blur;
+    int r0, r1, q0, q1;
+    cell_span(ci, args.blur, args.pad_y, args.height, r0, r1);
+    cell_span(cj, args.blur, args.pad_x, args.width, q0, q1);
+    *inv_count = 1.0f / (float)((r1 - r0) * (q1 - q0));
+    const long long coarse_plane = (long long)args.coarse_h * args.coarse_w;
+    return grad_pooled + (long long)n * args.num_classes * coarse_plane +
+           (long long)ci * args.coarse_w + cj;
+}
+
+// The softmax's adjoint for one mean-field step, per pixel: with Q = softmax(z) of the step's
+// scores z = unary_scale*(logit - lse) + msg_scale*crop(up(M)) and g the spread gradient of
+// the pooled Q, grad_scores = Q * (g - sum_c Q_c g_c); it is written and added into acc.
+// One thread per pixel, 2-D blocks, blockIdx.z = image; all arrays float32.
+extern "C" __global__ void convcrf_softmax_adjoint(
+    const float* __restrict__ logits, const float* __restrict__ lse,
+    const float* __restrict__ message, const float* __restrict__ grad_pooled,
+    float* __restrict__ grad_scores, float* __restrict__ acc, int num_classes, int height,
+    int width, int coarse_h, int coarse_w, int blur, int pad_y, int pad_x, float unary_scale,
+    float msg_scale) {
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    const int n = blockIdx.z;
+    if (x >= width || y >= height) return;
+    const ScoreArgs args = {logits, lse, message, num_classes, height, width, coarse_h,
+                            coarse_w, blur, pad_y, pad_x, unary_scale, msg_scale};
+    const PixelScore score = pixel_score(args, n, y, x, true);
+    float max_z, sum_exp, inv_count;
+    softmax_stats(score, num_classes, max_z, sum_exp);
+    const float* g = spread_source(args, grad_pooled, n, y, x, &inv_count);
+    const long long coarse_plane = (long long)coarse_h * coarse_w;
+    const float scale = 1.0f / sum_exp;
+    float dot = 0.0f;
+    for (int c = 0; c < num_classes; ++c) dot += expf(score(c) - max_z) * scale * g[c * coarse_plane];
+    const long long plane = (long long)height * width;
+    const long long offset = (long long)n * num_classes * plane + (long long)y * width + x;
+    for (int c = 0; c < num_classes; ++c) {
+        const float q = expf(score(c) - max_z) * scale;
+        const float value = q * (g[c * coarse_plane] - dot) * inv_count;
+        grad_scores[offset + c * plane] = value;
+        acc[offset + c * plane] += value;
+    }
+}
+
+// The logits' gradient. With p = softmax(logits) = exp(logit - lse), the first Q is p (init
+// softmax) or log p (init log); g is the spread gradient of its pooling, so its gradient is
+// G0 = log_init ? g : p * (g - sum_c p_c g_c). With v = unary_scale * acc + G0 (acc: the sum of
+// every step's score gradients), log_softmax's Jacobian gives grad_logits = v - p * sum_c v_c.
+// One thread per pixel, 2-D blocks, blockIdx.z = image; all arrays float32.
+extern "C" __global__ void convcrf_unary_adjoint(
+    const float* __restrict__ logits, const float* __restrict__ lse,
+    const float* __restrict__ grad_pooled, const float* __restrict__ acc,
+    float* __restrict__ grad_logits, int num_classes, int height, int width, int coarse_h,
+    int coarse_w, int blur, int pad_y, int pad_x, float unary_scale, int log_init) {
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    const int n = blockIdx.z;
+    if (x >= width || y >= height) return;
+    const ScoreArgs args = {logits, lse, nullptr, num_classes, height, width, coarse_h,
+                            coarse_w, blur, pad_y, pad_x, 1.0f, 0.0f};
+    float inv_count;
+    const float* g = spread_source(args, grad_pooled, n, y, x, &inv_count);
+    const long long coarse_plane = (long long)coarse_h * coarse_w;
+    const long long plane = (long long)height * width;
+    const long long offset = (long long)n * num_classes * plane + (long long)y * width + x;
+    const float pixel_lse = lse[(long long)n * plane + (long long)y * width + x];
+    float dot = 0.0f;  // sum_c p_c g_c
+    if (!log_init) {
+        for (int c = 0; c < num_classes; ++c)
+            dot += expf(logits[offset + c * plane] - pixel_lse) * g[c * coarse_plane];
+    }
+    float total = 0.0f;  // sum_c v_c
+    for (int c = 0; c < num_classes; ++c) {
+        const float p = expf(logits[offset + c * plane] - pixel_lse);
+        const float g0 = log_init ? g[c * coarse_plane] : p * (g[c * coarse_plane] - dot);
+        total += unary_scale * acc[offset + c * plane] + g0 * inv_count;
+    }
+    for (int c = 0; c < num_classes; ++c) {
+        const float p = expf(logits[offset + c * plane] - pixel_lse);
+        const float g0 = log_init ? g[c * coarse_plane] : p * (g[c * coarse_plane] - dot);
+        grad_logits[offset + c * plane] =
+            unary_scale * acc[offset + c * plane] + g0 * inv_count - p * total;
+    }
+}

@@ -96,3 +96,83 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
         if (c0 + cc < num_classes) out[(c0 + cc) * plane] = acc[cc];
     }
 }
+
+// The window sum with given weights (the differentiable module's kernel tensor) and its
+// transpose, for the mean field of the PyTorch module on the GPU and its backward pass:
+//   adjoint 0: out[c,y,x] = sum_{a,b} K[a,b,y,x] * Pad0(q)[c, y+a-s, x+b-s]
+//   adjoint 1: out[c,y,x] = sum_{a,b} K[a,b,y-a+s,x-b+s] * Pad0(q)[c, y-a+s, x-b+s]
+// kernel [N,k,k,h,w], q [N,C,h,w] -> out [N,C,h,w] float32. One thread per coarse cell and
+// chunk of CONVCRF_CLASS_BLOCK classes (blockIdx.z = image * num_chunks + chunk); the weights
+// and neighbours are read through the cache.
+extern "C" __global__ void convcrf_window_sum(const float* __restrict__ kernel,
+                                              const float* __restrict__ q,
+                                              float* __restrict__ out, int num_classes,
+                                              int coarse_h, int coarse_w, int filter_size,
+                                              int num_chunks, int adjoint) {
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    if (x >= coarse_w || y >= coarse_h) return;
+    const int s = filter_size / 2;
+    const int n = blockIdx.z / num_chunks;
+    const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
+    const int count = min(CONVCRF_CLASS_BLOCK, num_classes - c0);
+    const long long plane = (long long)coarse_h * coarse_w;
+    const long long here = (long long)y * coarse_w + x;
+    const float* kernel_n = kernel + (long long)n * filter_size * filter_size * plane;
+    const float* q_n = q + ((long long)n * num_classes + c0) * plane;
+    float* out_n = out + ((long long)n * num_classes + c0) * plane;
+
+    float acc[CONVCRF_CLASS_BLOCK];
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
+    for (int a = 0; a < filter_size; ++a) {
+        const int sy = adjoint ? y - a + s : y + a - s;
+        if (sy < 0 || sy >= coarse_h) continue;
+        for (int b = 0; b < filter_size; ++b) {
+            const int sx = adjoint ? x - b + s : x + b - s;
+            if (sx < 0 || sx >= coarse_w) continue;
+            const long long cell = (long long)sy * coarse_w + sx;
+            const float weight = kernel_n[(a * filter_size + b) * plane + (adjoint ? cell : here)];
+#pragma unroll
+            for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+                if (cc < count) acc[cc] += weight * q_n[cc * plane + cell];
+            }
+        }
+    }
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+        if (cc < count) out_n[cc * plane + here] = acc[cc];
+    }
+}
+
+// The window sum's gradient in its weights, accumulated:
+//   out[a,b,y,x] += sum_c grad[c,y,x] * Pad0(q)[c, y+a-s, x+b-s]
+// grad, q [N,C,h,w] -> out [N,k,k,h,w] float32. One thread per coarse cell and window row a
+// (blockIdx.z = image * filter_size + a).
+extern "C" __global__ void convcrf_window_products(const float* __restrict__ grad,
+                                                   const float* __restrict__ q,
+                                                   float* __restrict__ out, int num_classes,
+                                                   int coarse_h, int coarse_w,
+                                                   int filter_size) {
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    if (x >= coarse_w || y >= coarse_h) return;
+    const int s = filter_size / 2;
+    const int n = blockIdx.z / filter_size;
+    const int a = blockIdx.z % filter_size;
+    const int sy = y + a - s;
+    const long long plane = (long long)coarse_h * coarse_w;
+    const long long here = (long long)y * coarse_w + x;
+    const float* grad_n = grad + (long long)n * num_classes * plane + here;
+    const float* q_n = q + (long long)n * num_classes * plane;
+    float* out_row = out + ((long long)n * filter_size + a) * filter_size * plane + here;
+    if (sy < 0 || sy >= coarse_h) return;  // Pad0: these weights touch only zeros
+    for (int b = 0; b < filter_size; ++b) {
+        const int sx = x + b - s;
+        if (sx < 0 || sx >= coarse_w) continue;
+        const long long cell = (long long)sy * coarse_w + sx;
+        float sum = 0.0f;
+        for (int c = 0; c < num_classes; ++c) sum += grad_n[c * plane] * q_n[c * plane + cell];
+        out_row[b * plane] += sum;
+    }
+}

@@ -1,14 +1,19 @@
-"""Shared test configuration: make ``tests/`` importable (for ``reference``) and skip GPU tests
-where CuPy or a CUDA device is missing."""
+"""Shared test configuration: make ``tests/`` importable (for ``reference``), skip GPU tests
+where CuPy or a CUDA device is missing, and build the CPU shim of the CUDA kernels once."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+SHIM_BUILD_DIR = Path(__file__).parent / "_build"
+SHIM_CLASS_BLOCK = 4
+"""Classes per chunk in the shim build: 21 classes take 6 chunks, the last partial."""
 
 
 def _gpu_available() -> bool:
@@ -38,3 +43,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shim():
+    """The ``cuda/*.cu`` kernels built for the CPU (``tests/cuda_shim``), as a ``launch``."""
+    from cuda_shim.launcher import ShimLauncher, build_shim
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
+    return ShimLauncher(build_shim(SHIM_BUILD_DIR, SHIM_CLASS_BLOCK))

@@ -3,32 +3,17 @@ reference: the launch logic of the CUDA backend (``run_plan``) drives them exact
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import reference
-from cuda_shim.launcher import ShimLauncher, build_shim
 
 from convcrf_cli.backends.cuda import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
-
-BUILD_DIR = Path(__file__).parent / "_build"
-SHIM_CLASS_BLOCK = 4
-"""Classes per message chunk in the shim build: 21 classes take 6 chunks, the last partial."""
 
 # Small blocks: every CUDA thread is an OS thread in the shim.
 SMALL = LaunchConfig(
     cell_block=(8, 8), pixel_block=(8, 8), pool_threads=64, pool_box_width=8, pool_box_pixels=64
 )
-
-
-@pytest.fixture(scope="session")
-def shim() -> ShimLauncher:
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
-    return ShimLauncher(build_shim(BUILD_DIR, SHIM_CLASS_BLOCK))
 
 
 def refine_with_shim(shim, image, logits, params, config=SMALL):

@@ -37,6 +37,12 @@ KERNEL_NAMES = (
     "convcrf_message",
     "convcrf_step",
     "convcrf_final",
+    # the differentiable mean field of convcrf_cli.torch on the GPU (backends/cuda_autograd.py)
+    "convcrf_window_sum",
+    "convcrf_window_products",
+    "convcrf_upsample_adjoint",
+    "convcrf_softmax_adjoint",
+    "convcrf_unary_adjoint",
 )
 DEFAULT_SHARED_MEMORY = 48 * 1024
 """Dynamic shared memory every CUDA device grants a block without opting in (bytes)."""
@@ -139,13 +145,32 @@ class MeanFieldPlan:
                 f"{class_block} classes per block with filter size {params.filter_size} need "
                 f"{plan.message_shared} bytes of shared memory (limit {config.shared_memory})"
             )
-        if plan.chunk_classes < 1:
+        plan._check_pool_fit()
+        return plan
+
+    @classmethod
+    def for_kernel(
+        cls,
+        logits_shape: Sequence[int],
+        params: CRFParams,
+        config: LaunchConfig,
+        class_block: int,
+    ) -> MeanFieldPlan:
+        """Plan for the module's mean field (:mod:`convcrf_cli.backends.cuda_autograd`):
+        ``logits [N,C,H,W]`` and a given kernel tensor, so no image features (``features``
+        is 0) and no ``convcrf_message``; ``class_block`` as the module was compiled."""
+        n, c, height, width = (int(v) for v in logits_shape)
+        plan = cls(n, c, 0, height, width, params, config, class_block)
+        plan._check_pool_fit()
+        return plan
+
+    def _check_pool_fit(self) -> None:
+        if self.chunk_classes < 1:
             raise DeviceError(
-                f"blur {params.blur} is too large for the CUDA kernels ({plan.pool_box} pixels "
-                f"per block exceed {config.shared_memory} bytes of shared memory); "
+                f"blur {self.blur} is too large for the CUDA kernels ({self.pool_box} pixels "
+                f"per block exceed {self.config.shared_memory} bytes of shared memory); "
                 "use --device cpu"
             )
-        return plan
 
     @property
     def blur(self) -> int:
@@ -227,6 +252,47 @@ class MeanFieldPlan:
         px, py = self.config.pixel_block
         return (-(-self.width // px), -(-self.height // py), self.batch)
 
+    # -- the full-resolution launches, shared by inference and the module's mean field -----
+    @property
+    def geometry(self) -> tuple[np.int32, ...]:
+        """``height, width, coarse_h, coarse_w, blur, pad_y, pad_x`` as kernel arguments."""
+        values = (self.height, self.width, self.coarse_h, self.coarse_w, self.blur)
+        return tuple(np.int32(v) for v in (*values, self.pad_y, self.pad_x))
+
+    def scales(self, weight: float) -> tuple[np.float32, np.float32]:
+        """``unary_scale = u - w`` and ``msg_scale = w`` for message weight ``weight``."""
+        return np.float32(self.params.unary_weight - weight), np.float32(weight)
+
+    def launch_init(self, launch: Launch, logits, lse, pooled) -> None:
+        """``convcrf_init``: logits -> ``lse [N,H,W]``, ``pooled`` Q0 ``[N,C,h,w]``."""
+        rows, cols = self.pool_tile
+        args = (logits, lse, pooled, np.int32(self.classes), *self.geometry)
+        args += (np.int32(rows), np.int32(cols), np.int32(self.chunk_classes))
+        args += (np.int32(self.params.init == "log"),)
+        launch("convcrf_init", self.pool_grid, self._pool_block, args, self.pool_shared)
+
+    def launch_step(self, launch: Launch, logits, lse, message, pooled, weight: float) -> None:
+        """``convcrf_step``: the next pooled Q ``[N,C,h,w]`` from ``message [N,C,h,w]``."""
+        rows, cols = self.pool_tile
+        args = (logits, lse, message, pooled, np.int32(self.classes), *self.geometry)
+        args += (np.int32(rows), np.int32(cols), np.int32(self.chunk_classes))
+        args += self.scales(weight)
+        launch("convcrf_step", self.pool_grid, self._pool_block, args, self.pool_shared)
+
+    def launch_final(self, launch: Launch, logits, lse, message, scores, weight: float) -> None:
+        """``convcrf_final``: the scores ``[N,C,H,W]`` from the last ``message``."""
+        args = (logits, lse, message, scores, np.int32(self.classes), *self.geometry)
+        args += self.scales(weight)
+        launch("convcrf_final", self.pixel_grid, self.pixel_block, args, 0)
+
+    @property
+    def pixel_block(self) -> tuple[int, int, int]:
+        return (*self.config.pixel_block, 1)
+
+    @property
+    def _pool_block(self) -> tuple[int, int, int]:
+        return (self.config.pool_threads, 1, 1)
+
 
 Launch = Callable[[str, tuple[int, int, int], tuple[int, int, int], tuple, int], None]
 """``launch(kernel_name, grid, block, args, shared_mem_bytes)``."""
@@ -240,35 +306,25 @@ def run_plan(plan: MeanFieldPlan, image, logits, scores, launch: Launch, empty) 
     ``empty(shape, dtype)`` allocates the intermediate buffers.
     """
     p, i32, f32 = plan.params, np.int32, np.float32
-    n, c, f, height, width = plan.batch, plan.classes, plan.features, plan.height, plan.width
-    h, w = plan.coarse_h, plan.coarse_w
+    n, c, f, h, w = plan.batch, plan.classes, plan.features, plan.coarse_h, plan.coarse_w
     feat = empty((n, 2 + f, h, w), np.float32)
-    lse = empty((n, height, width), np.float32)
+    lse = empty((n, plan.height, plan.width), np.float32)
     pooled = empty((n, c, h, w), np.float32)
     message = empty((n, c, h, w), np.float32)
-    geometry = (i32(height), i32(width), i32(h), i32(w), i32(plan.blur))
-    geometry += (i32(plan.pad_y), i32(plan.pad_x))
     cell_block = (*plan.config.cell_block, 1)
-    pool_block = (plan.config.pool_threads, 1, 1)
-    tile = (i32(plan.pool_tile[0]), i32(plan.pool_tile[1]), i32(plan.chunk_classes))
-    scales = (f32(p.unary_weight - p.weight), f32(p.weight))
-
-    features_args = (image, feat, i32(f), *geometry, f32(1 / p.pos_sdims), f32(1 / p.col_schan))
+    features_args = (image, feat, i32(f), *plan.geometry)
+    features_args += (f32(1 / p.pos_sdims), f32(1 / p.col_schan))
     launch("convcrf_pool_features", plan.cell_grid, cell_block, features_args, 0)
-    init_args = (logits, lse, pooled, i32(c), *geometry, *tile, i32(p.init == "log"))
-    launch("convcrf_init", plan.pool_grid, pool_block, init_args, plan.pool_shared)
+    plan.launch_init(launch, logits, lse, pooled)
     message_args = (feat, pooled, message, i32(c), i32(f), i32(h), i32(w))
     message_args += (i32(p.filter_size), i32(plan.num_chunks))
     message_args += (f32(p.pos_compat), f32(p.col_compat))
     for i in range(p.iterations):
         launch("convcrf_message", plan.message_grid, cell_block, message_args, plan.message_shared)
         if i < p.iterations - 1:
-            step_args = (logits, lse, message, pooled, i32(c), *geometry, *tile, *scales)
-            launch("convcrf_step", plan.pool_grid, pool_block, step_args, plan.pool_shared)
+            plan.launch_step(launch, logits, lse, message, pooled, p.weight)
         else:
-            final_args = (logits, lse, message, scores, i32(c), *geometry, *scales)
-            pixel_block = (*plan.config.pixel_block, 1)
-            launch("convcrf_final", plan.pixel_grid, pixel_block, final_args, 0)
+            plan.launch_final(launch, logits, lse, message, scores, p.weight)
 
 
 @functools.cache

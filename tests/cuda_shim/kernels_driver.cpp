@@ -28,6 +28,16 @@ int shim_launch(const char* name, const unsigned* grid, const unsigned* block,
         return shim_launch_kernel(convcrf_step, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_final"))
         return shim_launch_kernel(convcrf_final, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_window_sum"))
+        return shim_launch_kernel(convcrf_window_sum, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_window_products"))
+        return shim_launch_kernel(convcrf_window_products, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_upsample_adjoint"))
+        return shim_launch_kernel(convcrf_upsample_adjoint, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_softmax_adjoint"))
+        return shim_launch_kernel(convcrf_softmax_adjoint, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_unary_adjoint"))
+        return shim_launch_kernel(convcrf_unary_adjoint, g, b, shared_bytes, args);
     return -1;
 }
 }
