@@ -45,7 +45,14 @@ for blur, k, init in ((2, 5, "log"), (1, 3, "softmax"), (4, 11, "softmax")):
     logits = rng.normal(0, 2, (2, 21, 37, 45)).astype(np.float32)
     scores = refine(image, logits, CRFParams(filter_size=k, blur=blur, init=init), device="cuda")
     assert np.isfinite(scores).all()
-print("small runs done")
+import torch, torch.nn.functional as F
+from convcrf_cli.torch import ConvCRF
+crf = ConvCRF.from_params(CRFParams(filter_size=5, blur=2), 21, "compat,scales,weight,C").cuda()
+image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).cuda()
+logits_t = torch.from_numpy(logits).cuda().requires_grad_()
+F.cross_entropy(crf(image_t, logits_t), logits_t.detach().argmax(1)).backward()
+assert torch.isfinite(logits_t.grad).all()
+print("small runs done (inference and a training step)")
 '
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
@@ -81,21 +88,36 @@ COMPARE
 echo "== learning on the GPU: the ConvCRF module's training step, and convcrf fit"
 "$PY" - <<'TRAIN' 2>&1 | tee "$LOG/train_gpu.log"
 import statistics, torch, torch.nn.functional as F
-from convcrf_cli import CRFParams
+from convcrf_cli import CRFParams, meanfield
 from convcrf_cli.torch import ConvCRF
 image = torch.rand(1, 3, 375, 500, device="cuda") * 255
 logits = torch.randn(1, 21, 375, 500, device="cuda")
 labels = torch.randint(0, 21, (1, 375, 500), device="cuda")
+
+def median_ms(step, runs=13, warm=3):
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[warm:])
+
 crf = ConvCRF.from_params(CRFParams(), 21).cuda()
-times = []
-for _ in range(13):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    F.cross_entropy(crf(image, logits), labels).backward()
-    end.record()
-    torch.cuda.synchronize()
-    times.append(start.elapsed_time(end))
-print(f"ConvCRF forward+backward, 500x375, C=21, defaults: {statistics.median(times[3:]):.1f} ms")
+module_ms = median_ms(lambda: F.cross_entropy(crf(image, logits), labels).backward())
+print(f"ConvCRF forward+backward, 500x375, C=21, defaults: {module_ms:.1f} ms")
+params = CRFParams()
+kernel = meanfield.crf_kernel(image, params)
+print("| mean field forward+backward, 500x375, C=21, defaults | ms |\n|---|---:|")
+for fused, name in ((None, "fused CUDA kernels"), (False, "PyTorch operations on CUDA")):
+    def step():
+        logits_ = logits.clone().requires_grad_()
+        kernel_ = kernel.clone().requires_grad_()
+        meanfield.mean_field(logits_, kernel_, params, weight=torch.tensor(0.2, device="cuda",
+                             requires_grad=True), fused=fused).sum().backward()
+    print(f"| {name} | {median_ms(step):.2f} |")
 TRAIN
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 started=$SECONDS

@@ -3,18 +3,21 @@
 Every case of tests/test_cuda_shim.py runs on the device with all buffers poisoned with NaN; a
 2048x2048 image is checked against the PyTorch mean field in float64 (itself checked against
 tests/reference.py in test_meanfield.py), since the loop-based reference is too slow there.
-The differentiable module on CUDA tensors is compared with itself on the CPU, gradients included.
+The differentiable module on CUDA tensors (its mean field on the fused kernels of
+backends/cuda_autograd.py) is compared with itself on the CPU, gradients included, and the fused
+mean field with the PyTorch one, on every case of tests/test_cuda_autograd.py and at 500x375.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_cuda_autograd
 import torch
 from test_cuda_shim import CASES, assert_matches_reference, random_inputs
 
-from convcrf_cli import meanfield
-from convcrf_cli.backends import cuda
+from convcrf_cli import meanfield, phases
+from convcrf_cli.backends import cuda, cuda_autograd
 from convcrf_cli.params import CRFParams
 
 pytestmark = pytest.mark.gpu
@@ -133,3 +136,59 @@ def test_torch_module_on_cuda_tensors_matches_cpu():
     for on_cpu, on_gpu in zip(_module_outputs("cpu"), _module_outputs("cuda"), strict=True):
         scale = float(on_cpu.abs().max())
         torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-3, atol=1e-4 * scale)
+
+
+def _poison_cuda_cache() -> None:
+    """Fill free memory of torch's caching allocator with NaN, so that buffers the fused
+    mean field allocates (torch.empty) start as NaN rather than as earlier results."""
+    torch.cuda.synchronize()
+    block = torch.full((1 << 26,), float("nan"), device="cuda")
+    del block
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with CUDA")
+@pytest.mark.parametrize("case", test_cuda_autograd.CASES, ids=lambda c: "x".join(map(str, c)))
+def test_fused_mean_field_on_gpu_matches_pytorch(case):
+    params, logits, kernel, matrix, grad = test_cuda_autograd.inputs(case)
+    block = cuda_autograd.class_block(logits.shape[1])
+    launch = cuda_autograd.cuda_launcher(0, block)
+    on_gpu = [None if t is None else t.cuda() for t in (logits, kernel, matrix, grad)]
+    _poison_cuda_cache()
+    scores, record = cuda_autograd.mean_field(*on_gpu[:2], params, 0.6, on_gpu[2], launch, block)
+    grads = cuda_autograd.mean_field_backward(
+        record, on_gpu[0], on_gpu[3], on_gpu[1], 0.6, on_gpu[2], True, launch
+    )
+    matrix64 = None if matrix is None else matrix.double()
+    expected, expected_record = phases.mean_field(
+        logits.double(), kernel.double(), params, 0.6, matrix64, record=True
+    )
+    expected_grads = phases.mean_field_backward(
+        expected_record, grad.double(), kernel.double(), params, 0.6, matrix64, True
+    )
+    test_cuda_autograd.assert_close(scores.cpu(), expected, "scores")
+    for name, got, want in zip(
+        ("logits", "kernel", "weight", "matrix"), grads, expected_grads, strict=True
+    ):
+        if want is not None:
+            test_cuda_autograd.assert_close(got.cpu(), want, name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs torch with CUDA")
+def test_fused_and_pytorch_mean_field_agree_at_voc_size():
+    generator = torch.Generator().manual_seed(3)
+    params = CRFParams()
+    image = (torch.rand(1, 3, 375, 500, generator=generator) * 255).cuda()
+    logits = torch.randn(1, 21, 375, 500, generator=generator).cuda()
+    kernel = meanfield.crf_kernel(image, params)
+    assert meanfield._fused_launcher(logits, kernel, None) is not None
+    outputs = []
+    for fused in (None, False):
+        logits_ = logits.clone().requires_grad_()
+        kernel_ = kernel.clone().requires_grad_()
+        weight = torch.tensor(0.2, device="cuda", requires_grad=True)
+        scores = meanfield.mean_field(logits_, kernel_, params, weight=weight, fused=fused)
+        (scores * torch.linspace(-1, 1, 500, device="cuda")).sum().backward()
+        outputs.append([scores.detach(), logits_.grad, kernel_.grad, weight.grad])
+    for got, want in zip(*outputs, strict=True):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * scale)
