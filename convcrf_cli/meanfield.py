@@ -129,6 +129,8 @@ def mean_field(
     """
     w = params.weight if weight is None else weight
     launcher = _fused_launcher(logits, kernel, compat_matrix) if fused is not False else None
+    if launcher is not None:  # the kernels read dense [N,C,H,W] and [N,k,k,h,w] arrays
+        logits, kernel = logits.contiguous(), kernel.contiguous()
     if _needs_grad(logits, kernel, w, compat_matrix):
         w = w if isinstance(w, torch.Tensor) else logits.new_tensor(float(w))
         return _MeanField.apply(logits, kernel, w, compat_matrix, params, launcher)
@@ -193,12 +195,10 @@ class _MeanField(torch.autograd.Function):
 
 
 def _fused_launcher(logits: torch.Tensor, kernel: torch.Tensor, compat_matrix) -> tuple | None:
-    """``(launch, class_block)`` for the fused CUDA kernels when the inputs are contiguous
-    float32 CUDA tensors and CuPy can run the kernels on their device, else None."""
+    """``(launch, class_block)`` for the fused CUDA kernels when the inputs are float32 CUDA
+    tensors and CuPy can run the kernels on their device, else None."""
     tensors = [logits, kernel] + ([] if compat_matrix is None else [compat_matrix])
     if not all(t.is_cuda and t.dtype == torch.float32 for t in tensors):
-        return None
-    if not (logits.is_contiguous() and kernel.is_contiguous()):
         return None
     index = logits.device.index if logits.device.index is not None else 0
     if not cuda_autograd.fused_available(index):
