@@ -9,10 +9,13 @@ import hashlib
 import io
 import json
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from convcrf_cli.errors import BadInputError
+from convcrf_cli.outputs import LABEL_SUFFIXES
 
 IMAGE_GLOBS = ("*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.bmp")
 UNARY_GLOBS = ("*.npy", "*.npz")
@@ -57,13 +60,16 @@ def split_globs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def find_files(root: Path, globs: tuple[str, ...]) -> dict[str, Path]:
-    """Files under ``root`` (recursive) whose name matches a glob, keyed by relative path
-    without suffix. Two files with one key (``a.jpg`` and ``a.png``) are an error."""
+    """Files under ``root`` (recursive) whose name matches a glob, ignoring case (``*.png``
+    matches ``A.PNG``), keyed by relative path without suffix. Two files with one key
+    (``a.jpg`` and ``a.png``) are an error."""
     if not root.is_dir():
         raise BadInputError(root, "not a directory")
+    patterns = [glob.lower() for glob in globs]
     found: dict[str, Path] = {}
     for path in sorted(root.rglob("*")):
-        if not path.is_file() or not any(fnmatch.fnmatch(path.name, g) for g in globs):
+        name = path.name.lower()
+        if not path.is_file() or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         key = path.relative_to(root).with_suffix("").as_posix()
         if key in found:
@@ -110,39 +116,63 @@ def pair_image_list(
 
 
 def read_lines(source: str) -> list[str]:
-    """Non-empty, non-comment lines of a file or of stdin (``-``)."""
-    text = sys.stdin.read() if source == "-" else _read_text(Path(source))
+    """Non-empty, non-comment lines of a UTF-8 file or of stdin (``-``)."""
+    text = _read_text(source)
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
 def read_manifest(source: str) -> list[Pair]:
-    """Read a CSV (header ``image,unary[,output]``) or JSON Lines manifest (``-`` = stdin).
+    """Read a CSV (header ``image,unary[,output]``) or JSON Lines manifest (``-`` = stdin),
+    UTF-8 with or without a byte-order mark.
 
     Relative image and unary paths are taken relative to the manifest's directory (the working
-    directory for stdin); ``output`` is relative to the batch output directory. Keys are the
-    output paths without suffix, else the image paths without suffix (just the stem for an
-    absolute image path or one with ``..``).
+    directory for stdin); ``output`` is relative to the batch output directory and names a
+    ``.png`` or ``.npy`` label file. Keys are the output paths without suffix, else the image
+    paths without suffix (just the stem for an absolute image path or one with ``..``).
     """
-    text = sys.stdin.read() if source == "-" else _read_text(Path(source))
+    text = _read_text(source)
+    name = _source_name(source)
     base = Path(".") if source == "-" else Path(source).parent
     is_jsonl = text.lstrip().startswith("{")
-    rows = _jsonl_rows(source, text) if is_jsonl else _csv_rows(source, text)
+    rows = _jsonl_rows(name, text) if is_jsonl else _csv_rows(name, text)
     pairs = []
     for number, row in rows:
-        missing = [k for k in ("image", "unary") if not row.get(k)]
+        image, unary, output = (_field(name, number, row, k) for k in ("image", "unary", "output"))
+        missing = [k for k, value in (("image", image), ("unary", unary)) if value is None]
         if missing:
-            raise BadInputError(source, f"entry {number}: missing {' and '.join(missing)}")
-        output = Path(row["output"]) if row.get("output") else None
-        if output is not None and not _inside(output):
-            raise BadInputError(
-                source, f"entry {number}: output {output} must be a relative path without '..'"
-            )
-        image = Path(row["image"])
-        key = output or (image if _inside(image) else Path(image.name))
+            raise BadInputError(name, f"line {number}: missing {' and '.join(missing)}")
+        output_path = None if output is None else Path(output)
+        if output_path is not None:
+            _check_manifest_output(name, number, output_path)
+        image_path = Path(image)
+        key = output_path or (image_path if _inside(image_path) else Path(image_path.name))
         pairs.append(
-            Pair(key.with_suffix("").as_posix(), base / image, base / row["unary"], output)
+            Pair(key.with_suffix("").as_posix(), base / image_path, base / unary, output_path)
         )
     return pairs
+
+
+def _field(name: str, number: int, row: dict, field: str) -> str | None:
+    """The path in ``row[field]``; None when absent or empty. Anything but text is an error."""
+    value = row.get(field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadInputError(
+            name, f"line {number}: {field} must be a path (a string), got {json.dumps(value)}"
+        )
+    return value
+
+
+def _check_manifest_output(name: str, number: int, output: Path) -> None:
+    if not _inside(output):
+        raise BadInputError(
+            name, f"line {number}: output {output} must be a relative path without '..'"
+        )
+    if output.suffix.lower() not in LABEL_SUFFIXES:
+        raise BadInputError(
+            name, f"line {number}: output {output} must end in {' or '.join(LABEL_SUFFIXES)}"
+        )
 
 
 def _inside(path: Path) -> bool:
@@ -150,21 +180,37 @@ def _inside(path: Path) -> bool:
     return not path.is_absolute() and ".." not in path.parts
 
 
-def _read_text(path: Path) -> str:
+def _source_name(source: str) -> str:
+    return "stdin" if source == "-" else source
+
+
+def _read_text(source: str) -> str:
+    """The text of the file ``source`` or of stdin (``-``): UTF-8, a leading byte-order mark
+    (as Excel and PowerShell write) dropped."""
+    name = _source_name(source)
     try:
-        return path.read_text()
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
-        raise BadInputError(path, f"cannot read: {exc.strerror}") from exc
+        raise BadInputError(name, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadInputError(
+            name, f"line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8"
+        ) from exc
 
 
-def _csv_rows(source: str, text: str):
+def _csv_rows(name: str, text: str) -> list[tuple[int, dict]]:
+    """(line number, row) of each CSV record after the header."""
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or not {"image", "unary"} <= set(reader.fieldnames):
-        raise BadInputError(source, "CSV manifest needs a header with columns image,unary[,output]")
-    return [(i + 2, row) for i, row in enumerate(reader)]
+        raise BadInputError(name, "CSV manifest needs a header with columns image,unary[,output]")
+    return [(reader.line_num, row) for row in reader]
 
 
-def _jsonl_rows(source: str, text: str):
+def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-empty JSON Lines line."""
     rows = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():
@@ -172,9 +218,9 @@ def _jsonl_rows(source: str, text: str):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BadInputError(source, f"line {i + 1}: not valid JSON ({exc.msg})") from exc
+            raise BadInputError(name, f"line {i + 1}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):
-            raise BadInputError(source, f"line {i + 1}: expected a JSON object")
+            raise BadInputError(name, f"line {i + 1}: expected a JSON object")
         rows.append((i + 1, row))
     return rows
 
@@ -197,8 +243,12 @@ def shard_of(key: str, count: int) -> int:
     return int.from_bytes(digest[:8], "big") % count
 
 
-def select_shard(pairs: list[Pair], index: int, count: int) -> list[Pair]:
-    return [p for p in pairs if shard_of(p.key, count) == index]
+Keyed = TypeVar("Keyed", Pair, BatchItem)
+
+
+def select_shard(items: list[Keyed], index: int, count: int) -> list[Keyed]:
+    """The pairs or planned items of shard ``index`` of ``count`` (by :func:`shard_of`)."""
+    return [item for item in items if shard_of(item.key, count) == index]
 
 
 def plan_outputs(
@@ -207,30 +257,56 @@ def plan_outputs(
     out_suffix: str = ".png",
     overlay_dir: Path | None = None,
     probs_dir: Path | None = None,
+    *,
+    report: Path | None = None,
+    inputs: Iterable[Path] = (),
 ) -> list[BatchItem]:
     """Decide every output path (relative paths kept) and reject collisions before any work:
-    two inputs writing one file, or an output that would overwrite an input."""
+    two inputs writing one file, two outputs of one input writing one file, or an output that
+    would overwrite an input.
+
+    report: the report file, checked like the outputs (None: no report file).
+    inputs: input files besides the pairs' images and unaries (unpaired files, the manifest),
+    which no output may overwrite either.
+    """
+    paired = [path for pair in pairs for path in (pair.image, pair.unary)]
+    claims = _Claims([*paired, *inputs])
     items = []
-    owner: dict[Path, str] = {}
-    inputs = {path.resolve() for pair in pairs for path in (pair.image, pair.unary)}
     for pair in pairs:
-        output = out_dir / (pair.output or f"{pair.key}{out_suffix}")
         item = BatchItem(
             pair.key,
             pair.image,
             pair.unary,
-            output,
+            out_dir / (pair.output or f"{pair.key}{out_suffix}"),
             overlay_dir / f"{pair.key}.png" if overlay_dir else None,
             probs_dir / f"{pair.key}.npy" if probs_dir else None,
         )
-        for path in item.outputs():
-            resolved = path.resolve()
-            if resolved in inputs:
-                raise BadInputError(path, "output would overwrite an input file")
-            if resolved in owner:
-                raise BadInputError(
-                    path, f"two inputs write here: {owner[resolved]} and {pair.image}"
-                )
-            owner[resolved] = str(pair.image)
+        claims.claim(item.output, f"the label output of {pair.image}", pair.image)
+        if item.overlay is not None:
+            claims.claim(item.overlay, f"the overlay of {pair.image}", pair.image)
+        if item.probs is not None:
+            claims.claim(item.probs, f"the probabilities of {pair.image}", pair.image)
         items.append(item)
+    if report is not None:
+        claims.claim(report, "the report", None)
     return items
+
+
+class _Claims:
+    """Output paths claimed so far and by which output; the inputs no output may overwrite."""
+
+    def __init__(self, inputs: Iterable[Path]) -> None:
+        self.inputs = {path.resolve() for path in inputs}
+        self.owners: dict[Path, tuple[str, Path | None]] = {}
+
+    def claim(self, path: Path, role: str, image: Path | None) -> None:
+        """Claim ``path`` for the output described by ``role`` (of input ``image``)."""
+        resolved = path.resolve()
+        if resolved in self.inputs:
+            raise BadInputError(path, "output would overwrite an input file")
+        if resolved in self.owners:
+            other_role, other_image = self.owners[resolved]
+            if None not in (image, other_image) and image != other_image:
+                raise BadInputError(path, f"two inputs write here: {other_image} and {image}")
+            raise BadInputError(path, f"{other_role} and {role} would both be written here")
+        self.owners[resolved] = (role, image)

@@ -8,17 +8,20 @@ rename; an item that fails is reported and the batch goes on (or stops, with ``f
 
 :func:`run_batch` is a generator of :class:`ItemReport`; close it (``contextlib.closing``)
 to stop early: queued work is cancelled and work in flight finishes, so nothing is left
-half-written.
+half-written. A run that stops early removes the output directories it created that stayed
+empty (those of items read ahead but never written).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from convcrf_cli.backends import Backend
 from convcrf_cli.batch_items import BatchItem
@@ -127,11 +130,18 @@ def run_batch(
     remaining ones are not reported.
     """
     run = _Run(spec_for, params, backend, unary_options, settings, stats or BatchStats())
+    missing = _missing_directories(items)
+    reported = 0
     pool = ThreadPoolExecutor(settings.jobs, thread_name_prefix="convcrf-io")
     try:
-        yield from run.reports(collections.deque(items), pool)
+        with contextlib.closing(run.reports(collections.deque(items), pool)) as reports:
+            for report in reports:
+                reported += 1
+                yield report
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if reported < len(items):
+            _remove_empty(missing)
 
 
 class _Run:
@@ -247,6 +257,29 @@ class _Run:
                 write_item, prepared, item_scores, elapsed / len(group), self.device
             )
             self.writes.append((item, future))
+
+
+def _missing_directories(items: list[BatchItem]) -> list[Path]:
+    """The directories of the items' outputs that do not exist yet, deepest first."""
+    missing: set[Path] = set()
+    seen: set[Path] = set()
+    for item in items:
+        for path in item.outputs():
+            for directory in path.parents:
+                if directory in seen:
+                    break
+                seen.add(directory)
+                if directory.exists():
+                    break
+                missing.add(directory)
+    return sorted(missing, key=lambda directory: len(directory.parts), reverse=True)
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove those of ``directories`` (deepest first) that exist and are empty."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _failure(item: BatchItem, exc: BaseException) -> ItemReport:

@@ -7,7 +7,8 @@ the loss only: the labels (argmax) do not depend on it, and it lets the loss cal
 scores' confidence without pulling the CRF's weights down to do so (it is not saved).
 Training runs on random crops (batched: crops of one size form a batch); a held-out part of the
 images is refined whole to report mean IoU with the starting and with the learned parameters.
-Everything random follows ``seed``.
+Everything random follows ``seed``. A loss or parameter that stops being finite (too large a
+step size) stops the training with :class:`~convcrf_cli.errors.RuntimeFailure`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from convcrf_cli.backends import DeviceError, parse_device
 from convcrf_cli.core import InputError
+from convcrf_cli.errors import RuntimeFailure
 from convcrf_cli.metrics import confusion_matrix, iou_per_class
 from convcrf_cli.params import CRFParams, ParamsError
 from convcrf_cli.torch import DEFAULT_LEARN, ConvCRF, parse_learn
@@ -89,8 +91,9 @@ class FitResult:
 
     module: the trained :class:`ConvCRF` (on the CPU); ``module.to_params()`` /
     ``module.save(path)`` give the learned parameters. The mean IoUs (in [0, 1]) are over the
-    held-out images, None when none were held out: ``miou_unary`` is the unary's argmax,
-    ``miou_before`` the CRF with the starting parameters, ``miou_after`` with the learned ones.
+    held-out images, None when none were held out or their labels hold only the ignore label:
+    ``miou_unary`` is the unary's argmax, ``miou_before`` the CRF with the starting
+    parameters, ``miou_after`` with the learned ones.
     """
 
     module: ConvCRF
@@ -138,23 +141,30 @@ def split_examples(
 
 def fit(
     examples: Sequence[Example],
-    start: CRFParams,
+    start: CRFParams | ConvCRF,
     options: FitOptions,
     *,
     device: str = "cpu",
     progress: ProgressCallback | None = None,
 ) -> FitResult:
-    """Learn ConvCRF parameters from ``examples``, starting at ``start``.
+    """Learn ConvCRF parameters from ``examples``, starting at ``start``: parameters, or a
+    module (such as ``ConvCRF.load`` of an earlier fit's output) whose parameters and "+C" /
+    "+T" matrices are copied; ``options.learn`` says what trains further.
 
     All examples must have the same number of classes and image channels. Returns the trained
-    module and the held-out mean IoU before and after.
+    module and the held-out mean IoU before and after. Raises :class:`InputError` for
+    inconsistent examples or training labels that hold only the ignore label, and
+    :class:`~convcrf_cli.errors.RuntimeFailure` when the training diverges.
     """
     num_classes, num_features = check_examples(examples, options.ignore_label)
     target = torch_device(device)
     train, val = split_examples(examples, options.val_fraction, options.seed)
-    module = ConvCRF.from_params(
-        start, num_classes, learn=options.learn, num_features=num_features
-    ).to(target)
+    if not any(_labelled(example, options.ignore_label) for example in train):
+        raise InputError(
+            f"the training images' labels hold only the ignore label {options.ignore_label} "
+            "(the labelled ones were all held out); hold out fewer images or change the seed"
+        )
+    module = starting_module(start, num_classes, num_features, options.learn).to(target)
     miou_before = held_out_miou(module, val, num_classes, options.ignore_label)
     log_temperature = torch.zeros((), device=target, requires_grad=True)
     optimizer = torch.optim.Adam(
@@ -172,10 +182,15 @@ def fit(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            _check_finite(module, losses)
             epoch_losses.append(losses[-1])
             if progress is not None:
                 progress(len(losses), total, float(np.mean(epoch_losses)))
     module.eval()
+    try:
+        module.to_params()
+    except ParamsError as exc:
+        raise _diverged(len(losses), str(exc)) from exc
     miou_after = held_out_miou(module, val, num_classes, options.ignore_label)
     return FitResult(
         module=module.cpu(),
@@ -188,8 +203,29 @@ def fit(
     )
 
 
+def starting_module(
+    start: CRFParams | ConvCRF, num_classes: int, num_features: int, learn: tuple[str, ...]
+) -> ConvCRF:
+    """A new module at ``start`` (see :func:`fit`) for data of ``num_classes`` classes and
+    ``num_features`` image channels, learning the groups ``learn``. Raises
+    :class:`InputError` when a matrix of ``start`` does not fit the data."""
+    if isinstance(start, CRFParams):
+        return ConvCRF.from_params(start, num_classes, learn=learn, num_features=num_features)
+    for matrix, size, key, what in (
+        (start.compat_transform, num_classes, "compat_transform", "classes"),
+        (start.feature_transform, num_features, "feature_transform", "image channels"),
+    ):
+        if matrix is not None and matrix.shape[0] != size:
+            side = matrix.shape[0]
+            raise InputError(f"{key} is {side}x{side} but the data have {size} {what}")
+    return ConvCRF.from_dict(start.to_dict(), num_classes, learn, num_features=num_features)
+
+
 def check_examples(examples: Sequence[Example], ignore_label: int) -> tuple[int, int]:
-    """Check shapes and labels; return (classes, image channels) shared by all examples."""
+    """Check shapes and labels; return (classes, image channels) shared by all examples.
+
+    Labels that hold only ``ignore_label`` in every example are an error: nothing to learn.
+    """
     if not examples:
         raise InputError("no training images")
     num_classes = num_features = None
@@ -219,13 +255,21 @@ def check_examples(examples: Sequence[Example], ignore_label: int) -> tuple[int,
                 f"{example.name}: label values must lie in [0, {num_classes}) or be "
                 f"{ignore_label} (ignored), found {int(values.min())}..{int(values.max())}"
             )
+    if not any(_labelled(example, ignore_label) for example in examples):
+        raise InputError(f"labels hold only the ignore label {ignore_label}: nothing to learn")
     return int(num_classes), int(num_features)
+
+
+def _labelled(example: Example, ignore_label: int) -> bool:
+    """Whether some pixel of ``example`` has a label other than ``ignore_label``."""
+    return bool((example.labels != ignore_label).any())
 
 
 def held_out_miou(
     module: ConvCRF, examples: Sequence[Example], num_classes: int, ignore_label: int
 ) -> float | None:
-    """Mean IoU of ``module``'s refinement over whole ``examples`` (None when there are none)."""
+    """Mean IoU of ``module``'s refinement over whole ``examples`` (None when there are none
+    or their labels hold only ``ignore_label``)."""
     if not examples:
         return None
     device = next(module.parameters()).device
@@ -235,7 +279,7 @@ def held_out_miou(
             image, logits = _tensors(example, 0, 0, *example.labels.shape, device)
             labels = module(image[None], logits[None])[0].argmax(0).cpu().numpy()
             confusion += confusion_matrix(labels, example.labels, num_classes, ignore_label)
-    return float(np.nanmean(iou_per_class(confusion)))
+    return _miou(confusion)
 
 
 def _unary_miou(examples: Sequence[Example], num_classes: int, ignore_label: int) -> float | None:
@@ -245,7 +289,29 @@ def _unary_miou(examples: Sequence[Example], num_classes: int, ignore_label: int
     for example in examples:
         pred = np.asarray(example.logits).argmax(0)
         confusion += confusion_matrix(pred, example.labels, num_classes, ignore_label)
+    return _miou(confusion)
+
+
+def _miou(confusion: np.ndarray) -> float | None:
+    """Mean IoU over the classes present of a ``[C,C]`` confusion matrix; None when empty."""
+    if not confusion.any():
+        return None
     return float(np.nanmean(iou_per_class(confusion)))
+
+
+def _check_finite(module: ConvCRF, losses: list[float]) -> None:
+    """Raise :class:`RuntimeFailure` unless the last loss and every parameter are finite."""
+    if not math.isfinite(losses[-1]):
+        raise _diverged(len(losses), f"loss is {losses[-1]}")
+    for name, parameter in module.named_parameters():
+        if not bool(torch.isfinite(parameter).all()):
+            raise _diverged(len(losses), f"{name} is not finite")
+
+
+def _diverged(step: int, problem: str) -> RuntimeFailure:
+    return RuntimeFailure(
+        f"training diverged at step {step} ({problem}); lower the learning rate (--lr)"
+    )
 
 
 def _param_groups(module: ConvCRF, lr: float) -> list[dict]:

@@ -13,9 +13,11 @@ Decisions (see README):
   the pixels are used as stored. Either way :class:`LoadedImage` records the tag so that the
   caller can check the unary against both orientations and warn when the check cannot tell.
 - Multi-frame files (TIFF pages, animated WebP) give their first frame (a note says so).
-- Images with more than :data:`MAX_PIXELS` pixels are refused from their header, before any
-  decoding (decompression bombs included). ``CONVCRF_MAX_PIXELS`` lowers the limit; Pillow's
-  own ceiling (twice ``PIL.Image.MAX_IMAGE_PIXELS``, the default here) still applies above it.
+- Floating-point images holding NaN or infinite values are refused.
+- Images with more than :func:`max_pixels` pixels are refused from their header, before any
+  decoding (decompression bombs included). ``CONVCRF_MAX_PIXELS`` lowers the limit (read when
+  an image is opened; a value that is not a positive integer is an error then); Pillow's own
+  ceiling (twice ``PIL.Image.MAX_IMAGE_PIXELS``, the default here) still applies above it.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convcrf_cli.errors import BadInputError
 
-MAX_PIXELS = int(os.environ.get("CONVCRF_MAX_PIXELS", 2 * Image.MAX_IMAGE_PIXELS))
-"""Largest image (width × height) read; larger ones are refused before decoding."""
+MAX_PIXELS_VARIABLE = "CONVCRF_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+"""Largest image (height × width) read when ``CONVCRF_MAX_PIXELS`` is not set."""
 
 EXIF_ORIENTATION_TAG = 0x0112
 _ORIENTATION_NAMES = {
@@ -89,8 +92,26 @@ def load_image(path: str | Path, *, apply_exif: bool = True) -> LoadedImage:
         _decode(path, image)
         if apply_exif and orientation != 1:
             image = ImageOps.exif_transpose(image)
-        pixels = _pixels(image, notes)
+        pixels = _pixels(path, image, notes)
     return LoadedImage(pixels, orientation, apply_exif, stored_hw, tuple(notes))
+
+
+def max_pixels() -> int:
+    """Largest image (height × width) read: ``CONVCRF_MAX_PIXELS`` if set, else
+    :data:`DEFAULT_MAX_PIXELS`. A set value that is not a positive integer is a
+    :class:`BadInputError` naming the variable."""
+    text = os.environ.get(MAX_PIXELS_VARIABLE)
+    if text is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise BadInputError(
+            MAX_PIXELS_VARIABLE, f"must be a positive whole number of pixels, got {text!r}"
+        )
+    return limit
 
 
 def read_label_image(path: str | Path) -> np.ndarray:
@@ -130,8 +151,9 @@ def check_label_size(name: str | Path, labels: np.ndarray, image_hw: tuple[int, 
 
 
 def _open(path: str | Path) -> Image.Image:
-    """Open lazily (header only) and refuse images over :data:`MAX_PIXELS`."""
+    """Open lazily (header only) and refuse images over :func:`max_pixels`."""
     path = Path(path)
+    limit = max_pixels()
     if not path.exists():
         raise BadInputError(path, "no such file")
     if path.is_dir():
@@ -149,12 +171,12 @@ def _open(path: str | Path) -> Image.Image:
     except OSError as exc:
         raise BadInputError(path, f"cannot read: {exc.strerror or exc}") from exc
     width, height = image.size
-    if width * height > MAX_PIXELS:
+    if width * height > limit:
         image.close()
         raise BadInputError(
             path,
-            f"image too large: {width}×{height} = {width * height} pixels, more than the "
-            f"limit of {MAX_PIXELS} (CONVCRF_MAX_PIXELS)",
+            f"image too large: {height}×{width} = {width * height} pixels, more than the "
+            f"limit of {limit} ({MAX_PIXELS_VARIABLE})",
         )
     return image
 
@@ -177,13 +199,15 @@ def _exif_orientation(image: Image.Image) -> int:
     return value if value in _ORIENTATION_NAMES else 1
 
 
-def _pixels(image: Image.Image, notes: list[str]) -> np.ndarray:
+def _pixels(path: str | Path, image: Image.Image, notes: list[str]) -> np.ndarray:
     """``[H,W,F]`` array of a decoded image, alpha dropped, values in their raw range."""
     mode = image.mode
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
         notes.append(f"alpha channel dropped (mode {mode}); colours used as stored")
     if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
         values = np.asarray(image)
+        if mode == "F" and not np.isfinite(values).all():
+            raise BadInputError(path, "image holds NaN or infinite values")
         in_uint16 = mode != "F" and values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max
         values = values.astype(np.uint16 if in_uint16 else np.float32)
         notes.append(

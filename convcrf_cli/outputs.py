@@ -1,15 +1,16 @@
 """Writing results: label maps, refined probabilities and colour overlays.
 
 Every file is written through :mod:`convcrf_cli.atomic` (temporary name, then rename), so an
-error never leaves a partial file. ``-`` as the label path writes the PNG to stdout, encoded
-in full before the first byte goes out.
+error never leaves a partial file; :func:`write_outputs` renames the files of one item only when
+all were written, so that a failure leaves none of them. ``-`` as the label path writes the PNG
+to stdout, encoded in full before the first byte goes out.
 
 - Labels ``.png``: palette PNG (mode ``P``, Pascal VOC colours) whose pixel values are the
   class ids; at most 256 classes. Labels ``.npy``: ``[H,W] int32``.
 - Probabilities ``.npy``: ``softmax`` of the refined scores, float16 or float32, in the layout
   of the input unary (``[C,H,W]`` or ``[H,W,C]``; ``[C,H,W]`` for a label-map unary).
 - Overlay: the palette colour of each label blended over the image with weight ``alpha``;
-  any format Pillow writes from the suffix (``.png``, ``.jpg``, ``.webp``, ...).
+  any format Pillow writes RGB images in, from the suffix (``.png``, ``.jpg``, ``.webp``, ...).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import dataclasses
 import io
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from convcrf_cli.atomic import atomic_output
+from convcrf_cli.atomic import StagedFiles, atomic_output, staged_outputs
 from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.palette import palette_bytes, voc_palette
 
@@ -59,10 +62,13 @@ class OutputSpec:
 def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
     """Validate ``spec`` without touching the disk: formats, options, no output over an input.
 
-    Raises :class:`BadInputError` naming the offending path.
+    Raises :class:`BadInputError` naming the offending path, or :class:`RuntimeFailure` when
+    the labels go to stdout and stdout is closed.
     """
     labels_suffix = Path(spec.labels).suffix.lower()
-    if str(spec.labels) != STDOUT and labels_suffix not in LABEL_SUFFIXES:
+    if str(spec.labels) == STDOUT:
+        _check_stdout()
+    elif labels_suffix not in LABEL_SUFFIXES:
         raise BadInputError(spec.labels, "label output must be .png, .npy or - (PNG on stdout)")
     if spec.probs is not None and Path(spec.probs).suffix.lower() != ".npy":
         raise BadInputError(spec.probs, "probabilities are written as .npy")
@@ -74,12 +80,7 @@ def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
         if path is not None and str(path) == STDOUT:
             raise BadInputError(None, "only the label output (-o) can go to stdout")
     if spec.overlay is not None:
-        try:
-            Image.registered_extensions()[Path(spec.overlay).suffix.lower()]
-        except KeyError:
-            raise BadInputError(
-                spec.overlay, "unknown image format for the overlay (use .png, .jpg, ...)"
-            ) from None
+        _encode_overlay(spec.overlay, Image.new("RGB", (1, 1)))  # refuses formats Pillow lacks
     paths = spec.paths()
     input_paths = {_identity(p) for p in inputs if str(p) != STDOUT}
     seen: set[Path] = set()
@@ -96,13 +97,19 @@ def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
 
 def check_class_count(spec: OutputSpec, num_classes: int) -> None:
     """Refuse more than 256 classes when a PNG label map or overlay is asked for."""
-    labels_png = str(spec.labels) == STDOUT or Path(spec.labels).suffix.lower() == ".png"
-    if num_classes > PNG_MAX_CLASSES and (labels_png or spec.overlay is not None):
-        what = "PNG label map" if labels_png else "overlay"
+    if num_classes <= PNG_MAX_CLASSES:
+        return
+    if str(spec.labels) == STDOUT or Path(spec.labels).suffix.lower() == ".png":
         raise BadInputError(
-            spec.overlay if not labels_png else spec.labels,
-            f"{num_classes} classes do not fit a {what} (at most {PNG_MAX_CLASSES}); "
+            spec.labels,
+            f"{num_classes} classes do not fit a PNG label map (at most {PNG_MAX_CLASSES}); "
             "write the labels as .npy",
+        )
+    if spec.overlay is not None:
+        raise BadInputError(
+            spec.overlay,
+            f"{num_classes} classes do not fit an overlay (at most {PNG_MAX_CLASSES} colours); "
+            "leave the overlay out",
         )
 
 
@@ -120,46 +127,126 @@ def prepare_directories(spec: OutputSpec) -> None:
             raise BadInputError(path, f"directory {directory} is not writable")
 
 
-def write_labels(path: str | Path, labels: np.ndarray) -> None:
-    """Write ``[H,W]`` integer class ids to ``.png`` (palette), ``.npy`` (int32) or ``-``."""
+def write_outputs(
+    spec: OutputSpec, image: np.ndarray, scores: np.ndarray, labels: np.ndarray, layout: str
+) -> list[str]:
+    """Write every output ``spec`` names, all or none; return their paths (``"-"`` for stdout).
+
+    image: ``[H,W,F]`` (for the overlay). scores: the refined ``[C,H,W] float32`` scores, whose
+    softmax over classes is written as the probabilities, in ``layout``. labels: ``[H,W]``
+    class ids (the argmax of ``scores``).
+    The files are written under temporary names and renamed once all were written (and the
+    PNG went to stdout); if anything fails, none is left. A failing rename removes the
+    outputs already renamed.
+    """
+    written: list[str] = []
+    try:
+        with staged_outputs() as staged:
+            if str(spec.labels) != STDOUT:
+                write_labels(spec.labels, labels, staged=staged)
+            written.append(str(spec.labels))
+            if spec.probs is not None:
+                probs = _softmax(scores)
+                write_probabilities(spec.probs, probs, layout, spec.probs_dtype, staged=staged)
+                written.append(str(spec.probs))
+            if spec.overlay is not None:
+                write_overlay(spec.overlay, image, labels, spec.alpha, staged=staged)
+                written.append(str(spec.overlay))
+            if str(spec.labels) == STDOUT:
+                write_labels(STDOUT, labels)
+    except OSError as exc:  # a rename failed: os.replace names the target second
+        raise RuntimeFailure(
+            f"{exc.filename2 or exc.filename}: cannot write: {exc.strerror or exc}"
+        ) from exc
+    return written
+
+
+def write_labels(
+    path: str | Path, labels: np.ndarray, *, staged: StagedFiles | None = None
+) -> None:
+    """Write ``[H,W]`` integer class ids to ``.png`` (palette), ``.npy`` (int32) or ``-``.
+
+    staged: stage the file there (see :mod:`convcrf_cli.atomic`) instead of renaming it now.
+    """
     if str(path) == STDOUT:
         _write_stdout(_palette_png(path, labels))
         return
     if Path(path).suffix.lower() == ".npy":
-        _write(path, lambda handle: np.save(handle, labels.astype(np.int32)))
+        _write(path, lambda handle: np.save(handle, labels.astype(np.int32)), staged)
     else:
         data = _palette_png(path, labels)
-        _write(path, lambda handle: handle.write(data))
+        _write(path, lambda handle: handle.write(data), staged)
 
 
-def write_probabilities(path: str | Path, probs: np.ndarray, layout: str, dtype: str) -> None:
-    """Write ``[C,H,W]`` probabilities to ``.npy`` in ``layout`` (``HWC``: ``[H,W,C]``)."""
+def write_probabilities(
+    path: str | Path,
+    probs: np.ndarray,
+    layout: str,
+    dtype: str,
+    *,
+    staged: StagedFiles | None = None,
+) -> None:
+    """Write ``[C,H,W]`` probabilities to ``.npy`` in ``layout`` (``HWC``: ``[H,W,C]``).
+
+    staged: as for :func:`write_labels`.
+    """
     if dtype not in PROBS_DTYPES:
         raise BadInputError(path, f"probabilities dtype must be one of {', '.join(PROBS_DTYPES)}")
     array = np.moveaxis(probs, 0, -1) if layout == "HWC" else probs
     array = np.ascontiguousarray(array, dtype=dtype)
-    _write(path, lambda handle: np.save(handle, array))
+    _write(path, lambda handle: np.save(handle, array), staged)
 
 
-def write_overlay(path: str | Path, image: np.ndarray, labels: np.ndarray, alpha: float) -> None:
+def write_overlay(
+    path: str | Path,
+    image: np.ndarray,
+    labels: np.ndarray,
+    alpha: float,
+    *,
+    staged: StagedFiles | None = None,
+) -> None:
     """Blend the palette colours of ``labels [H,W]`` over ``image [H,W,F]`` (``[H,W]`` too).
 
     The image is shown as 8-bit RGB: 8-bit values as they are, 16-bit divided by 257, floats
     stretched from their minimum to their maximum; one channel is grey, three are RGB, other
-    counts show the first channel as grey.
+    counts show the first channel as grey. staged: as for :func:`write_labels`.
     """
     if labels.max(initial=0) >= PNG_MAX_CLASSES:
         raise BadInputError(path, f"labels above {PNG_MAX_CLASSES - 1} have no overlay colour")
     colours = voc_palette()[labels].astype(np.float32)
     blended = (1.0 - alpha) * _display_rgb(image) + alpha * colours
     picture = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
-    buffer = io.BytesIO()
+    data = _encode_overlay(path, picture)
+    _write(path, lambda handle: handle.write(data), staged)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """``[C,H,W] float32`` softmax over classes (NumPy: it runs in I/O worker threads, where
+    torch's own thread pool would compete with the CRF's)."""
+    shifted = scores - scores.max(axis=0, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=0, keepdims=True)
+    return shifted
+
+
+def _encode_overlay(path: str | Path, picture: Image.Image) -> bytes:
+    """``picture`` (mode RGB) encoded in the format of ``path``'s suffix."""
     suffix = Path(path).suffix.lower()
+    image_format = Image.registered_extensions().get(suffix)
+    if image_format is None:
+        raise BadInputError(path, "unknown image format for the overlay (use .png, .jpg, ...)")
+    buffer = io.BytesIO()
     try:
-        picture.save(buffer, format=Image.registered_extensions()[suffix])
-    except (KeyError, OSError, ValueError) as exc:
-        raise BadInputError(path, f"cannot encode the overlay as {suffix}: {exc}") from exc
-    _write(path, lambda handle: handle.write(buffer.getvalue()))
+        picture.save(buffer, format=image_format)
+    except KeyError:  # Pillow reads this format but has no writer for it
+        raise BadInputError(
+            path, f"Pillow cannot write {image_format} images; use .png, .jpg, ... for the overlay"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            path, f"cannot write the overlay (RGB) as {image_format}: {exc} (use .png, .jpg, ...)"
+        ) from exc
+    return buffer.getvalue()
 
 
 def _display_rgb(image: np.ndarray) -> np.ndarray:
@@ -189,24 +276,40 @@ def _palette_png(path: str | Path, labels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _check_stdout() -> None:
+    """Refuse a closed stdout (Python sets ``sys.stdout`` to None when started without one)."""
+    if sys.stdout is None:
+        raise RuntimeFailure("stdout: closed; there is nowhere to write the PNG")
+
+
 def _write_stdout(data: bytes) -> None:
-    """Write ``data`` to stdout; a reader that closed the pipe is a runtime failure."""
+    """Write ``data`` to stdout; a closed stdout, a reader that closed the pipe or any other
+    write error (a full disk) is a runtime failure."""
+    _check_stdout()
     try:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    except BrokenPipeError as exc:
+    except OSError as exc:
         # Point stdout at /dev/null so that the interpreter's final flush stays quiet.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        raise RuntimeFailure(
-            "stdout: the reader closed the pipe before the PNG was written"
-        ) from exc
+        os.close(devnull)
+        problem = (
+            "the reader closed the pipe before the PNG was written"
+            if isinstance(exc, BrokenPipeError)
+            else f"cannot write the PNG: {exc.strerror or exc}"
+        )
+        raise RuntimeFailure(f"stdout: {problem}") from exc
 
 
-def _write(path: str | Path, fill) -> None:
-    """Write through :func:`atomic_output`; OS errors become :class:`RuntimeFailure`."""
+def _write(
+    path: str | Path, fill: Callable[[BinaryIO], object], staged: StagedFiles | None
+) -> None:
+    """Write through :func:`atomic_output`, or stage the file in ``staged``; OS errors become
+    :class:`RuntimeFailure`."""
+    opener = atomic_output if staged is None else staged.output
     try:
-        with atomic_output(Path(path)) as handle:
+        with opener(Path(path)) as handle:
             fill(handle)
     except OSError as exc:
         raise RuntimeFailure(f"{path}: cannot write: {exc.strerror or exc}") from exc

@@ -118,7 +118,7 @@ class CRFParams:
             "unary_weight",
         ):
             if name in values and _is_real(values[name]):
-                values[name] = float(values[name])
+                values[name] = _to_float(values[name])
         return cls(**values)
 
     @classmethod
@@ -134,13 +134,19 @@ class CRFParams:
 
 
 def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
-    """Read the JSON object in ``path`` and ``build`` something from it; every fault (an
-    unreadable file, invalid JSON, a rejected value) is a :class:`ParamsError` naming the file."""
+    """Read the JSON object in ``path`` (UTF-8) and ``build`` something from it; every fault
+    (an unreadable file, invalid JSON, a rejected value) is a :class:`ParamsError` naming the
+    file. Integers too long for Python to convert are read as infinite floats, which the
+    validation then refuses by name."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"), parse_int=_parse_int)
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path}: not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise ParamsError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
     try:
@@ -151,6 +157,24 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _to_float(value: int | float) -> float:
+    """``float(value)``, infinite for an integer beyond the float range (validation refuses
+    it by the field's name)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _parse_int(text: str) -> int | float:
+    """A JSON integer: an int, or an infinite float when it has more digits than Python
+    converts (``sys.get_int_max_str_digits``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return -math.inf if text.startswith("-") else math.inf
 
 
 ORIGINAL = CRFParams(filter_size=11, blur=4, init="log")

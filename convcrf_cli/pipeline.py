@@ -1,9 +1,10 @@
 """Refining one item, files in and files out: the library behind ``convcrf refine``.
 
 :func:`refine_item` validates everything that needs no computation first (output formats,
-shapes, class count against PNG output, output directories, a memory estimate), then runs the
-CRF and writes the outputs. Faults raise :class:`~convcrf_cli.errors.BadInputError` (exit
-status 2) or :class:`~convcrf_cli.errors.RuntimeFailure` (exit status 1), and leave no output.
+shapes, class count against PNG output and a memory estimate, both before the logits are
+built, output directories), then runs the CRF and writes the outputs, all or none. Faults
+raise :class:`~convcrf_cli.errors.BadInputError` (exit status 2) or
+:class:`~convcrf_cli.errors.RuntimeFailure` (exit status 1), and leave no output.
 """
 
 from __future__ import annotations
@@ -143,6 +144,15 @@ def prepare_item(
     height, width = pixels.shape[:2]
     source = unary.load_unary(unary_source, stdin)
     _check_orientation(image, source, image_path)
+    classes = unary.count_classes(
+        source,
+        (height, width),
+        layout=options.layout,
+        ignore_label=options.ignore_label,
+        num_classes=options.num_classes,
+    )
+    outputs.check_class_count(outputs_spec, classes)
+    _check_memory(image_path, pixels.shape, classes, params, memory_limit)
     converted = unary.convert_unary(
         source,
         (height, width),
@@ -152,8 +162,6 @@ def prepare_item(
         num_classes=options.num_classes,
         layout=options.layout,
     )
-    outputs.check_class_count(outputs_spec, converted.num_classes)
-    _check_memory(image_path, pixels.shape, converted.num_classes, params, memory_limit)
     outputs.prepare_directories(outputs_spec)
 
     notes = [f"{image_path}: {note}" for note in image.notes]
@@ -208,16 +216,7 @@ def write_item(
     spec = prepared.spec
     pixels = prepared.image.pixels
     labels = class_argmax(scores)
-    outputs.write_labels(spec.labels, labels)
-    written = [str(spec.labels)]
-    if spec.probs is not None:
-        outputs.write_probabilities(
-            spec.probs, _softmax(scores), prepared.unary.layout, spec.probs_dtype
-        )
-        written.append(str(spec.probs))
-    if spec.overlay is not None:
-        outputs.write_overlay(spec.overlay, pixels, labels, spec.alpha)
-        written.append(str(spec.overlay))
+    written = outputs.write_outputs(spec, pixels, scores, labels, prepared.unary.layout)
     classes = prepared.unary.num_classes
     unary_labels = class_argmax(prepared.unary.logits)
     return ItemResult(
@@ -323,15 +322,6 @@ def class_argmax(scores: np.ndarray) -> np.ndarray:
         np.copyto(labels, index, where=scores[index] > best)
         np.maximum(best, scores[index], out=best)
     return labels
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """``[C,H,W] float32`` softmax over classes (NumPy: it runs in I/O worker threads, where
-    torch's own thread pool would compete with the CRF's)."""
-    shifted = scores - scores.max(axis=0, keepdims=True)
-    np.exp(shifted, out=shifted)
-    shifted /= shifted.sum(axis=0, keepdims=True)
-    return shifted
 
 
 def describe_backend(backend: Backend) -> str:

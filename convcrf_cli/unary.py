@@ -6,7 +6,9 @@ Sources: ``.npy``; ``.npz`` holding one array, or the array named ``unary``; ``-
 Arrays are float16/32/64, ``[C,H,W]`` ("CHW") or ``[H,W,C]`` ("HWC"), with an optional
 leading batch axis of size 1. The layout is found by matching ``(H, W)`` to the image; when
 both layouts match (a square image with C = H = W) the caller must name it. A single channel
-is a binary foreground score and becomes two classes (background, foreground).
+is a binary foreground score and becomes two classes (background, foreground); a
+``num_classes`` given for it must be 2. Values must be finite in float32, the precision of
+the CRF.
 
 Unary types, all converted to logits whose softmax is the unary's distribution:
 
@@ -110,7 +112,8 @@ def read_unary(
 
     ``unary_type`` is one of :data:`UNARY_TYPES`; ``layout`` one of :data:`LAYOUTS`.
     ``label_confidence``, ``ignore_label`` and ``num_classes`` apply to label images
-    (``num_classes`` defaults to the largest label + 1; for arrays it is checked against C).
+    (``num_classes`` defaults to the largest label + 1; for arrays it is checked against the
+    number of classes, 2 for a single channel).
     ``stdin`` replaces ``sys.stdin.buffer`` for ``"-"``.
     Raises :class:`BadInputError` naming the source on any fault.
     """
@@ -147,13 +150,32 @@ def convert_unary(
     """Convert a loaded unary to logits for an image of ``image_hw`` (see :func:`read_unary`)."""
     if unary_type not in UNARY_TYPES:
         raise BadInputError(source.name, f"unknown unary type {unary_type!r}")
-    if layout not in LAYOUTS:
-        raise BadInputError(source.name, f"unknown layout {layout!r}")
     if source.is_labels:
         return labels_to_unary(
             source.array, image_hw, source.name, label_confidence, ignore_label, num_classes
         )
     return array_to_unary(source.array, image_hw, source.name, unary_type, layout, num_classes)
+
+
+def count_classes(
+    source: UnarySource,
+    image_hw: tuple[int, int],
+    *,
+    layout: str = "auto",
+    ignore_label: int | None = None,
+    num_classes: int | None = None,
+) -> int:
+    """The number of classes :func:`convert_unary` gives ``source``, without building logits.
+
+    Checks what the count depends on (size, layout, labels, ``num_classes``) as
+    :func:`convert_unary` does, so that a caller can check outputs and memory for the count
+    before the ``[C,H,W]`` logits are allocated.
+    """
+    if source.is_labels:
+        classes, _ = _label_classes(source.array, image_hw, source.name, ignore_label, num_classes)
+        return classes
+    chw, _ = _chw(source.array, image_hw, source.name, layout)
+    return _array_classes(chw, source.name, num_classes)
 
 
 def array_to_unary(
@@ -168,35 +190,17 @@ def array_to_unary(
 
     ``name`` is the source's name for error messages.
     """
-    if not np.issubdtype(array.dtype, np.floating):
-        raise BadInputError(
-            name,
-            f"unary must be float16, float32 or float64, got {array.dtype}"
-            + (" (for class ids use a label image .png)" if array.dtype.kind in "iub" else ""),
-        )
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise BadInputError(
-            name,
-            f"unary shape {array.shape} has {array.ndim} axes; expected [C,H,W] or [H,W,C] "
-            f"for the {image_hw[0]}×{image_hw[1]} image",
-        )
-    chosen = _layout(array.shape, image_hw, name, layout)
-    chw = array if chosen == "CHW" else np.moveaxis(array, -1, 0)
-    if num_classes is not None and num_classes != chw.shape[0]:
-        raise BadInputError(
-            name, f"unary has {chw.shape[0]} classes but --num-classes is {num_classes}"
-        )
-    _check_finite(chw, name)
-    kind, reason = _kind(chw, unary_type)
+    chw, chosen = _chw(array, image_hw, name, layout)
+    _array_classes(chw, name, num_classes)
+    values = _float32(chw, name)
+    kind, reason = _kind(values, unary_type)
     warnings = ()
-    if unary_type == "auto" and kind == "logit" and _looks_like_energy(chw):
+    if unary_type == "auto" and kind == "logit" and _looks_like_energy(values):
         warnings = (
             f"{name}: values are non-negative and exp(-value) sums to 1 over classes: they look "
             "like energies (-log p); read as logits, pass --unary-type energy if they are",
         )
-    logits = _to_logits(chw, kind, name)
+    logits = _to_logits(values, kind, name)
     return Unary(
         np.ascontiguousarray(logits, dtype=np.float32),
         chosen,
@@ -215,22 +219,7 @@ def labels_to_unary(
     num_classes: int | None = None,
 ) -> Unary:
     """Logits ``[C,H,W] float32`` from a label map ``[H,W]`` of class ids (see module doc)."""
-    check_label_size(name, labels, image_hw)
-    valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
-    if not valid.any():
-        raise BadInputError(name, "label map holds only the ignore label")
-    largest = int(labels[valid].max())
-    if labels[valid].min() < 0:
-        raise BadInputError(name, "label map holds negative labels")
-    classes = largest + 1 if num_classes is None else num_classes
-    if classes < 2:
-        raise BadInputError(
-            name, f"label map gives {classes} class; pass --num-classes (at least 2)"
-        )
-    if largest >= classes:
-        raise BadInputError(
-            name, f"label {largest} is outside the {classes} classes of --num-classes"
-        )
+    classes, valid = _label_classes(labels, image_hw, name, ignore_label, num_classes)
     if not 1.0 / classes < label_confidence < 1.0:
         raise BadInputError(
             name,
@@ -248,6 +237,76 @@ def labels_to_unary(
         else ""
     )
     return Unary(logits, "labels", "labels", reason)
+
+
+def _label_classes(
+    labels: np.ndarray,
+    image_hw: tuple[int, int],
+    name: str,
+    ignore_label: int | None,
+    num_classes: int | None,
+) -> tuple[int, np.ndarray]:
+    """The class count of a label map ``[H,W]`` and its mask of valid pixels ``[H,W] bool``."""
+    check_label_size(name, labels, image_hw)
+    valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
+    if not valid.any():
+        raise BadInputError(name, "label map holds only the ignore label")
+    largest = int(labels[valid].max())
+    if labels[valid].min() < 0:
+        raise BadInputError(name, "label map holds negative labels")
+    classes = largest + 1 if num_classes is None else num_classes
+    if classes < 2:
+        raise BadInputError(
+            name, f"label map gives {classes} class; pass --num-classes (at least 2)"
+        )
+    if largest >= classes:
+        raise BadInputError(
+            name, f"label {largest} is outside the {classes} classes of --num-classes"
+        )
+    return classes, valid
+
+
+def _chw(
+    array: np.ndarray, image_hw: tuple[int, int], name: str, layout: str
+) -> tuple[np.ndarray, str]:
+    """A ``[C,H,W]`` view of a float unary array and its layout (``"CHW"`` or ``"HWC"``)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        raise BadInputError(
+            name,
+            f"unary must be float16, float32 or float64, got {array.dtype}"
+            + (" (for class ids use a label image .png)" if array.dtype.kind in "iub" else ""),
+        )
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise BadInputError(
+            name,
+            f"unary shape {array.shape} has {array.ndim} axes; expected [C,H,W] or [H,W,C] "
+            f"for the {image_hw[0]}×{image_hw[1]} image",
+        )
+    chosen = _layout(array.shape, image_hw, name, layout)
+    chw = array if chosen == "CHW" else np.moveaxis(array, -1, 0)
+    if chw.shape[0] == 0:
+        raise BadInputError(name, f"unary shape {array.shape} has no classes (a class axis of 0)")
+    return chw, chosen
+
+
+def _array_classes(chw: np.ndarray, name: str, num_classes: int | None) -> int:
+    """The class count of ``chw [C,H,W]`` (2 for one channel), checked against ``num_classes``."""
+    channels = chw.shape[0]
+    classes = 2 if channels == 1 else channels
+    if num_classes is not None and num_classes != classes:
+        raise BadInputError(
+            name,
+            (
+                "unary has one channel, a foreground score read as 2 classes (background, "
+                "foreground)"
+                if channels == 1
+                else f"unary has {classes} classes"
+            )
+            + f", but --num-classes is {num_classes}",
+        )
+    return classes
 
 
 def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.ndarray:
@@ -302,6 +361,8 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
 
 def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, requested: str) -> str:
     """``"CHW"`` or ``"HWC"``: which reading of ``shape`` has the image's ``(H, W)``."""
+    if requested not in LAYOUTS:
+        raise BadInputError(name, f"unknown layout {requested!r}")
     height, width = image_hw
     size = f"{height}×{width} image"
     fits = {"CHW": shape[1:] == (height, width), "HWC": shape[:2] == (height, width)}
@@ -336,15 +397,25 @@ def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, reques
     )
 
 
-def _check_finite(chw: np.ndarray, name: str) -> None:
-    bad = ~np.isfinite(chw)
+def _float32(chw: np.ndarray, name: str) -> np.ndarray:
+    """A float32 copy of ``chw [C,H,W]``; NaN, infinities and values beyond the float32 range
+    (which the cast would make infinite) are refused."""
+    with np.errstate(over="ignore"):
+        values = chw.astype(np.float32)
+    bad = ~np.isfinite(values)
     if bad.any():
+        non_finite = ~np.isfinite(chw)
+        if non_finite.any():
+            bad, what = non_finite, "NaN or infinite values"
+        else:
+            what = f"values beyond the float32 range (±{np.finfo(np.float32).max:.4g})"
         c, y, x = (int(i) for i in np.argwhere(bad)[0])
         raise BadInputError(
             name,
-            f"unary holds {int(bad.sum())} NaN or infinite values "
-            f"(first {chw[c, y, x]} at class {c}, row {y}, column {x})",
+            f"unary holds {int(bad.sum())} {what} "
+            f"(first {chw[c, y, x]:.4g} at class {c}, row {y}, column {x})",
         )
+    return values
 
 
 def _kind(chw: np.ndarray, unary_type: str) -> tuple[str, str]:
@@ -378,8 +449,8 @@ def _looks_like_energy(chw: np.ndarray) -> bool:
     return bool(np.abs(sums - 1.0).max() <= AUTO_TOLERANCE)
 
 
-def _to_logits(chw: np.ndarray, kind: str, name: str) -> np.ndarray:
-    values = chw.astype(np.float32)
+def _to_logits(values: np.ndarray, kind: str, name: str) -> np.ndarray:
+    """Logits from ``values [C,H,W] float32``, a copy this function may change in place."""
     if kind == "prob":
         low, high = float(values.min()), float(values.max())
         if low < 0.0:
@@ -396,7 +467,7 @@ def _to_logits(chw: np.ndarray, kind: str, name: str) -> np.ndarray:
             )
         if values.shape[0] == 1:
             values = np.concatenate([1.0 - values, values])
-        np.maximum(values, PROB_EPS, out=values)  # values is a copy: work in place
+        np.maximum(values, PROB_EPS, out=values)
         return np.log(values, out=values)
     if kind == "energy":
         if values.shape[0] == 1:

@@ -3,6 +3,7 @@ failures are isolated (or stop the run with fail_fast), existing outputs are ski
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import closing
 from pathlib import Path
 
@@ -82,6 +83,19 @@ def test_a_failing_item_is_isolated_and_fail_fast_stops(tmp_path):
     stopped = _run(items, CPUBackend(), BatchSettings(jobs=1, fail_fast=True))
     assert sorted((r.item.key, r.status) for r in stopped) == [("0", DONE), ("1", FAILED)]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.npy"]
+
+
+def test_a_stopped_run_removes_the_directories_it_left_empty(tmp_path):
+    items = [
+        dataclasses.replace(item, output=tmp_path / "out" / item.key / f"{item.key}.npy")
+        for item in _items(tmp_path, [(16, 16)] * 8)
+    ]
+    np.save(items[1].unary, np.zeros((4, 9, 9), np.float32))  # wrong size
+    (tmp_path / "out" / "7").mkdir(parents=True)  # there before the run: kept
+    reports = _run(items, CPUBackend(), BatchSettings(jobs=4, fail_fast=True))
+    assert sorted((r.item.key, r.status) for r in reports) == [("0", DONE), ("1", FAILED)]
+    left = sorted(p.relative_to(tmp_path / "out").as_posix() for p in tmp_path.rglob("out/**/*"))
+    assert left == ["0", "0/0.npy", "7"]
 
 
 def test_existing_outputs_are_skipped(tmp_path):

@@ -4,6 +4,7 @@ bad-input case (one-line message naming the file, exit status, no output left be
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -15,10 +16,10 @@ from conftest import _gpu_available
 from PIL import Image
 from test_imageio import bomb_png
 
-from convcrf_cli import CRFParams
+from convcrf_cli import CRFParams, outputs
 from convcrf_cli.backends.cpu import CPUBackend
 from convcrf_cli.cli import main
-from convcrf_cli.errors import BadInputError
+from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.imageio import EXIF_ORIENTATION_TAG
 from convcrf_cli.outputs import OutputSpec
 from convcrf_cli.pipeline import refine_item
@@ -193,7 +194,18 @@ def _bad_cases(tmp_path, image, probs):
     np.save(tmp_path / "neg.npy", negative)
     np.save(tmp_path / "axis.npy", probs.transpose(1, 0, 2))
     np.save(tmp_path / "many.npy", np.zeros((257, H, W), np.float32))
+    np.save(tmp_path / "huge.npy", np.log(probs.astype(np.float64)) * 1e39)
+    np.save(tmp_path / "none.npy", np.zeros((0, H, W), np.float32))
+    np.save(tmp_path / "fg.npy", probs[1:2])
+    Image.fromarray(probs.argmax(axis=0).astype(np.uint8)).save(tmp_path / "seg.png")
+    nan_image = np.zeros((H, W), np.float32)
+    nan_image[4, 5] = np.nan
+    Image.fromarray(nan_image).save(tmp_path / "nan.tif")
+    (tmp_path / "latin1.json").write_bytes(b"\xff\xfe\x00{")
+    (tmp_path / "long.json").write_text('{"pos_sdims": 1' + "0" * 400 + "}")
+    (tmp_path / "longer.json").write_text('{"filter_size": 1' + "0" * 5000 + "}")
     img, good = tmp_path / "img.png", tmp_path / "good.npy"
+    xbm = tmp_path.parent / "out" / "o.xbm"
     return [
         ("missing image", tmp_path / "nope.png", good, [], tmp_path / "nope.png", "no such file"),
         ("missing unary", img, tmp_path / "nope.npy", [], tmp_path / "nope.npy", "no such file"),
@@ -206,6 +218,22 @@ def _bad_cases(tmp_path, image, probs):
         ("class axis", img, tmp_path / "axis.npy", [], tmp_path / "axis.npy", "class axis"),
         ("257 classes", img, tmp_path / "many.npy", [], None, "257 classes do not fit"),
         ("too large", tmp_path / "bomb.png", good, [], tmp_path / "bomb.png", "too large"),
+        ("nan image", tmp_path / "nan.tif", good, [], tmp_path / "nan.tif",
+         "image holds NaN or infinite values"),
+        ("beyond float32", img, tmp_path / "huge.npy", [], tmp_path / "huge.npy",
+         "beyond the float32 range"),
+        ("no classes", img, tmp_path / "none.npy", [], tmp_path / "none.npy", "no classes"),
+        ("foreground as 1 class", img, tmp_path / "fg.npy", ["--num-classes", "1"],
+         tmp_path / "fg.npy", "--num-classes is 1"),
+        ("labels, 10^8 classes", img, tmp_path / "seg.png", ["--num-classes", "100000000"], None,
+         "100000000 classes do not fit a PNG label map"),
+        ("overlay format", img, good, ["--overlay", xbm], xbm, "cannot write the overlay"),
+        ("params not utf-8", img, good, ["--params", tmp_path / "latin1.json"],
+         tmp_path / "latin1.json", "not UTF-8"),
+        ("params long int", img, good, ["--params", tmp_path / "long.json"],
+         tmp_path / "long.json", "pos_sdims must be a positive finite number"),
+        ("params longer int", img, good, ["--params", tmp_path / "longer.json"],
+         tmp_path / "longer.json", "filter_size must be an integer"),
     ]  # fmt: skip
 
 
@@ -224,6 +252,54 @@ def test_each_bad_input_is_one_line_exit_2_and_leaves_no_output(tmp_path):
         assert result.stdout == "", name
         # Faults are found before the CRF runs: not even the output directory exists.
         assert not (tmp_path / "out").exists(), name
+
+
+def test_single_channel_foreground_takes_num_classes_2(case):
+    tmp_path, _, probs = case
+    np.save(tmp_path / "fg.npy", probs[1:2])
+    result = _run(tmp_path / "img.png", tmp_path / "fg.npy", "--num-classes", "2", "-o",
+                  tmp_path / "l.npy")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert set(np.unique(np.load(tmp_path / "l.npy"))) <= {0, 1}
+
+
+def test_unwritable_overlay_format_is_refused_before_any_output(case):
+    tmp_path, _, _ = case
+    part = tmp_path / "part"
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", part / "l.png",
+                  "--probs", part / "p.npy", "--overlay", part / "o.xbm")  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"convcrf: error: {part / 'o.xbm'}: ")
+    assert not part.exists()
+
+
+def test_a_failed_write_leaves_none_of_the_outputs(case, monkeypatch):
+    tmp_path, _, _ = case
+
+    def failing_overlay(path, *args, **kwargs):
+        raise RuntimeFailure(f"{path}: cannot write: Disk quota exceeded")
+
+    monkeypatch.setattr(outputs, "write_overlay", failing_overlay)
+    part = tmp_path / "part"
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", part / "l.png",
+                  "--probs", part / "p.npy", "--overlay", part / "o.png")  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == f"convcrf: error: {part / 'o.png'}: cannot write: Disk quota exceeded\n"
+    assert list(part.iterdir()) == []
+
+
+def test_invalid_pixel_limit_variable_fails_only_where_it_is_used(case):
+    tmp_path, _, _ = case
+    env = {"CONVCRF_MAX_PIXELS": "1e6"}
+    assert CliRunner(env=env).invoke(main, ["params"]).exit_code == 0
+    result = CliRunner(env=env).invoke(
+        main, ["refine", str(tmp_path / "img.png"), str(tmp_path / "probs.npy"), "-o", "l.png"]
+    )
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "convcrf: error: CONVCRF_MAX_PIXELS: must be a positive whole number of pixels, "
+        "got '1e6'\n"
+    )
 
 
 def test_too_large_for_memory_is_refused_before_computing(case):
@@ -300,4 +376,35 @@ def test_closed_stdout_pipe_is_a_runtime_failure(case):
     assert process.wait(timeout=120) == 1
     assert (
         stderr == "convcrf: error: stdout: the reader closed the pipe before the PNG was written\n"
+    )
+
+
+def test_closed_stdout_is_a_runtime_failure(case):
+    tmp_path, _, _ = case
+    done = subprocess.run(
+        [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
+         tmp_path / "probs.npy", "-o", "-"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.close(1),
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.decode() == "convcrf: error: stdout: closed; there is nowhere to write the PNG\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_stdout_is_a_runtime_failure(case):
+    tmp_path, _, _ = case
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
+             tmp_path / "probs.npy", "-o", "-"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "convcrf: error: stdout: cannot write the PNG: No space left on device\n"
     )

@@ -209,12 +209,31 @@ def test_cli_fit_unary_with_other_class_count_is_named(dataset, tmp_path):
     assert not learned.exists()
 
 
-def test_cli_fit_refuses_missing_output_directory_before_training(dataset, tmp_path):
-    learned = tmp_path / "missing" / "learned.json"
+def test_cli_fit_creates_missing_output_directory(dataset, tmp_path):
+    learned = tmp_path / "missing" / "deeper" / "learned.json"
+    run = _in_process(
+        "fit",
+        dataset / "images",
+        dataset / "unaries",
+        dataset / "labels",
+        "-o",
+        learned,
+        "--epochs",
+        "1",
+    )
+    assert run.exit_code == 0, run.stderr
+    assert CRFParams.from_dict(json.loads(learned.read_text())) is not None
+
+
+def test_cli_fit_refuses_uncreatable_output_directory_before_training(dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    learned = blocker / "learned.json"
     run = _in_process(
         "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned
     )
     assert run.exit_code == 2
     assert run.stderr == (
-        f"convcrf: error: {learned}: output directory {learned.parent} does not exist\n"
+        f"convcrf: error: {learned}: cannot create directory {blocker}: "
+        f"{blocker} is not a directory\n"
     )

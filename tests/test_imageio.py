@@ -54,6 +54,14 @@ def test_float_tiff_is_float32(tmp_path):
     np.testing.assert_array_equal(got[:, :, 0], values)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_tiff_with_nan_or_infinite_values_is_refused(tmp_path, bad):
+    values = np.zeros((H, W), np.float32)
+    values[3, 4] = bad
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    assert _error(tmp_path / "f.tif").endswith("f.tif: image holds NaN or infinite values")
+
+
 def test_grayscale_is_one_channel(tmp_path):
     values = _rgb()[:, :, 0]
     _save(values, tmp_path / "g.png")
@@ -163,11 +171,25 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
 
 def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
     _save(_rgb(), tmp_path / "a.png")
-    monkeypatch.setattr(imageio, "MAX_PIXELS", H * W - 1)
+    monkeypatch.setenv("CONVCRF_MAX_PIXELS", str(H * W - 1))
     message = _error(tmp_path / "a.png")
-    assert f"{W}×{H} = {H * W} pixels" in message
-    monkeypatch.setattr(imageio, "MAX_PIXELS", H * W)
+    assert f"{H}×{W} = {H * W} pixels" in message  # height × width, as everywhere
+    monkeypatch.setenv("CONVCRF_MAX_PIXELS", str(H * W))
     assert read_image(tmp_path / "a.png").shape == (H, W, 3)
+    monkeypatch.delenv("CONVCRF_MAX_PIXELS")
+    assert imageio.max_pixels() == imageio.DEFAULT_MAX_PIXELS
+
+
+@pytest.mark.parametrize("value", ["abc", "1e6", "0", "-5", ""])
+def test_invalid_pixel_limit_names_the_variable(tmp_path, monkeypatch, value):
+    _save(_rgb(), tmp_path / "a.png")
+    monkeypatch.setenv("CONVCRF_MAX_PIXELS", value)
+    with pytest.raises(BadInputError) as caught:
+        read_image(tmp_path / "a.png")
+    assert caught.value.exit_code == 2
+    assert str(caught.value) == (
+        f"CONVCRF_MAX_PIXELS: must be a positive whole number of pixels, got {value!r}"
+    )
 
 
 def test_label_maps_palette_and_sixteen_bit(tmp_path):

@@ -1,17 +1,22 @@
-"""Output writing: palette, label maps, probabilities, overlays and pre-checks."""
+"""Output writing: palette, label maps, probabilities, overlays, pre-checks and the staging
+that writes the outputs of one item all or none."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from convcrf_cli.errors import BadInputError
+from convcrf_cli import atomic, outputs
+from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.outputs import (
     OutputSpec,
     check_class_count,
     check_outputs,
     write_labels,
+    write_outputs,
     write_overlay,
     write_probabilities,
 )
@@ -124,7 +129,80 @@ def test_more_than_256_classes_need_npy_labels_and_no_overlay(tmp_path):
         check_class_count(OutputSpec(labels=tmp_path / "l.png"), 257)
     with pytest.raises(BadInputError, match="257 classes do not fit a PNG label map"):
         check_class_count(OutputSpec(labels="-"), 257)
-    with pytest.raises(BadInputError, match="overlay"):
+    with pytest.raises(BadInputError) as caught:
         check_class_count(OutputSpec(labels=tmp_path / "l.npy", overlay=tmp_path / "o.png"), 257)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'o.png'}: 257 classes do not fit an overlay")
+    assert ".npy" not in message  # the labels are .npy already
     check_class_count(OutputSpec(labels=tmp_path / "l.npy"), 257)
     check_class_count(OutputSpec(labels=tmp_path / "l.png"), 256)
+
+
+UNWRITABLE_OVERLAYS = (".xbm", ".xpm", ".msp", ".palm", ".blp", ".fits", ".h5", ".grib", ".bufr")
+
+
+@pytest.mark.parametrize("suffix", UNWRITABLE_OVERLAYS)
+def test_check_outputs_refuses_overlay_formats_pillow_cannot_write_in_rgb(tmp_path, suffix):
+    with pytest.raises(BadInputError) as caught:
+        check_outputs(OutputSpec(labels=tmp_path / "l.png", overlay=tmp_path / f"o{suffix}"), [])
+    assert str(caught.value).startswith(f"{tmp_path / f'o{suffix}'}: ")
+    assert "use .png, .jpg" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif", ".bmp", ".gif", ".ppm"])
+def test_check_outputs_accepts_overlay_formats_pillow_writes(tmp_path, suffix):
+    check_outputs(OutputSpec(labels=tmp_path / "l.png", overlay=tmp_path / f"o{suffix}"), [])
+
+
+def _item(classes: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image ``[H,W,3] uint8``, scores ``[C,H,W] float32`` and their argmax labels."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(classes, H, W)).astype(np.float32)
+    image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    return image, scores, scores.argmax(axis=0).astype(np.int32)
+
+
+def test_write_outputs_writes_labels_probabilities_and_overlay(tmp_path):
+    image, scores, labels = _item()
+    spec = OutputSpec(labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png")
+    written = write_outputs(spec, image, scores, labels, "HWC")
+    assert written == [str(tmp_path / name) for name in ("l.png", "p.npy", "o.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png", "o.png", "p.npy"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "l.png")), labels)
+    probs = np.load(tmp_path / "p.npy")
+    expected = np.exp(scores) / np.exp(scores).sum(axis=0)
+    np.testing.assert_allclose(probs, expected.transpose(1, 2, 0), rtol=1e-5)
+
+
+def test_a_failing_output_leaves_none_of_the_item_outputs(tmp_path, monkeypatch):
+    image, scores, labels = _item()
+    (tmp_path / "p.npy").write_bytes(b"old")
+
+    def failing_overlay(path, *args, **kwargs):
+        raise RuntimeFailure(f"{path}: cannot write: No space left on device")
+
+    monkeypatch.setattr(outputs, "write_overlay", failing_overlay)
+    spec = OutputSpec(labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png")
+    with pytest.raises(RuntimeFailure, match="o.png: cannot write"):
+        write_outputs(spec, image, scores, labels, "CHW")
+    # No new file, no temporary left, and the old file the failure would have replaced is kept.
+    assert [p.name for p in tmp_path.iterdir()] == ["p.npy"]
+    assert (tmp_path / "p.npy").read_bytes() == b"old"
+
+
+def test_a_failing_rename_removes_the_outputs_already_renamed(tmp_path, monkeypatch):
+    image, scores, labels = _item()
+    real_replace = os.replace
+
+    def replace(source, target):
+        if str(target).endswith("o.png"):
+            raise OSError(28, "No space left on device", source, None, target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    spec = OutputSpec(labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png")
+    with pytest.raises(RuntimeFailure) as caught:
+        write_outputs(spec, image, scores, labels, "CHW")
+    assert str(caught.value) == f"{tmp_path / 'o.png'}: cannot write: No space left on device"
+    assert list(tmp_path.iterdir()) == []

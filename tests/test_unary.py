@@ -130,6 +130,15 @@ def test_single_channel_is_a_foreground_score(tmp_path):
     assert "single channel" in _error(_npy(tmp_path, z, "e.npy"), unary_type="energy")
 
 
+def test_num_classes_of_a_single_channel_counts_the_two_classes_it_becomes(tmp_path):
+    path = _npy(tmp_path, _probs(classes=2)[1:])
+    assert read_unary(path, (H, W), num_classes=2).logits.shape == (2, H, W)
+    message = _error(path, num_classes=1)
+    assert "one channel" in message and "2 classes" in message
+    assert message.endswith("--num-classes is 1")
+    assert "--num-classes is 3" in _error(path, num_classes=3)
+
+
 def test_npz_single_array_named_array_and_ambiguity(tmp_path):
     probs = _probs()
     np.savez(tmp_path / "one.npz", anything=probs)
@@ -178,6 +187,24 @@ def test_nan_inf_negative_and_integer_arrays(tmp_path):
     assert "above 1" in _error(_npy(tmp_path, too_big, "big.npy"), unary_type="prob")
     ints = np.zeros((C, H, W), np.int64)
     assert "float16, float32 or float64" in _error(_npy(tmp_path, ints, "int.npy"))
+
+
+@pytest.mark.parametrize("unary_type", ["auto", "logit", "energy"])
+def test_float64_values_beyond_float32_are_refused(tmp_path, unary_type):
+    logits = np.log(_probs(dtype=np.float64)) * 1e39  # finite in float64, infinite in float32
+    path = _npy(tmp_path, logits)
+    message = _error(path, unary_type=unary_type)
+    assert message.startswith(f"{path}: unary holds ") and "beyond the float32 range" in message
+    assert "class 0, row 0, column 0" in message
+    largest = _probs(dtype=np.float64)
+    largest[0, 0, 0] = float(np.finfo(np.float32).max)
+    assert read_unary(_npy(tmp_path, largest, "max.npy"), (H, W)).kind == "logit"
+
+
+@pytest.mark.parametrize("shape", [(0, H, W), (H, W, 0), (1, 0, H, W)])
+def test_a_unary_without_classes_is_refused(tmp_path, shape):
+    path = _npy(tmp_path, np.zeros(shape, np.float32))
+    assert f"{path}: unary shape" in _error(path) and "no classes" in _error(path)
 
 
 def test_unknown_suffix_missing_file_and_class_count_check(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,7 @@ from convcrf_cli.batch_runner import (
 )
 from convcrf_cli.commands.common import (
     DEVICE_HELP,
+    check_output_file,
     crf_options,
     device_option,
     echo_err,
@@ -50,6 +52,10 @@ PATHS_SHOWN = 10
 
 class Terminated(Exception):
     """SIGTERM arrived (raised in the main thread by the signal handler)."""
+
+
+class ReaderClosed(Exception):
+    """The reader of the report on stdout closed the pipe."""
 
 
 @click.command("batch")
@@ -77,13 +83,13 @@ class Terminated(Exception):
 @click.option(
     "--image-glob",
     default=None,
-    help="Comma-separated patterns of image names.  "
+    help="Comma-separated patterns of image names, matched ignoring case.  "
     f"[default: {','.join(batch_items.IMAGE_GLOBS)}]",
 )
 @click.option(
     "--unary-glob",
     default=None,
-    help="Comma-separated patterns of unary names.  "
+    help="Comma-separated patterns of unary names, matched ignoring case.  "
     f"[default: {','.join(batch_items.UNARY_GLOBS)}]",
 )
 @click.option(
@@ -182,12 +188,22 @@ def batch_command(
     spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
     pairing = _pairing(sources, manifest, image_list, image_glob, unary_glob)
     _report_unpaired(pairing)
-    pairs = pairing.pairs
-    if not pairs:
+    if not pairing.pairs:
         raise BadInputError(None, "no image/unary pairs found")
+    report_file = None if report_path in (None, "-") else Path(report_path)
+    items = batch_items.plan_outputs(
+        pairing.pairs,
+        output_dir,
+        f".{out_format}",
+        overlay_dir,
+        probs_dir,
+        report=report_file,
+        inputs=_other_inputs(pairing, manifest, image_list),
+    )
+    if report_file is not None:
+        check_output_file(report_file)
     if shard is not None:
-        pairs = batch_items.select_shard(pairs, *batch_items.parse_shard(shard))
-    items = batch_items.plan_outputs(pairs, output_dir, f".{out_format}", overlay_dir, probs_dir)
+        items = batch_items.select_shard(items, *batch_items.parse_shard(shard))
     backend = select_backend(device)
     settings = BatchSettings(
         jobs=jobs,
@@ -209,7 +225,7 @@ def batch_command(
     stats = BatchStats()
     reports: list[ItemReport] = []
     start = time.perf_counter()
-    exit_code = 0
+    stopped: tuple[str, int] | None = None
     stream_report = report_path == "-"
     with (
         _signals_raise(),
@@ -230,18 +246,20 @@ def batch_command(
                     bar.update(1)
                     _echo_item(report, verbose, bar)
                     if stream_report:
-                        click.echo(json.dumps(report.to_json()))
+                        _echo_record(report)
         except KeyboardInterrupt:
-            exit_code = 130
+            stopped = ("interrupted", 130)
         except Terminated:
-            exit_code = 143
+            stopped = ("terminated", 143)
+        except ReaderClosed:
+            stopped = ("stdout: the reader closed the pipe", 1)
     wall = time.perf_counter() - start
-    if report_path is not None and not stream_report:
-        _write_report(Path(report_path), reports, pairing)
+    if report_file is not None:
+        _write_report(report_file, reports, pairing)
     if not quiet:
         _summary(reports, len(items), wall, stats, describe_backend(backend))
-    if exit_code:
-        fail("interrupted" if exit_code == 130 else "terminated", exit_code)
+    if stopped is not None:
+        fail(*stopped)
     failed = [str(r.item.image) for r in reports if r.status == FAILED]
     if failed:
         fail(f"{len(failed)} of {len(items)} items failed: {_some(failed)}", 1)
@@ -273,6 +291,12 @@ def _pairing(
     return batch_items.pair_directories(
         Path(sources[0]), Path(sources[1]), image_globs, unary_globs
     )
+
+
+def _other_inputs(pairing: Pairing, manifest: str | None, image_list: str | None) -> list[Path]:
+    """Input files besides the pairs': unpaired files, the manifest or the list of images."""
+    lists = [Path(name) for name in (manifest, image_list) if name not in (None, "-")]
+    return [*pairing.unpaired_images, *pairing.unpaired_unaries, *lists]
 
 
 def _report_unpaired(pairing: Pairing) -> None:
@@ -317,6 +341,17 @@ def _echo_item(report: ItemReport, verbose: bool, bar: tqdm) -> None:
             bar.write(f"convcrf: warning: {warning}", file=sys.stderr)
 
 
+def _echo_record(report: ItemReport) -> None:
+    """Write the item's JSON line to stdout; raise :class:`ReaderClosed` if the reader closed
+    the pipe (stdout then points at /dev/null, so that the final flush stays quiet)."""
+    try:
+        click.echo(json.dumps(report.to_json()))
+    except BrokenPipeError as exc:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise ReaderClosed() from exc
+
+
 def _write_report(path: Path, reports: list[ItemReport], pairing: Pairing) -> None:
     lines = [json.dumps(report.to_json()) for report in reports]
     for image in pairing.unpaired_images:
@@ -324,6 +359,7 @@ def _write_report(path: Path, reports: list[ItemReport], pairing: Pairing) -> No
     for unary in pairing.unpaired_unaries:
         lines.append(json.dumps({"unary": str(unary), "status": "unpaired", "error": "no image"}))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     except OSError as exc:
         fail(f"{path}: cannot write the report: {exc.strerror or exc}", 1)

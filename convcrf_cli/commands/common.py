@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import click
 
 from convcrf_cli.backends import DeviceError
 from convcrf_cli.core import InputError
-from convcrf_cli.errors import ConvCRFError
+from convcrf_cli.errors import BadInputError, ConvCRFError
 from convcrf_cli.outputs import PROBS_DTYPES
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
 from convcrf_cli.pipeline import UnaryOptions
@@ -185,6 +186,25 @@ def output_format_options(func: Callable) -> Callable:
         show_default=True,
         help="Opacity of the label colours in the overlay.",
     )(func)
+
+
+def check_output_file(path: Path) -> None:
+    """Raise :class:`BadInputError` naming ``path`` unless it can be written: not a directory,
+    in a writable directory or one that can be created (its nearest existing ancestor is a
+    writable directory). Creates nothing: the writer makes the missing directories."""
+    if path.is_dir():
+        raise BadInputError(path, "is a directory; give a file name")
+    directory = path.parent
+    existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
+    if not existing.is_dir():
+        raise BadInputError(
+            path, f"cannot create directory {directory}: {existing} is not a directory"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable"
+        if existing != directory:
+            problem = f"cannot be created: {existing} is not writable"
+        raise BadInputError(path, f"directory {directory} {problem}")
 
 
 def echo_err(message: str) -> None:

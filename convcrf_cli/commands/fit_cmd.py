@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 import numpy as np
@@ -10,6 +11,7 @@ from tqdm import tqdm
 
 from convcrf_cli.batch_items import IMAGE_GLOBS, UNARY_GLOBS, find_files
 from convcrf_cli.commands.common import (
+    check_output_file,
     crf_options,
     device_option,
     echo_err,
@@ -17,15 +19,26 @@ from convcrf_cli.commands.common import (
     reports_errors,
     unary_type_option,
 )
+from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError, RuntimeFailure
-from convcrf_cli.fit import Example, FitOptions, FitResult, fit
+from convcrf_cli.fit import Example, FitOptions, FitResult, fit, starting_module
 from convcrf_cli.imageio import check_label_size, read_image, read_label_image
-from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS
+from convcrf_cli.params import TRANSFORM_KEYS, CRFParams, ParamsError, read_params_json
+from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF
 from convcrf_cli.unary import read_unary
 
 LABEL_GLOBS = ("*.png", "*.tif", "*.tiff", "*.bmp")
 
 _FIT_DEFAULTS = FitOptions()
+
+
+class TrainingFiles(NamedTuple):
+    """The files of one training image, paired by ``key`` (relative path without suffix)."""
+
+    key: str
+    image: Path
+    unary: Path
+    labels: Path
 
 
 @click.command("fit")
@@ -54,7 +67,8 @@ _FIT_DEFAULTS = FitOptions()
     show_default=True,
     help=f"Comma-separated groups to learn, from {','.join(LEARNABLE_GROUPS)}. C (compatibility "
     "transform) and T (colour-feature transform) add matrices to the output file that only the "
-    "PyTorch module convcrf_cli.torch.ConvCRF applies; `convcrf refine` refuses such a file.",
+    "PyTorch module convcrf_cli.torch.ConvCRF applies; `convcrf refine` refuses such a file, "
+    "`convcrf fit --params` starts from it.",
 )
 @click.option("--seed", type=int, default=_FIT_DEFAULTS.seed, show_default=True)
 @click.option(
@@ -104,16 +118,20 @@ def fit_command(
 ) -> None:
     """Learn CRF parameters from IMAGES, UNARIES and LABELS (three directories).
 
-    Files are paired by relative path and stem: images/a.png, unaries/a.npy, labels/a.png.
-    Labels are grayscale or palette images of class ids; pixels equal to --ignore-label are
-    not used. The segmenter is frozen: only the CRF learns, starting from --params and the CRF
-    options (the defaults otherwise). A random --val-fraction of the images is held out and
-    its mean IoU with the starting and the learned parameters is printed at the end.
+    Files are paired by relative path and stem (suffixes in any case): images/a.png,
+    unaries/a.npy, labels/a.png. Labels are grayscale or palette images of class ids; pixels
+    equal to --ignore-label are not used. The segmenter is frozen: only the CRF learns,
+    starting from --params (a file of `convcrf params` or `convcrf fit`, C and T matrices
+    included) and the CRF options (the defaults otherwise). A random --val-fraction of the
+    images is held out and its mean IoU with the starting and the learned parameters is
+    printed at the end. Missing directories of OUTPUT are created.
+
+    Exit status: 0 ok, 1 training diverged or the output could not be written, 2 bad usage
+    or input (checked before training).
     """
-    start = params_from_options(options)
-    directory = output.parent if str(output.parent) else Path(".")
-    if not directory.is_dir():  # checked before training, not after
-        raise BadInputError(output, f"output directory {directory} does not exist")
+    params_file = options.pop("params_file")
+    base, transforms = _read_start(params_file) if params_file else (None, {})
+    start: CRFParams | ConvCRF = params_from_options(options, base)
     fit_options = FitOptions(
         epochs=epochs,
         lr=lr,
@@ -124,7 +142,14 @@ def fit_command(
         batch_size=batch_size,
         ignore_label=ignore_label,
     )
-    examples = load_examples(images, unaries, labels, unary_type, ignore_label, verbose)
+    files = pair_files(images, unaries, labels)
+    inputs = {path.resolve() for item in files for path in (item.image, item.unary, item.labels)}
+    if output.resolve() in inputs:
+        raise BadInputError(output, "output would overwrite an input file")
+    check_output_file(output)
+    examples = load_examples(files, unary_type, ignore_label, verbose)
+    if transforms:
+        start = _start_module(params_file, start, transforms, examples, fit_options.learn)
     with tqdm(total=None, desc="fit", unit="step", disable=None, leave=False) as bar:
 
         def progress(step: int, total: int, running_loss: float) -> None:
@@ -134,21 +159,48 @@ def fit_command(
 
         result = fit(examples, start, fit_options, device=device, progress=progress)
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         result.module.save(output)
     except OSError as exc:
         raise RuntimeFailure(f"{output}: cannot write: {exc.strerror}") from exc
     report(result, output, verbose)
 
 
-def load_examples(
-    images: Path,
-    unaries: Path,
-    labels: Path,
-    unary_type: str,
-    ignore_label: int,
-    verbose: bool,
-) -> list[Example]:
-    """Read every (image, unary, labels) triple, checking sizes, classes and label values."""
+def _read_start(path: Path) -> tuple[CRFParams, dict]:
+    """The parameters of a ``--params`` file and its C/T matrices (JSON lists of rows, by key
+    of :data:`TRANSFORM_KEYS`; checked by :func:`_start_module`)."""
+
+    def split(data: object) -> tuple[CRFParams, dict]:
+        if not isinstance(data, dict):
+            return CRFParams.from_dict(data), {}  # raises, naming the type
+        fields = {key: value for key, value in data.items() if key not in TRANSFORM_KEYS}
+        return CRFParams.from_dict(fields), {k: data[k] for k in TRANSFORM_KEYS if k in data}
+
+    return read_params_json(path, split)
+
+
+def _start_module(
+    path: Path,
+    params: CRFParams,
+    transforms: dict,
+    examples: list[Example],
+    learn: tuple[str, ...],
+) -> ConvCRF:
+    """The starting module: ``params`` with the C/T matrices of the file ``path``, which must
+    fit the examples' classes and image channels."""
+    num_classes, num_features = examples[0].logits.shape[0], _channels(examples[0].image)
+    try:
+        saved = ConvCRF.from_dict(
+            {**params.to_dict(), **transforms}, num_classes, learn, num_features=num_features
+        )
+        return starting_module(saved, num_classes, num_features, learn)
+    except (ParamsError, InputError) as exc:
+        raise BadInputError(path, str(exc)) from exc
+
+
+def pair_files(images: Path, unaries: Path, labels: Path) -> list[TrainingFiles]:
+    """The files of every image, paired by relative path and stem (suffixes matched ignoring
+    case); an image without a unary or a label map is an error."""
     image_files = find_files(images, IMAGE_GLOBS)
     unary_files = find_files(unaries, UNARY_GLOBS)
     label_files = find_files(labels, LABEL_GLOBS)
@@ -161,32 +213,42 @@ def load_examples(
         ):
             if key not in files:
                 raise BadInputError(path, f"no {kind} named {key}.* in {directory}")
+    return [
+        TrainingFiles(key, image_files[key], unary_files[key], label_files[key])
+        for key in sorted(image_files)
+    ]
+
+
+def load_examples(
+    files: list[TrainingFiles], unary_type: str, ignore_label: int, verbose: bool
+) -> list[Example]:
+    """Read the files of :func:`pair_files`, checking sizes, classes and label values."""
     examples: list[Example] = []
-    for key in sorted(image_files):
-        image = read_image(image_files[key])
-        unary = read_unary(unary_files[key], image.shape[:2], unary_type)
+    for key, image_file, unary_file, label_file in files:
+        image = read_image(image_file)
+        unary = read_unary(unary_file, image.shape[:2], unary_type)
         for warning in unary.warnings:
-            echo_err(f"convcrf: warning: {unary_files[key]}: {warning}")
+            echo_err(f"convcrf: warning: {warning}")
         num_classes = unary.num_classes
         if examples and num_classes != examples[0].logits.shape[0]:
             raise BadInputError(
-                unary_files[key],
-                f"unary has {num_classes} classes, {unary_files[examples[0].name]} has "
+                unary_file,
+                f"unary has {num_classes} classes, {files[0].unary} has "
                 f"{examples[0].logits.shape[0]}",
             )
         channels = _channels(image)
         if examples and channels != _channels(examples[0].image):
             raise BadInputError(
-                image_files[key],
-                f"image has {channels} channel(s), {image_files[examples[0].name]} has "
+                image_file,
+                f"image has {channels} channel(s), {files[0].image} has "
                 f"{_channels(examples[0].image)}",
             )
-        label_map = read_label_image(label_files[key])
-        check_labels(label_files[key], label_map, image.shape[:2], num_classes, ignore_label)
+        label_map = read_label_image(label_file)
+        check_labels(label_file, label_map, image.shape[:2], num_classes, ignore_label)
         if verbose:
             echo_err(
-                f"{key}: {image_files[key]} + {unary_files[key]} ({unary.kind}, "
-                f"{num_classes} classes) + {label_files[key]}"
+                f"{key}: {image_file} + {unary_file} ({unary.kind}, {num_classes} classes) + "
+                f"{label_file}"
             )
         examples.append(Example(key, image, unary.logits, label_map))
     return examples
@@ -219,7 +281,10 @@ def report(result: FitResult, output: Path, verbose: bool) -> None:
         )
         echo_err(f"final loss {result.losses[-1]:.4f}; wrote {output}")
     if result.miou_after is None:
-        click.echo(f"learned parameters written to {output} (no held-out images: no mean IoU)")
+        why = "no held-out images"
+        if result.val_names:
+            why = "the held-out labels hold only the ignore label"
+        click.echo(f"learned parameters written to {output} ({why}: no mean IoU)")
         return
     click.echo(
         f"held-out mIoU ({len(result.val_names)} images): unary {100 * result.miou_unary:.2f}, "

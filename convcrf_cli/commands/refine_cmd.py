@@ -71,7 +71,7 @@ def refine_command(
     Only the output goes to stdout; messages go to stderr. Exit status: 0 ok, 1 runtime
     failure, 2 bad usage or input.
     """
-    if output == STDOUT and sys.stdout.isatty():
+    if output == STDOUT and sys.stdout is not None and sys.stdout.isatty():
         raise BadInputError(None, "-o - writes a PNG to stdout, which is a terminal; redirect it")
     params = params_from_options(options)
     unary = unary_options_from(options)
