@@ -297,8 +297,7 @@ def test_invalid_pixel_limit_variable_fails_only_where_it_is_used(case):
     )
     assert result.exit_code == 2
     assert result.stderr == (
-        "convcrf: error: CONVCRF_MAX_PIXELS: must be a positive whole number of pixels, "
-        "got '1e6'\n"
+        "convcrf: error: CONVCRF_MAX_PIXELS: must be a positive whole number of pixels, got '1e6'\n"
     )
 
 
@@ -390,7 +389,10 @@ def test_closed_stdout_is_a_runtime_failure(case):
         timeout=120,
     )  # fmt: skip
     assert done.returncode == 1
-    assert done.stderr.decode() == "convcrf: error: stdout: closed; there is nowhere to write the PNG\n"
+    assert (
+        done.stderr.decode()
+        == "convcrf: error: stdout: closed; there is nowhere to write the PNG\n"
+    )
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -165,7 +165,9 @@ def _item(classes: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_write_outputs_writes_labels_probabilities_and_overlay(tmp_path):
     image, scores, labels = _item()
-    spec = OutputSpec(labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png")
+    spec = OutputSpec(
+        labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png"
+    )
     written = write_outputs(spec, image, scores, labels, "HWC")
     assert written == [str(tmp_path / name) for name in ("l.png", "p.npy", "o.png")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png", "o.png", "p.npy"]
@@ -183,7 +185,9 @@ def test_a_failing_output_leaves_none_of_the_item_outputs(tmp_path, monkeypatch)
         raise RuntimeFailure(f"{path}: cannot write: No space left on device")
 
     monkeypatch.setattr(outputs, "write_overlay", failing_overlay)
-    spec = OutputSpec(labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png")
+    spec = OutputSpec(
+        labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png"
+    )
     with pytest.raises(RuntimeFailure, match="o.png: cannot write"):
         write_outputs(spec, image, scores, labels, "CHW")
     # No new file, no temporary left, and the old file the failure would have replaced is kept.
@@ -201,7 +205,9 @@ def test_a_failing_rename_removes_the_outputs_already_renamed(tmp_path, monkeypa
         real_replace(source, target)
 
     monkeypatch.setattr(atomic.os, "replace", replace)
-    spec = OutputSpec(labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png")
+    spec = OutputSpec(
+        labels=tmp_path / "l.png", probs=tmp_path / "p.npy", overlay=tmp_path / "o.png"
+    )
     with pytest.raises(RuntimeFailure) as caught:
         write_outputs(spec, image, scores, labels, "CHW")
     assert str(caught.value) == f"{tmp_path / 'o.png'}: cannot write: No space left on device"
