@@ -237,3 +237,49 @@ def test_cli_fit_refuses_uncreatable_output_directory_before_training(dataset, t
         f"convcrf: error: {learned}: cannot create directory {blocker}: "
         f"{blocker} is not a directory\n"
     )
+
+
+def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):
+    common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu", "--seed", "5")
+    dirs = (dataset / "images", dataset / "unaries", dataset / "labels")
+    first = tmp_path / "first.json"
+    run = _in_process("fit", *dirs, "-o", first, "--learn", "compat,C", *common)
+    assert run.exit_code == 0, run.stderr
+    second = tmp_path / "second.json"
+    run_again = _in_process(
+        "fit", *dirs, "-o", second, "--learn", "compat,C", "--params", first, *common
+    )
+    assert run_again.exit_code == 0, run_again.stderr
+    # same seed, same held-out split: the second run starts where the first one ended
+    after_first = run.stdout.split("after ")[1].split()[0]
+    before_second = run_again.stdout.split("CRF before ")[1].split(",")[0]
+    assert before_second == after_first
+    start = np.asarray(json.loads(first.read_text())["compat_transform"])
+    resumed = np.asarray(json.loads(second.read_text())["compat_transform"])
+    assert resumed.shape == start.shape == (CLASSES, CLASSES)
+    assert not np.array_equal(resumed, start)  # trained further, from the loaded matrix
+
+
+def test_cli_fit_start_matrix_of_other_class_count_names_the_file(dataset, tmp_path):
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps({**CRFParams().to_dict(), "compat_transform": np.eye(3).tolist()}))
+    learned = tmp_path / "learned.json"
+    run = _in_process(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned,
+        "--params", start, "--learn", "compat,C",
+    )  # fmt: skip
+    assert run.exit_code == 2
+    assert run.stderr.startswith(f"convcrf: error: {start}: compat_transform is 3x3")
+    assert "the data have 4 classes" in run.stderr and not learned.exists()
+
+
+def test_cli_fit_that_diverges_exits_1_without_output(dataset, tmp_path):
+    learned = tmp_path / "learned.json"
+    run = _in_process(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned,
+        "--epochs", "2", "-k", "3", "--crop-size", "24", "--lr", "1e6",
+    )  # fmt: skip
+    assert run.exit_code == 1
+    assert run.stderr.startswith("convcrf: error: training diverged at step ")
+    assert run.stderr.endswith("; lower the learning rate (--lr)\n")
+    assert not learned.exists()
