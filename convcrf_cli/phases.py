@@ -195,7 +195,7 @@ def mean_field(
         torch.ops.aten._log_softmax.out(phase, 1, False, out=log_q)
         torch.mul(log_q, u - w, out=phase)
         q = log_q if params.init == "log" else torch.exp(log_q, out=probabilities)
-        pooled[:, :, r0:r1, c0:c1] += q[:, :, r0:r1, c0:c1]
+        pooled[:, :, r0:r1, c0:c1].add_(q[:, :, r0:r1, c0:c1])  # in place, no copy back
     msg = next_message()
 
     # views fixed for the whole run, so that each step only launches operations
@@ -234,7 +234,7 @@ def mean_field(
                 continue
             q = probabilities if kept is None else kept[i, j]
             torch.ops.aten._softmax.out(scratch, 1, False, out=q)
-            pooled[:, :, rows, cols] += q[:, :, rows, cols]
+            pooled[:, :, rows, cols].add_(q[:, :, rows, cols])
         if kept is not None:
             record_.probabilities.append(kept)
         if not last:
