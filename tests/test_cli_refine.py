@@ -317,6 +317,19 @@ def test_too_large_for_memory_is_refused_before_computing(case):
     assert not (tmp_path / "out").exists()
 
 
+def test_directories_are_pointed_to_batch(case):
+    tmp_path, _, _ = case
+    images, unaries = tmp_path / "images", tmp_path / "unaries"
+    images.mkdir()
+    unaries.mkdir()
+    result = _run(images, unaries, "-o", tmp_path / "out.png")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"convcrf: error: {images}: is a directory; `convcrf batch IMAGES_DIR UNARIES_DIR "
+        "-o OUT_DIR` refines directories\n"
+    )
+
+
 @pytest.mark.skipif(_gpu_available(), reason="a CUDA device is present")
 def test_cuda_without_a_gpu_is_a_clear_error(case):
     tmp_path, _, _ = case

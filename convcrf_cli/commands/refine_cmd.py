@@ -71,6 +71,11 @@ def refine_command(
     Only the output goes to stdout; messages go to stderr. Exit status: 0 ok, 1 runtime
     failure, 2 bad usage or input.
     """
+    if Path(image).is_dir():
+        raise BadInputError(
+            image,
+            "is a directory; `convcrf batch IMAGES_DIR UNARIES_DIR -o OUT_DIR` refines directories",
+        )
     if output == STDOUT and sys.stdout is not None and sys.stdout.isatty():
         raise BadInputError(None, "-o - writes a PNG to stdout, which is a terminal; redirect it")
     params = params_from_options(options)
