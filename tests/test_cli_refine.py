@@ -375,14 +375,19 @@ def test_stdin_unary_and_stdout_png_through_a_real_process(case):
     assert failed.stderr.decode().strip().startswith("convcrf: error: stdin: unary holds 1 NaN")
 
 
+def _png_to_stdout_command(tmp_path) -> list[object]:
+    """``convcrf refine`` of the case's image and probabilities with the PNG on stdout."""
+    return [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
+            tmp_path / "probs.npy", "-o", "-"]  # fmt: skip
+
+
 def test_closed_stdout_pipe_is_a_runtime_failure(case):
     tmp_path, _, _ = case
     process = subprocess.Popen(
-        [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
-         tmp_path / "probs.npy", "-o", "-"],
+        _png_to_stdout_command(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     process.stdout.close()
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 1
@@ -391,35 +396,28 @@ def test_closed_stdout_pipe_is_a_runtime_failure(case):
     )
 
 
+def _run_png_to_stdout(tmp_path, **streams) -> tuple[int, str]:
+    """Run :func:`_png_to_stdout_command` with ``streams`` (subprocess.run's stdout, stdin,
+    preexec_fn); return its exit status and stderr."""
+    done = subprocess.run(
+        _png_to_stdout_command(tmp_path), stderr=subprocess.PIPE, timeout=120, **streams
+    )
+    return done.returncode, done.stderr.decode()
+
+
 def test_closed_stdout_is_a_runtime_failure(case):
     tmp_path, _, _ = case
-    done = subprocess.run(
-        [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
-         tmp_path / "probs.npy", "-o", "-"],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: os.close(1),
-        timeout=120,
-    )  # fmt: skip
-    assert done.returncode == 1
-    assert (
-        done.stderr.decode()
-        == "convcrf: error: stdout: closed; there is nowhere to write the PNG\n"
+    status, stderr = _run_png_to_stdout(
+        tmp_path, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(1)
     )
+    assert status == 1
+    assert stderr == "convcrf: error: stdout: closed; there is nowhere to write the PNG\n"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_stdout_is_a_runtime_failure(case):
     tmp_path, _, _ = case
     with open("/dev/full", "wb") as full:
-        done = subprocess.run(
-            [sys.executable, "-m", "convcrf_cli", "refine", tmp_path / "img.png",
-             tmp_path / "probs.npy", "-o", "-"],
-            stdout=full,
-            stderr=subprocess.PIPE,
-            timeout=120,
-        )  # fmt: skip
-    assert done.returncode == 1
-    assert done.stderr.decode() == (
-        "convcrf: error: stdout: cannot write the PNG: No space left on device\n"
-    )
+        status, stderr = _run_png_to_stdout(tmp_path, stdout=full)
+    assert status == 1
+    assert stderr == "convcrf: error: stdout: cannot write the PNG: No space left on device\n"
