@@ -12,9 +12,10 @@
 // init/step: a 1-D block owns tile_rows x tile_cols coarse cells, i.e. a box of
 // (tile_rows*blur) x (tile_cols*blur) pixels starting at pixel (-pad_y, -pad_x) of its tile, so
 // every cell it pools lies in the block: pooling needs no atomics. Phase A computes each
-// pixel's softmax statistics (one pass over classes, online max and sum) into shared memory;
-// phase B, per chunk of chunk_classes classes, writes each pixel's Q for the chunk into shared
-// memory and then averages each cell over its valid pixels. At blur 1 the box is a tile of
+// pixel's softmax statistics (one pass over classes, online max and sum) into shared memory,
+// and, when chunk_classes covers every class, each pixel's scores z too; phase B, per chunk of
+// chunk_classes classes, writes each pixel's Q for the chunk into shared memory (from the kept
+// z, or computing z again) and then averages each cell over its valid pixels. At blur 1 the box is a tile of
 // pixels and Q is written to P directly. blockIdx.z = image of the batch.
 // Dynamic shared memory (blur > 1): (2 + chunk_classes) * tile_rows*blur * tile_cols*blur floats.
 //
@@ -87,13 +88,16 @@ __device__ inline PixelScore pixel_score(const ScoreArgs& args, int n, int y, in
     return score;
 }
 
-// Softmax statistics of z over classes: max and sum of exp(z - max), in one pass.
+// Softmax statistics of z over classes: max and sum of exp(z - max), in one pass. With
+// `store`, z of class c is also written to store[c * stride].
 __device__ inline void softmax_stats(const PixelScore& score, int num_classes, float& max_z,
-                                     float& sum_exp) {
+                                     float& sum_exp, float* store = nullptr, int stride = 0) {
     max_z = score(0);
     sum_exp = 1.0f;
+    if (store != nullptr) store[0] = max_z;
     for (int c = 1; c < num_classes; ++c) {
         const float z = score(c);
+        if (store != nullptr) store[c * stride] = z;
         if (z > max_z) {
             sum_exp = sum_exp * expf(max_z - z) + 1.0f;
             max_z = z;
@@ -146,14 +150,16 @@ __device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
     float* scale = convcrf_smem + box;
     float* chunk = convcrf_smem + 2 * box;
 
-    // Phase A: per-pixel softmax statistics.
+    // Phase A: per-pixel softmax statistics. When one chunk holds every class, z itself is
+    // kept in the chunk buffer, so that phase B reads it instead of computing it again.
+    const bool one_chunk = chunk_classes >= num_classes;
     for (int p = threadIdx.x; p < box; p += blockDim.x) {
         const int y = row0 + p / box_w;
         const int x = col0 + p % box_w;
         if (y < 0 || y >= args.height || x < 0 || x >= args.width) continue;
         const PixelScore score = pixel_score(args, n, y, x, with_message);
         float max_z, sum_exp;
-        softmax_stats(score, num_classes, max_z, sum_exp);
+        softmax_stats(score, num_classes, max_z, sum_exp, one_chunk ? chunk + p : nullptr, box);
         const float lse = max_z + logf(sum_exp);
         if (lse_out != nullptr) lse_out[(long long)n * plane + (long long)y * args.width + x] = lse;
         shift[p] = log_output ? lse : max_z;
@@ -169,6 +175,13 @@ __device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
             const int y = row0 + p / box_w;
             const int x = col0 + p % box_w;
             if (y < 0 || y >= args.height || x < 0 || x >= args.width) continue;
+            if (one_chunk) {  // z is in place from phase A
+                for (int cc = 0; cc < count; ++cc) {
+                    float* value = chunk + cc * box + p;
+                    *value = q_value(*value, shift[p], scale[p], log_output);
+                }
+                continue;
+            }
             const PixelScore score = pixel_score(args, n, y, x, with_message);
             for (int cc = 0; cc < count; ++cc) {
                 chunk[cc * box + p] = q_value(score(c0 + cc), shift[p], scale[p], log_output);
