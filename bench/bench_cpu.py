@@ -7,9 +7,13 @@ run (so that both see the same machine load and each is timed in steady state), 
 median per implementation, kernel weights included.
 The im2col baseline (``bench/im2col_baseline.py``) is the original implementation's approach and
 materialises the ``C·k²·h·w`` buffer; its output is checked against the backend's first, so
-that both compute the same thing. A second table times a training step (the mean field forward
-and backward, as ``convcrf fit`` and the ``ConvCRF`` module run it) against autograd through
-the same baseline, after checking that both give the same gradients.
+that both compute the same thing. Both run with denormal floats flushed to zero, as the CPU
+backend and ``convcrf fit`` do (:mod:`convcrf_cli.denormals`). Inputs: random logits, and the
+confident unary of a synthetic scene (``convcrf_cli.synthetic``, as a segmenter's), whose
+mean field underflows to denormal numbers; for the latter the backend is also timed without
+flushing. A second table times a training step (the mean field forward and backward, as
+``convcrf fit`` and the ``ConvCRF`` module run it) against autograd through the same baseline,
+after checking that both give the same gradients.
 
     .venv/bin/python bench/bench_cpu.py [--repeat 7] [--train-repeat 3]
 """
@@ -34,7 +38,9 @@ import im2col_baseline  # noqa: E402
 
 from convcrf_cli import meanfield  # noqa: E402
 from convcrf_cli.backends.cpu import CPUBackend  # noqa: E402
+from convcrf_cli.denormals import run_flushing_denormals  # noqa: E402
 from convcrf_cli.params import CRFParams  # noqa: E402
+from convcrf_cli.synthetic import synthetic_sample  # noqa: E402
 
 HEIGHT, WIDTH, CLASSES, ITERATIONS, BLUR = 375, 500, 21, 5, 4
 FILTER_SIZES = (5, 7, 11)
@@ -91,32 +97,61 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    image = rng.uniform(0, 255, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
-    logits = rng.normal(0, 2, (1, CLASSES, HEIGHT, WIDTH)).astype(np.float32)
-    image_t, logits_t = torch.from_numpy(image), torch.from_numpy(logits)
+    random_image = rng.uniform(0, 255, (1, 3, HEIGHT, WIDTH)).astype(np.float32)
+    random_logits = rng.normal(0, 2, (1, CLASSES, HEIGHT, WIDTH)).astype(np.float32)
+    scene, _, probs = synthetic_sample(0, 0, HEIGHT, WIDTH, CLASSES)
+    scene_image = np.ascontiguousarray(scene.transpose(2, 0, 1)[None], dtype=np.float32)
+    scene_logits = np.log(np.maximum(probs, 1e-6)).astype(np.float32)[None]
     backend = CPUBackend()
 
-    def baseline(params: CRFParams) -> np.ndarray:
+    def baseline(image: np.ndarray, logits: np.ndarray, params: CRFParams) -> np.ndarray:
+        def run() -> np.ndarray:
+            with torch.no_grad():
+                image_t, logits_t = torch.from_numpy(image), torch.from_numpy(logits)
+                return im2col_baseline.refine(image_t, logits_t, params).numpy()
+
+        return run_flushing_denormals(run)
+
+    def unflushed(image: np.ndarray, logits: np.ndarray, params: CRFParams) -> np.ndarray:
+        """The backend's computation in this thread, where denormals are not flushed."""
         with torch.no_grad():
-            return im2col_baseline.refine(image_t, logits_t, params).numpy()
+            image_t, logits_t = torch.from_numpy(image), torch.from_numpy(logits)
+            kernel = meanfield.crf_kernel(image_t, params)
+            return meanfield.mean_field(logits_t, kernel, params).numpy()
 
     print(machine_info())
     print(
         f"{WIDTH}x{HEIGHT} image, C={CLASSES}, {ITERATIONS} iterations, blur {BLUR}; "
         f"median of {args.repeat} alternating turns (untimed run, timed run)\n"
     )
-    print("| filter size | CPU backend (ms) | im2col baseline (ms) | speed-up |")
-    print("|---:|---:|---:|---:|")
-    for k in FILTER_SIZES:
-        params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)
-        ours, theirs = backend.run(image, logits, params), baseline(params)
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
-        ours_ms, theirs_ms = paired_median_ms(
-            [lambda p=params: backend.run(image, logits, p), lambda p=params: baseline(p)],
-            args.repeat,
-        )
-        print(f"| {k} | {ours_ms:.1f} | {theirs_ms:.1f} | {theirs_ms / ours_ms:.1f}x |", flush=True)
+    print(
+        "| input | filter size | CPU backend (ms) | im2col baseline (ms) | speed-up "
+        "| backend, denormals not flushed (ms) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, image, logits in (
+        ("random logits", random_image, random_logits),
+        ("synthetic scene", scene_image, scene_logits),
+    ):
+        for k in FILTER_SIZES:
+            params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)
+            ours, theirs = backend.run(image, logits, params), baseline(image, logits, params)
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4 * np.abs(theirs).max())
+            runs = [
+                lambda p=params, i=image, lg=logits: backend.run(i, lg, p),
+                lambda p=params, i=image, lg=logits: baseline(i, lg, p),
+            ]
+            if name == "synthetic scene":
+                runs.append(lambda p=params, i=image, lg=logits: unflushed(i, lg, p))
+            times = paired_median_ms(runs, args.repeat)
+            plain = f"{times[2]:.1f}" if len(times) > 2 else "-"
+            print(
+                f"| {name} | {k} | {times[0]:.1f} | {times[1]:.1f} | {times[1] / times[0]:.1f}x "
+                f"| {plain} |",
+                flush=True,
+            )
 
+    image_t, logits_t = torch.from_numpy(random_image), torch.from_numpy(random_logits)
     print(
         "\nTraining step: mean field forward + backward (gradients of the logits and the kernel "
         "under a fixed linear loss), the hand-written backward against autograd through the "
@@ -128,17 +163,21 @@ def main() -> None:
         params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)
         with torch.no_grad():
             kernel = meanfield.crf_kernel(image_t, params)
-        ours_grads = training_step(meanfield.mean_field, logits_t, kernel, params)
-        theirs_grads = training_step(im2col_baseline.mean_field, logits_t, kernel, params)
+        ours_grads = run_flushing_denormals(
+            training_step, meanfield.mean_field, logits_t, kernel, params
+        )
+        theirs_grads = run_flushing_denormals(
+            training_step, im2col_baseline.mean_field, logits_t, kernel, params
+        )
         for got, want in zip(ours_grads, theirs_grads, strict=True):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
         ours_ms, theirs_ms = paired_median_ms(
             [
-                lambda p=params, kern=kernel: training_step(
-                    meanfield.mean_field, logits_t, kern, p
+                lambda p=params, kern=kernel: run_flushing_denormals(
+                    training_step, meanfield.mean_field, logits_t, kern, p
                 ),
-                lambda p=params, kern=kernel: training_step(
-                    im2col_baseline.mean_field, logits_t, kern, p
+                lambda p=params, kern=kernel: run_flushing_denormals(
+                    training_step, im2col_baseline.mean_field, logits_t, kern, p
                 ),
             ],
             args.train_repeat,

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from convcrf_cli.backends import DeviceError, parse_device
 from convcrf_cli.core import InputError
+from convcrf_cli.denormals import run_flushing_denormals
 from convcrf_cli.errors import RuntimeFailure
 from convcrf_cli.metrics import confusion_matrix, iou_per_class
 from convcrf_cli.params import CRFParams, ParamsError
@@ -154,10 +155,25 @@ def fit(
     All examples must have the same number of classes and image channels. Returns the trained
     module and the held-out mean IoU before and after. Raises :class:`InputError` for
     inconsistent examples or training labels that hold only the ignore label, and
-    :class:`~convcrf_cli.errors.RuntimeFailure` when the training diverges.
+    :class:`~convcrf_cli.errors.RuntimeFailure` when the training diverges. On the CPU it runs
+    with denormal floats flushed to zero (:mod:`convcrf_cli.denormals`); ``progress`` is then
+    called from that worker thread.
     """
-    num_classes, num_features = check_examples(examples, options.ignore_label)
     target = torch_device(device)
+    if target.type == "cpu":
+        return run_flushing_denormals(_fit, examples, start, options, target, progress)
+    return _fit(examples, start, options, target, progress)
+
+
+def _fit(
+    examples: Sequence[Example],
+    start: CRFParams | ConvCRF,
+    options: FitOptions,
+    target: torch.device,
+    progress: ProgressCallback | None,
+) -> FitResult:
+    """:func:`fit` on the torch device ``target``."""
+    num_classes, num_features = check_examples(examples, options.ignore_label)
     train, val = split_examples(examples, options.val_fraction, options.seed)
     if not any(_labelled(example, options.ignore_label) for example in train):
         raise InputError(

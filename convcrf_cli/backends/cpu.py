@@ -1,5 +1,6 @@
 """CPU backend: the PyTorch implementation of :mod:`convcrf_cli.meanfield`, vectorised over
-pixels and classes and multi-threaded by torch's intra-op thread pool."""
+pixels and classes and multi-threaded by torch's intra-op thread pool, with denormal floats
+flushed to zero (:mod:`convcrf_cli.denormals`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from convcrf_cli import meanfield
 from convcrf_cli.backends import as_numpy
+from convcrf_cli.denormals import run_flushing_denormals
 from convcrf_cli.params import CRFParams
 
 
@@ -25,7 +27,12 @@ class CPUBackend:
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
         image_t = torch.from_numpy(np.ascontiguousarray(as_numpy(image), dtype=np.float32))
         logits_t = torch.from_numpy(np.ascontiguousarray(as_numpy(logits), dtype=np.float32))
-        with torch.no_grad():
-            kernel = meanfield.crf_kernel(image_t, params)
-            scores = meanfield.mean_field(logits_t, kernel, params)
-        return scores.contiguous().numpy()
+        return run_flushing_denormals(_mean_field, image_t, logits_t, params)
+
+
+def _mean_field(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> np.ndarray:
+    """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> scores ``[N,C,H,W] float32``."""
+    with torch.no_grad():
+        kernel = meanfield.crf_kernel(image, params)
+        scores = meanfield.mean_field(logits, kernel, params)
+    return scores.contiguous().numpy()
