@@ -11,12 +11,13 @@ The flush mode (FTZ/DAZ) is a per-thread CPU setting, inherited by the threads a
 sets the mode before its first torch operation, so torch's intra-op worker threads, started from
 there, inherit it too, while the calling thread and the rest of the process keep theirs. Where
 the CPU cannot flush denormals (``torch.set_flush_denormal`` returns False) the function runs
-in the calling thread.
+in the calling thread. A forked child process starts a worker of its own.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -66,6 +67,16 @@ def _flushing_executor() -> concurrent.futures.ThreadPoolExecutor | None:
                 _executor.shutdown()
                 _executor = None
         return _executor
+
+
+def _forget_worker_after_fork() -> None:
+    """In a forked child the worker thread is gone: start a new one on first use."""
+    global _lock, _executor, _supported
+    _lock, _executor, _supported = threading.Lock(), None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_after_fork)
 
 
 def _enter_worker() -> bool:

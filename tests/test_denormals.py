@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
@@ -55,3 +57,15 @@ def test_results_exceptions_thread_count_and_nested_calls():
     finally:
         torch.set_num_threads(threads)
     assert run_flushing_denormals(run_flushing_denormals, max, 3, 4) == 4
+
+
+def _child_computes() -> None:
+    assert run_flushing_denormals(_nonzero_doubled, _tiny(1 << 16)) == 0
+
+
+def test_a_forked_child_starts_a_worker_of_its_own():
+    run_flushing_denormals(_nonzero_doubled, _tiny(1))  # the parent's worker exists
+    child = multiprocessing.get_context("fork").Process(target=_child_computes)
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0  # a stale worker would hang the child (exit code None)
