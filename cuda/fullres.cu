@@ -41,12 +41,14 @@ struct PixelScore {
     float w00, w01, w10, w11;
     float lse, unary_scale, msg_scale;
     bool with_message;
+    bool one_tap;  // blur 1: the message is not upsampled, the pixel's own cell is i00
 
     __device__ float operator()(int c) const {
         const float unary = logit[c * plane];
         if (!with_message) return unary;
         const float* m = msg + c * coarse_plane;
-        const float up = w00 * m[i00] + w01 * m[i01] + w10 * m[i10] + w11 * m[i11];
+        const float up =
+            one_tap ? m[i00] : w00 * m[i00] + w01 * m[i01] + w10 * m[i10] + w11 * m[i11];
         return unary_scale * (unary - lse) + msg_scale * up;
     }
 };
@@ -73,6 +75,11 @@ __device__ inline PixelScore pixel_score(const ScoreArgs& args, int n, int y, in
     score.lse = args.lse[(long long)n * score.plane + pixel];
     score.coarse_plane = (long long)args.coarse_h * args.coarse_w;
     score.msg = args.message + (long long)n * args.num_classes * score.coarse_plane;
+    score.one_tap = args.blur == 1;
+    if (score.one_tap) {
+        score.i00 = (int)pixel;
+        return score;
+    }
     int r0, r1, c0, c1;
     float fy, fx;
     bilinear_taps(y + args.pad_y, args.blur, args.coarse_h, r0, r1, fy);
