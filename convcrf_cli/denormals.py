@@ -48,6 +48,11 @@ def run_flushing_denormals(function: Callable[..., Result], *args, **kwargs) -> 
     return executor.submit(_with_threads, threads, function, args, kwargs).result()
 
 
+def flushing_supported() -> bool:
+    """Whether this CPU flushes denormals in :func:`run_flushing_denormals` (starts the worker)."""
+    return _flushing_executor() is not None
+
+
 def _with_threads(threads: int, function: Callable[..., Result], args, kwargs) -> Result:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from convcrf_cli import denormals
+from convcrf_cli.backends.cpu import CPUBackend
 from convcrf_cli.denormals import run_flushing_denormals
 
 TINY = 1e-39
 """A float32 denormal (below FLT_MIN ~1.18e-38)."""
 
 pytestmark = pytest.mark.skipif(
-    denormals._flushing_executor() is None, reason="this CPU cannot flush denormals"
+    not denormals.flushing_supported(), reason="this CPU cannot flush denormals"
 )
 
 
@@ -69,3 +70,7 @@ def test_a_forked_child_starts_a_worker_of_its_own():
     child.start()
     child.join(timeout=120)
     assert child.exitcode == 0  # a stale worker would hang the child (exit code None)
+
+
+def test_the_cpu_backend_says_it_flushes():
+    assert CPUBackend().describe().endswith(" threads, denormals flushed to zero)")

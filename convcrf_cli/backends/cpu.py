@@ -9,7 +9,7 @@ import torch
 
 from convcrf_cli import meanfield
 from convcrf_cli.backends import as_numpy
-from convcrf_cli.denormals import run_flushing_denormals
+from convcrf_cli.denormals import flushing_supported, run_flushing_denormals
 from convcrf_cli.params import CRFParams
 
 
@@ -21,7 +21,8 @@ class CPUBackend:
         """Why ``auto`` chose the CPU (None when the CPU was asked for)."""
 
     def describe(self) -> str:
-        return f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+        flush = ", denormals flushed to zero" if flushing_supported() else ""
+        return f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads{flush})"
 
     def run(self, image, logits, params: CRFParams) -> np.ndarray:
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
