@@ -220,10 +220,17 @@ def write_overlay(
     _write(path, lambda handle: handle.write(data), staged)
 
 
+UNDERFLOW = -87.0
+"""Below this, ``exp`` in float32 gives a denormal number (< 1.2e-38) or 0."""
+
+
 def _softmax(scores: np.ndarray) -> np.ndarray:
     """``[C,H,W] float32`` softmax over classes (NumPy: it runs in I/O worker threads, where
-    torch's own thread pool would compete with the CRF's)."""
+    torch's own thread pool would compete with the CRF's). Probabilities below ~1.6e-38 are
+    written as 0, as the CRF computes them (:mod:`convcrf_cli.denormals`): computing them as
+    denormal numbers made this 2x slower on confident outputs."""
     shifted = scores - scores.max(axis=0, keepdims=True)
+    np.copyto(shifted, -np.inf, where=shifted < UNDERFLOW)
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=0, keepdims=True)
     return shifted

@@ -212,3 +212,17 @@ def test_a_failing_rename_removes_the_outputs_already_renamed(tmp_path, monkeypa
         write_outputs(spec, image, scores, labels, "CHW")
     assert str(caught.value) == f"{tmp_path / 'o.png'}: cannot write: No space left on device"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_probabilities_of_confident_scores_flush_below_the_normal_range(tmp_path):
+    gaps = np.array([0.0, -200.0, -95.0, -50.0, -86.0], np.float32)  # score - max, per class
+    scores = np.broadcast_to(gaps[:, None, None], (5, 2, 3)).copy()
+    path = tmp_path / "p.npy"
+    write_outputs(
+        OutputSpec(labels=tmp_path / "l.npy", probs=path), np.zeros((2, 3)), scores,
+        np.zeros((2, 3), np.int64), "CHW",
+    )  # fmt: skip
+    probs = np.load(path)[:, 0, 0].astype(np.float64)
+    exact = np.exp(gaps.astype(np.float64)) / np.exp(gaps.astype(np.float64)).sum()
+    assert probs[1] == 0 and probs[2] == 0  # exact values 1e-87 and 5.8e-42 (denormal)
+    np.testing.assert_allclose(probs[[0, 3, 4]], exact[[0, 3, 4]], rtol=1e-6)
