@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import im2col_baseline  # noqa: E402
 
 from convcrf_cli import meanfield  # noqa: E402
-from convcrf_cli.backends.cpu import CPUBackend  # noqa: E402
+from convcrf_cli.backends.cpu import CPUBackend, mean_field_scores  # noqa: E402
 from convcrf_cli.denormals import run_flushing_denormals  # noqa: E402
 from convcrf_cli.params import CRFParams  # noqa: E402
 from convcrf_cli.synthetic import synthetic_sample  # noqa: E402
@@ -114,10 +114,7 @@ def main() -> None:
 
     def unflushed(image: np.ndarray, logits: np.ndarray, params: CRFParams) -> np.ndarray:
         """The backend's computation in this thread, where denormals are not flushed."""
-        with torch.no_grad():
-            image_t, logits_t = torch.from_numpy(image), torch.from_numpy(logits)
-            kernel = meanfield.crf_kernel(image_t, params)
-            return meanfield.mean_field(logits_t, kernel, params).numpy()
+        return mean_field_scores(torch.from_numpy(image), torch.from_numpy(logits), params)
 
     print(machine_info())
     print(

@@ -15,8 +15,8 @@
 // pixel's softmax statistics (one pass over classes, online max and sum) into shared memory,
 // and, when chunk_classes covers every class, each pixel's scores z too; phase B, per chunk of
 // chunk_classes classes, writes each pixel's Q for the chunk into shared memory (from the kept
-// z, or computing z again) and then averages each cell over its valid pixels. At blur 1 the box is a tile of
-// pixels and Q is written to P directly. blockIdx.z = image of the batch.
+// z, or computing z again) and then averages each cell over its valid pixels. At blur 1 the
+// box is a tile of pixels and Q is written to P directly. blockIdx.z = image of the batch.
 // Dynamic shared memory (blur > 1): (2 + chunk_classes) * tile_rows*blur * tile_cols*blur floats.
 //
 // The bilinear upsampling (half-pixel centres, source clamped to [0, n-1]) of the coarse message

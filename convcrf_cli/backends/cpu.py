@@ -28,11 +28,12 @@ class CPUBackend:
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
         image_t = torch.from_numpy(np.ascontiguousarray(as_numpy(image), dtype=np.float32))
         logits_t = torch.from_numpy(np.ascontiguousarray(as_numpy(logits), dtype=np.float32))
-        return run_flushing_denormals(_mean_field, image_t, logits_t, params)
+        return run_flushing_denormals(mean_field_scores, image_t, logits_t, params)
 
 
-def _mean_field(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> np.ndarray:
-    """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> scores ``[N,C,H,W] float32``."""
+def mean_field_scores(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> np.ndarray:
+    """``image [N,F,H,W]``, ``logits [N,C,H,W]`` float32 -> scores ``[N,C,H,W] float32``, in
+    the calling thread (:meth:`CPUBackend.run` calls it with denormals flushed)."""
     with torch.no_grad():
         kernel = meanfield.crf_kernel(image, params)
         scores = meanfield.mean_field(logits, kernel, params)
