@@ -7,6 +7,9 @@ plan made once). At 500×375 both measure the host's launch rate as much as the 
 Compared with a PyTorch im2col ConvCRF (the original implementation's method: materialise the
 C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth floor: the bytes any
 implementation must move over the measured device-copy bandwidth.
+A second table times one launch of each message kernel, one thread per cell and register-tiled
+(the backend picks the tiled one from two blocks per multiprocessor), on the same inputs, and
+gives the largest difference between their messages.
 
 Run on a machine with CuPy and a CUDA device:  python bench/bench_gpu.py [--repeats 50]
 """
@@ -14,6 +17,7 @@ Run on a machine with CuPy and a CUDA device:  python bench/bench_gpu.py [--repe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -77,6 +81,29 @@ def floor_bytes(height: int, width: int, classes: int, params: CRFParams) -> int
     return 4 * floats
 
 
+def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tuple]:
+    """GPU ms of one message launch and the message, per kernel ("per-cell", "tiled"), on
+    coarse features like the image's (positions, random colours) and a random pooled Q."""
+    results = {}
+    rng = cupy.random.default_rng(1)
+    for name, min_blocks in (("per-cell", 10**9), ("tiled", 0)):
+        variant = dataclasses.replace(config, tiled_min_blocks=min_blocks)
+        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
+        if plan.tiled != (name == "tiled"):
+            continue  # the tiled kernel does not fit this case
+        launcher = cuda._CuPyLauncher(cuda._compiled_module(0, plan.class_block))
+        h, w = plan.coarse_h, plan.coarse_w
+        rows, cols = cupy.mgrid[0:h, 0:w].astype(cupy.float32) * params.blur / params.pos_sdims
+        colours = rng.random((plan.features, h, w), dtype=cupy.float32) * 255 / params.col_schan
+        feat = cupy.concatenate([rows[None], cols[None], colours])[None]
+        feat = cupy.ascontiguousarray(cupy.broadcast_to(feat, (plan.batch, *feat.shape[1:])))
+        pooled = rng.random((plan.batch, plan.classes, h, w), dtype=cupy.float32)
+        message = cupy.full(pooled.shape, cupy.nan, cupy.float32)
+        launch = functools.partial(launcher, *plan.message_launch(feat, pooled, message))
+        results[name] = (time_gpu_ms(launch, 30, 3, 20), message)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
@@ -93,11 +120,13 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
+    config = backend.launch_config()
+    message_rows = []
     for label, height, width, classes, blur, k in CASES:
         params = CRFParams(filter_size=k, blur=blur, iterations=5)
         image = cupy.asarray(rng.uniform(0, 255, (1, FEATURES, height, width)), dtype=cupy.float32)
         logits = cupy.asarray(rng.normal(0, 2, (1, classes, height, width)), dtype=cupy.float32)
-        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, backend.launch_config())
+        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, config)
         launcher = cuda._CuPyLauncher(cuda._compiled_module(0, plan.class_block))
         scores = cupy.empty_like(logits)
         run = functools.partial(cuda.run_plan, plan, image, logits, scores, launcher, cupy.empty)
@@ -117,6 +146,22 @@ def main() -> None:
         print(
             f"| {label} | {ours:.3f} | {launches:.3f} | {baseline:.2f} | {baseline / ours:.0f}x | "
             f"{floor:.3f} | {ours / floor:.1f}x |"
+        )
+        message_rows.append((label, message_kernels_ms(image, logits, params, config)))
+
+    print(
+        "\n| case | message, one thread per cell (ms) | tiled (ms) | per-cell / tiled | max diff |"
+    )
+    print("|---|---|---|---|---|")
+    for label, kernels in message_rows:
+        per_cell, tiled = kernels.get("per-cell"), kernels.get("tiled")
+        if per_cell is None or tiled is None:
+            print(f"| {label} | {per_cell and per_cell[0]} | {tiled and tiled[0]} | | |")
+            continue
+        diff = float(cupy.abs(per_cell[1] - tiled[1]).max())
+        print(
+            f"| {label} | {per_cell[0]:.4f} | {tiled[0]:.4f} | {per_cell[0] / tiled[0]:.2f}x "
+            f"| {diff:.1e} |"
         )
 
 

@@ -46,17 +46,22 @@ def test_blur_too_large_is_a_device_error():
         cuda.MeanFieldPlan.create((1, 3, 200, 200), (1, 2, 200, 200), params, cuda.LaunchConfig())
 
 
+H100 = cuda.LaunchConfig(shared_memory=64 * 1024, tiled_min_blocks=2 * 132)
+"""What the backend chooses on an H100 (132 multiprocessors, 227 KiB of opt-in shared memory)."""
+
+
 def test_plan_geometry_at_pascal_size():
     """500x375 (H=375, W=500), blur 4: coarse 94x125, padding 0/1/0, hand-computed grids."""
     params = CRFParams(filter_size=7, blur=4)
-    plan = cuda.MeanFieldPlan.create(
-        (2, 3, 375, 500), (2, 21, 375, 500), params, cuda.LaunchConfig()
-    )
+    plan = cuda.MeanFieldPlan.create((2, 3, 375, 500), (2, 21, 375, 500), params, H100)
     assert (plan.coarse_h, plan.coarse_w) == (94, 125)
     assert (plan.pad_y, plan.pad_x) == (1, 0)  # 376 - 375 = 1 -> ceil(1/2) = 1
     assert plan.cell_grid == (8, 6, 2)
     assert plan.class_block == 11 and plan.num_chunks == 2
     assert plan.message_grid == (8, 6, 4)
+    # 4 x 12 blocks of 32x8 cells per image would be too few for the tiled kernel (264)
+    assert not plan.tiled
+    assert plan.message_launch(None, None, None)[:3] == ("convcrf_message", (8, 6, 4), (16, 16, 1))
     assert plan.message_shared == 4 * (2 + 3 + 11) * 22 * 22
     assert plan.pool_tile == (2, 8)  # an 8x32-pixel box
     assert plan.pool_grid == (16, 47, 2)
@@ -67,14 +72,56 @@ def test_plan_geometry_at_pascal_size():
 
 def test_plan_at_blur_one_tiles_pixels_without_shared_memory():
     params = CRFParams(filter_size=7, blur=1)
-    plan = cuda.MeanFieldPlan.create(
-        (1, 3, 2048, 2048), (1, 21, 2048, 2048), params, cuda.LaunchConfig()
-    )
+    plan = cuda.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
     assert (plan.coarse_h, plan.coarse_w, plan.pad_y, plan.pad_x) == (2048, 2048, 0, 0)
     assert plan.pool_tile == (8, 32)
     assert plan.pool_grid == (64, 256, 1)
     assert plan.pool_shared == 0
     assert plan.chunk_classes == 21
+
+
+def test_large_grids_take_the_tiled_message_kernel():
+    """2048x2048 at blur 1: 64x256 blocks of 8x8 threads, each thread 4 cells of a row; a
+    quarter row of 8 + (3 + 6) // 4 = 10 words, 14 rows of 40 words per channel."""
+    params = CRFParams(filter_size=7, blur=1)
+    plan = cuda.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
+    assert plan.tiled
+    assert plan.class_block == 11  # 65536 // (4 * 560) - 5 = 24 fit, capped at 16, balanced
+    name, grid, block, args, shared = plan.message_launch("feat", "pooled", "message")
+    assert (name, grid, block) == ("convcrf_message_tiled", (64, 256, 2), (8, 8, 1))
+    assert shared == plan.message_shared == 4 * (5 + 11) * 40 * 14
+    assert args[:3] == ("feat", "pooled", "message") and int(args[-1]) == 10
+
+
+def test_tiled_message_needs_room_for_its_features():
+    """More than 4 image channels do not fit the tiled kernel's registers; the per-cell kernel
+    takes them."""
+    params = CRFParams(filter_size=7, blur=1)
+    plan = cuda.MeanFieldPlan.create((1, 5, 512, 512), (1, 21, 512, 512), params, H100)
+    assert not plan.tiled
+    assert cuda.use_tiled_message(1, 4, 512, 512, 7, H100)
+    assert not cuda.use_tiled_message(1, 5, 512, 512, 7, H100)
+    assert not cuda.use_tiled_message(1, 3, 100, 100, 7, H100)  # 1 x 13 blocks < 264
+    assert cuda.use_tiled_message(1, 3, 100, 100, 7, cuda.LaunchConfig())  # no minimum
+
+
+@pytest.mark.parametrize("threads_x", [4, 8, 16, 32])
+@pytest.mark.parametrize("filter_size", [3, 5, 7, 9, 11, 13, 15])
+def test_tiled_message_rows_of_a_warp_use_distinct_banks(threads_x, filter_size):
+    """Every shared-memory load of the tiled kernel's inner loop (neighbour j of a window row)
+    by the 32 threads of a warp hits 32 different banks, and stays inside its quarter row."""
+    quarter = cuda.row_quarter(threads_x, filter_size)
+    span = cuda.TILE_CELLS - 1 + 2 * (filter_size // 2)
+    assert threads_x - 1 + span // 4 < quarter
+    warp = [(t % threads_x, t // threads_x) for t in range(32)]
+    for j in range(span + 1):
+        words = [ty * 4 * quarter + (j % 4) * quarter + tx + j // 4 for tx, ty in warp]
+        assert len({word % 32 for word in words}) == 32, (j, words)
+
+
+def test_tiled_message_rejects_other_thread_counts():
+    with pytest.raises(ValueError, match="4, 8, 16 or 32"):
+        cuda.row_quarter(12, 7)
 
 
 def test_plan_rejects_mismatched_shapes():

@@ -3,6 +3,8 @@ reference: the launch logic of the CUDA backend (``run_plan``) drives them exact
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import reference
@@ -10,10 +12,13 @@ import reference
 from convcrf_cli.backends.cuda import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
 
-# Small blocks: every CUDA thread is an OS thread in the shim.
+# Small blocks: every CUDA thread is an OS thread in the shim. The message runs as the tiled
+# kernel wherever it can (no minimum of blocks); PER_CELL forces the one-thread-per-cell kernel.
 SMALL = LaunchConfig(
     cell_block=(8, 8), pixel_block=(8, 8), pool_threads=64, pool_box_width=8, pool_box_pixels=64
 )
+PER_CELL = dataclasses.replace(SMALL, tiled_min_blocks=10**9)
+MESSAGE_KERNELS = {"tiled": SMALL, "per-cell": PER_CELL}
 
 
 def refine_with_shim(shim, image, logits, params, config=SMALL):
@@ -60,16 +65,43 @@ CASES = [
     (23, 16, 2, 4, 3, 4, "softmax", 1, 5),
     (18, 15, 21, 3, 11, 2, "log", 1, 1),
     (9, 11, 2, 3, 5, 4, "softmax", 3, 4),
+    # three tiled blocks of 32 cells in x, the last with 6 of them; two rows of blocks
+    (11, 70, 21, 3, 5, 1, "log", 1, 2),
+    (12, 75, 2, 2, 9, 1, "softmax", 2, 2),
 ]
 
 
+@pytest.mark.parametrize("message_kernel", MESSAGE_KERNELS)
 @pytest.mark.parametrize(
     ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
 )
-def test_shim_matches_reference(shim, height, width, classes, features, k, blur, init, n, its):
+def test_shim_matches_reference(
+    shim, message_kernel, height, width, classes, features, k, blur, init, n, its
+):
     params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
     image, logits = random_inputs(height * width + k, n, height, width, classes, features)
-    scores, _ = refine_with_shim(shim, image, logits, params)
+    scores, plan = refine_with_shim(shim, image, logits, params, MESSAGE_KERNELS[message_kernel])
+    assert plan.tiled == (message_kernel == "tiled")
+    assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.mark.parametrize(("height", "width", "k"), [(11, 70, 5), (19, 23, 13), (8, 9, 3)])
+def test_tiled_message_sums_as_the_per_cell_kernel(shim, height, width, k):
+    """The tiled kernel adds the same products in the same order: equal scores, bit for bit."""
+    params = CRFParams(filter_size=k, blur=1, iterations=3)
+    image, logits = random_inputs(k, 1, height, width, 21, 3)
+    tiled, plan = refine_with_shim(shim, image, logits, params, SMALL)
+    per_cell, _ = refine_with_shim(shim, image, logits, params, PER_CELL)
+    assert plan.tiled
+    np.testing.assert_array_equal(tiled, per_cell)
+
+
+def test_many_image_channels_take_the_per_cell_message(shim):
+    """Five image channels (7 features) exceed the tiled kernel's registers."""
+    params = CRFParams(filter_size=5, blur=2, iterations=2)
+    image, logits = random_inputs(7, 1, 14, 17, 2, 5)
+    scores, plan = refine_with_shim(shim, image, logits, params, SMALL)
+    assert not plan.tiled
     assert_matches_reference(scores, image, logits, params)
 
 
@@ -99,23 +131,23 @@ def test_gpu_launch_configuration(shim):
     assert_matches_reference(scores, image, logits, params)
 
 
-def test_launch_sequence(shim):
+@pytest.mark.parametrize("message_kernel", MESSAGE_KERNELS)
+def test_launch_sequence(shim, message_kernel):
     """One launch of each kernel per batch (not per image), one message per iteration."""
     params = CRFParams(filter_size=3, blur=2, iterations=3)
     image, logits = random_inputs(1, 2, 10, 12, 2, 1)
     before = len(shim.launches)
-    refine_with_shim(shim, image, logits, params)
+    refine_with_shim(shim, image, logits, params, MESSAGE_KERNELS[message_kernel])
     names = [launch[0] for launch in shim.launches[before:]]
+    message = "convcrf_message_tiled" if message_kernel == "tiled" else "convcrf_message"
     assert names == [
         "convcrf_pool_features",
         "convcrf_init",
-        "convcrf_message",
+        message,
         "convcrf_step",
-        "convcrf_message",
+        message,
         "convcrf_step",
-        "convcrf_message",
+        message,
         "convcrf_final",
     ]
-    assert all(
-        launch[1][2] == 2 for launch in shim.launches[before:] if launch[0] != "convcrf_message"
-    )
+    assert all(launch[1][2] == 2 for launch in shim.launches[before:] if launch[0] != message)

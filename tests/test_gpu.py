@@ -10,6 +10,8 @@ mean field with the PyTorch one, on every case of tests/test_cuda_autograd.py an
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import test_cuda_autograd
@@ -23,15 +25,25 @@ from convcrf_cli.params import CRFParams
 pytestmark = pytest.mark.gpu
 
 
-def refine_on_gpu(image, logits, params):
+TILED_MIN_BLOCKS = {"tiled": 0, "per-cell": 10**9}
+"""``LaunchConfig.tiled_min_blocks`` that makes every message kernel tiled or one per cell."""
+
+
+def refine_on_gpu(image, logits, params, message_kernel=None):
     """image [N,H,W,F], logits [N,C,H,W] (NumPy) -> scores [N,C,H,W] (NumPy), every buffer
-    NaN-poisoned before the kernels run."""
+    NaN-poisoned before the kernels run; ``message_kernel`` "tiled" or "per-cell" overrides
+    the backend's choice of message kernel."""
     import cupy
 
     backend = cuda.CUDABackend(0)
     image_d = cupy.ascontiguousarray(cupy.asarray(image.transpose(0, 3, 1, 2)), dtype=cupy.float32)
     logits_d = cupy.asarray(logits, dtype=cupy.float32)
-    plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, backend.launch_config())
+    config = backend.launch_config()
+    if message_kernel is not None:
+        config = dataclasses.replace(config, tiled_min_blocks=TILED_MIN_BLOCKS[message_kernel])
+    plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
+    if message_kernel is not None and features_fit_tiled(image.shape[-1]):
+        assert plan.tiled == (message_kernel == "tiled")
     module = cuda._compiled_module(0, plan.class_block)
     scores = cupy.full(logits_d.shape, cupy.nan, dtype=cupy.float32)
 
@@ -42,22 +54,32 @@ def refine_on_gpu(image, logits, params):
     return scores.get()
 
 
+def features_fit_tiled(channels: int) -> bool:
+    return 2 + channels <= cuda.MAX_TILED_FEATURES
+
+
+@pytest.mark.parametrize("message_kernel", TILED_MIN_BLOCKS)
 @pytest.mark.parametrize(
     ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
 )
-def test_gpu_matches_reference(height, width, classes, features, k, blur, init, n, its):
+def test_gpu_matches_reference(
+    message_kernel, height, width, classes, features, k, blur, init, n, its
+):
     params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
     image, logits = random_inputs(height * width + k, n, height, width, classes, features)
-    assert_matches_reference(refine_on_gpu(image, logits, params), image, logits, params)
+    scores = refine_on_gpu(image, logits, params, message_kernel)
+    assert_matches_reference(scores, image, logits, params)
 
 
+@pytest.mark.parametrize("message_kernel", TILED_MIN_BLOCKS)
 @pytest.mark.parametrize("k", [5, 7, 11, 13, 15])
-def test_gpu_pascal_size_batch(k):
+def test_gpu_pascal_size_batch(message_kernel, k):
     """75x100 (a fifth of Pascal size, padded pooling), C=21, blur 4, a batch of 2, both inits."""
     for init in ("log", "softmax"):
         params = CRFParams(filter_size=k, blur=4, init=init, iterations=5)
         image, logits = random_inputs(k, 2, 75, 100, 21, 3)
-        assert_matches_reference(refine_on_gpu(image, logits, params), image, logits, params)
+        scores = refine_on_gpu(image, logits, params, message_kernel)
+        assert_matches_reference(scores, image, logits, params)
 
 
 def test_gpu_many_classes():
@@ -69,6 +91,10 @@ def test_gpu_many_classes():
 def test_gpu_2048_square_blur_one():
     params = CRFParams(filter_size=7, blur=1, iterations=5)
     image, logits = random_inputs(11, 1, 2048, 2048, 21, 3)
+    plan = cuda.MeanFieldPlan.create(
+        (1, 3, 2048, 2048), logits.shape, params, cuda.CUDABackend(0).launch_config()
+    )
+    assert plan.tiled  # the backend's own choice at this size
     scores = refine_on_gpu(image, logits, params)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).double().to(device)

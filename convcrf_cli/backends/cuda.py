@@ -35,6 +35,7 @@ KERNEL_NAMES = (
     "convcrf_pool_features",
     "convcrf_init",
     "convcrf_message",
+    "convcrf_message_tiled",
     "convcrf_step",
     "convcrf_final",
     # the differentiable mean field of convcrf_cli.torch on the GPU (backends/cuda_autograd.py)
@@ -51,13 +52,24 @@ MAX_SHARED_MEMORY = 64 * 1024
 MAX_CLASS_BLOCK = 16
 """Most classes one message thread accumulates in registers (on an H100, 21 classes run
 faster as two chunks of 11 than as one: twice the blocks; bench/gpu_tune.py)."""
+TILE_CELLS = 4
+"""Cells of a row each thread of ``convcrf_message_tiled`` computes (``CONVCRF_TILE_CELLS``)."""
+MAX_TILED_FEATURES = 6
+"""Most feature channels (2 positions + the image channels) ``convcrf_message_tiled`` holds in
+registers (``CONVCRF_MAX_FEATURES`` in ``cuda/message.cu``); more take ``convcrf_message``."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """Block shapes and the shared-memory budget of the launches.
 
-    cell_block: (x, y) coarse cells per block of the message and feature kernels.
+    cell_block: (x, y) coarse cells per block of the feature kernel and of the message kernel
+        with one thread per cell.
+    message_threads: (x, y) threads per block of the register-tiled message kernel, each
+        computing :data:`TILE_CELLS` cells of a row; x is 4, 8, 16 or 32.
+    tiled_min_blocks: the tiled message kernel runs when its grid has at least this many
+        blocks (the backend asks for two per multiprocessor); on smaller grids one thread per
+        cell gives the device more threads to hide latency with.
     pixel_block: (x, y) pixels per block of the final pass.
     pool_threads: threads per block of the init/step passes.
     pool_box_width, pool_box_pixels: target width and size (pixels) of the box of pixels one
@@ -66,6 +78,8 @@ class LaunchConfig:
     """
 
     cell_block: tuple[int, int] = (16, 16)
+    message_threads: tuple[int, int] = (8, 8)
+    tiled_min_blocks: int = 0
     pixel_block: tuple[int, int] = (32, 8)
     pool_threads: int = 256
     pool_box_width: int = 32
@@ -73,13 +87,20 @@ class LaunchConfig:
     shared_memory: int = DEFAULT_SHARED_MEMORY
 
 
-def class_block_for(num_classes: int, num_features: int, filter_size: int, config: LaunchConfig):
+def class_block_for(
+    num_classes: int,
+    num_features: int,
+    filter_size: int,
+    config: LaunchConfig,
+    tiled: bool = False,
+) -> int:
     """Classes per message chunk (the compile-time ``CONVCRF_CLASS_BLOCK``).
 
-    As many as fit in shared memory next to the features of a tile with its halo, at most
-    :data:`MAX_CLASS_BLOCK`, balanced over the chunks (21 classes in two chunks: 11).
+    As many as fit in shared memory next to the features of a tile with its halo (of the tiled
+    kernel with ``tiled``), at most :data:`MAX_CLASS_BLOCK`, balanced over the chunks (21
+    classes in two chunks: 11).
     """
-    fit = _message_fit(num_features, filter_size, config)
+    fit = _message_fit(num_features, filter_size, config, tiled)
     if fit < 1:
         raise DeviceError(
             f"filter size {filter_size} with {num_features} image channels needs more shared "
@@ -89,15 +110,55 @@ def class_block_for(num_classes: int, num_features: int, filter_size: int, confi
     return math.ceil(num_classes / chunks)
 
 
-def _message_fit(num_features: int, filter_size: int, config: LaunchConfig) -> int:
+def _message_fit(num_features: int, filter_size: int, config: LaunchConfig, tiled: bool) -> int:
     """Classes that fit in the message kernel's shared memory beside the features."""
-    area = _message_tile_area(filter_size, config)
+    area = _message_tile_area(filter_size, config, tiled)
     return config.shared_memory // (4 * area) - (2 + num_features)
 
 
-def _message_tile_area(filter_size: int, config: LaunchConfig) -> int:
+def _message_tile_area(filter_size: int, config: LaunchConfig, tiled: bool) -> int:
+    """Floats per channel of the message kernel's shared tile (cells with the halo)."""
     span = filter_size // 2
+    if tiled:
+        threads_x, threads_y = config.message_threads
+        return 4 * row_quarter(threads_x, filter_size) * (threads_y + 2 * span)
     return (config.cell_block[0] + 2 * span) * (config.cell_block[1] + 2 * span)
+
+
+def row_quarter(threads_x: int, filter_size: int) -> int:
+    """Words per quarter row of ``convcrf_message_tiled``'s shared tile.
+
+    At least ``threads_x + (TILE_CELLS - 1 + 2s) // 4`` (thread x reads quarter-row words x to
+    x + (TILE_CELLS - 1 + 2s) // 4), rounded up so that a row is ``threads_x`` or
+    ``-threads_x`` banks away from the next: the rows of one warp then fall in different
+    banks, and a warp's loads are conflict-free.
+    """
+    if threads_x not in (4, 8, 16, 32):
+        raise ValueError(
+            f"the tiled message kernel needs 4, 8, 16 or 32 threads in x, not {threads_x}"
+        )
+    quarter = threads_x + (TILE_CELLS - 1 + 2 * (filter_size // 2)) // 4
+    while (4 * quarter) % 32 not in (threads_x % 32, -threads_x % 32):
+        quarter += 1
+    return quarter
+
+
+def tiled_message_grid(batch: int, coarse_h: int, coarse_w: int, config: LaunchConfig):
+    """(x, y, images) blocks of ``convcrf_message_tiled`` for one class chunk."""
+    threads_x, threads_y = config.message_threads
+    return (-(-coarse_w // (TILE_CELLS * threads_x)), -(-coarse_h // threads_y), batch)
+
+
+def use_tiled_message(
+    batch: int, features: int, coarse_h: int, coarse_w: int, filter_size: int, config: LaunchConfig
+) -> bool:
+    """Whether the message runs as ``convcrf_message_tiled``: the features fit its registers,
+    one class fits its shared memory, and its grid has ``config.tiled_min_blocks`` blocks."""
+    if 2 + features > MAX_TILED_FEATURES or _message_fit(features, filter_size, config, True) < 1:
+        return False
+    return (
+        math.prod(tiled_message_grid(batch, coarse_h, coarse_w, config)) >= config.tiled_min_blocks
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +173,8 @@ class MeanFieldPlan:
     params: CRFParams
     config: LaunchConfig
     class_block: int
+    tiled: bool = False
+    """The message runs as ``convcrf_message_tiled`` (else ``convcrf_message``)."""
 
     @classmethod
     def create(
@@ -123,7 +186,9 @@ class MeanFieldPlan:
         class_block: int | None = None,
     ) -> MeanFieldPlan:
         """Plan for ``image [N,F,H,W]`` and ``logits [N,C,H,W]``; ``class_block`` defaults to
-        :func:`class_block_for` (the shim passes the value it was compiled with)."""
+        :func:`class_block_for` (the shim passes the value it was compiled with). The message
+        kernel is the tiled one where :func:`use_tiled_message` says so and ``class_block``
+        classes fit its shared memory."""
         if len(image_shape) != 4 or len(logits_shape) != 4:
             raise ValueError(
                 f"expected image [N,F,H,W] and logits [N,C,H,W], got {tuple(image_shape)} "
@@ -137,9 +202,13 @@ class MeanFieldPlan:
             raise ValueError(
                 f"empty input: image {tuple(image_shape)}, logits {tuple(logits_shape)}"
             )
+        k, blur = params.filter_size, params.blur
+        tiled = use_tiled_message(n, f, -(-height // blur), -(-width // blur), k, config)
         if class_block is None:
-            class_block = class_block_for(c, f, params.filter_size, config)
-        plan = cls(n, c, f, height, width, params, config, class_block)
+            class_block = class_block_for(c, f, k, config, tiled)
+        elif tiled:
+            tiled = _message_fit(f, k, config, True) >= class_block
+        plan = cls(n, c, f, height, width, params, config, class_block, tiled)
         if plan.message_shared > config.shared_memory:
             raise DeviceError(
                 f"{class_block} classes per block with filter size {params.filter_size} need "
@@ -209,8 +278,24 @@ class MeanFieldPlan:
 
     @property
     def message_shared(self) -> int:
-        area = _message_tile_area(self.params.filter_size, self.config)
+        area = _message_tile_area(self.params.filter_size, self.config, self.tiled)
         return 4 * (2 + self.features + self.class_block) * area
+
+    def message_launch(self, feat, pooled, message) -> tuple:
+        """``launch`` arguments of the message ``pooled [N,C,h,w]`` -> ``message [N,C,h,w]``
+        with features ``feat [N,2+F,h,w]``: ``(name, grid, block, args, shared_mem)``."""
+        p, i32, f32 = self.params, np.int32, np.float32
+        args = (feat, pooled, message, i32(self.classes), i32(self.features))
+        args += (i32(self.coarse_h), i32(self.coarse_w), i32(p.filter_size), i32(self.num_chunks))
+        args += (f32(p.pos_compat), f32(p.col_compat))
+        if not self.tiled:
+            block = (*self.config.cell_block, 1)
+            return ("convcrf_message", self.message_grid, block, args, self.message_shared)
+        gx, gy, _ = tiled_message_grid(self.batch, self.coarse_h, self.coarse_w, self.config)
+        grid = (gx, gy, self.batch * self.num_chunks)
+        args += (i32(row_quarter(self.config.message_threads[0], p.filter_size)),)
+        block = (*self.config.message_threads, 1)
+        return ("convcrf_message_tiled", grid, block, args, self.message_shared)
 
     # -- init/step: one block per tile of coarse cells -------------------------------------
     @property
@@ -316,11 +401,9 @@ def run_plan(plan: MeanFieldPlan, image, logits, scores, launch: Launch, empty) 
     features_args += (f32(1 / p.pos_sdims), f32(1 / p.col_schan))
     launch("convcrf_pool_features", plan.cell_grid, cell_block, features_args, 0)
     plan.launch_init(launch, logits, lse, pooled)
-    message_args = (feat, pooled, message, i32(c), i32(f), i32(h), i32(w))
-    message_args += (i32(p.filter_size), i32(plan.num_chunks))
-    message_args += (f32(p.pos_compat), f32(p.col_compat))
+    message_launch = plan.message_launch(feat, pooled, message)
     for i in range(p.iterations):
-        launch("convcrf_message", plan.message_grid, cell_block, message_args, plan.message_shared)
+        launch(*message_launch)
         if i < p.iterations - 1:
             plan.launch_step(launch, logits, lse, message, pooled, p.weight)
         else:
@@ -475,7 +558,11 @@ class CUDABackend:
         """The GPU configuration: shared memory up to the device's opt-in limit, at most 64 KiB."""
         device = self.cupy.cuda.Device(self.index)
         optin = device.attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED_MEMORY)
-        return LaunchConfig(shared_memory=max(DEFAULT_SHARED_MEMORY, min(optin, MAX_SHARED_MEMORY)))
+        multiprocessors = device.attributes.get("MultiProcessorCount", 0)
+        return LaunchConfig(
+            shared_memory=max(DEFAULT_SHARED_MEMORY, min(optin, MAX_SHARED_MEMORY)),
+            tiled_min_blocks=2 * multiprocessors,
+        )
 
     def run(self, image, logits, params: CRFParams):
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32``."""
