@@ -171,3 +171,60 @@ def test_info_command_reports_versions_and_the_auto_device():
     assert f"torch: {torch.__version__}" in result.output
     expected = select_backend("auto").describe()
     assert f"--device auto uses: {expected}" in result.output
+
+
+class _FakeKernel:
+    """Stands in for a cupy.RawKernel: counts attribute reads, writes and launches."""
+
+    def __init__(self) -> None:
+        self.limit = 48 * 1024
+        self.reads = self.writes = 0
+        self.launches: list[tuple] = []
+
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        self.reads += 1
+        return self.limit
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        self.writes += 1
+        self.limit = value
+
+    def __call__(self, grid, block, args, shared_mem=0) -> None:
+        assert shared_mem <= self.limit, "launched with more shared memory than opted in"
+        self.launches.append((grid, block, args, shared_mem))
+
+
+class _FakeModule:
+    def __init__(self) -> None:
+        self.kernels: dict[str, _FakeKernel] = {}
+        self.lookups = 0
+
+    def get_function(self, name: str) -> _FakeKernel:
+        self.lookups += 1
+        return self.kernels.setdefault(name, _FakeKernel())
+
+
+def test_launcher_looks_kernels_up_and_opts_in_to_shared_memory_once():
+    module = _FakeModule()
+    launch = cuda._CuPyLauncher(module)
+    for _ in range(3):
+        launch("convcrf_message_tiled", (2, 3, 4), (8, 8, 1), (np.int32(1),), 60 * 1024)
+        launch("convcrf_step", (1, 1, 1), (256, 1, 1), (), 20 * 1024)
+    tiled, step = module.kernels["convcrf_message_tiled"], module.kernels["convcrf_step"]
+    assert module.lookups == 2
+    assert (tiled.reads, tiled.writes, tiled.limit) == (1, 1, 60 * 1024)
+    assert (step.reads, step.writes) == (0, 0)  # within the default 48 KiB
+    assert len(tiled.launches) == len(step.launches) == 3
+    launch("convcrf_message_tiled", (1, 1, 1), (8, 8, 1), (), 62 * 1024)  # more: opt in again
+    assert (tiled.writes, tiled.limit) == (2, 62 * 1024)
+
+
+def test_backend_plans_once_per_shape_and_parameters():
+    params = CRFParams(filter_size=7, blur=4)
+    config = cuda.LaunchConfig()
+    first = cuda._cached_plan((1, 3, 375, 500), (1, 21, 375, 500), params, config)
+    assert cuda._cached_plan((1, 3, 375, 500), (1, 21, 375, 500), params, config) is first
+    other = cuda._cached_plan((1, 3, 375, 500), (1, 21, 375, 500), CRFParams(blur=2), config)
+    assert other is not first and other.blur == 2

@@ -245,38 +245,38 @@ class MeanFieldPlan:
     def blur(self) -> int:
         return self.params.blur
 
-    @property
+    @functools.cached_property
     def coarse_h(self) -> int:
         return -(-self.height // self.blur)
 
-    @property
+    @functools.cached_property
     def coarse_w(self) -> int:
         return -(-self.width // self.blur)
 
-    @property
+    @functools.cached_property
     def pad_y(self) -> int:
         return pool_padding(self.height, self.blur)
 
-    @property
+    @functools.cached_property
     def pad_x(self) -> int:
         return pool_padding(self.width, self.blur)
 
     # -- message and feature kernels: one thread per coarse cell --------------------------
-    @property
+    @functools.cached_property
     def cell_grid(self) -> tuple[int, int, int]:
         bx, by = self.config.cell_block
         return (-(-self.coarse_w // bx), -(-self.coarse_h // by), self.batch)
 
-    @property
+    @functools.cached_property
     def num_chunks(self) -> int:
         return -(-self.classes // self.class_block)
 
-    @property
+    @functools.cached_property
     def message_grid(self) -> tuple[int, int, int]:
         gx, gy, _ = self.cell_grid
         return (gx, gy, self.batch * self.num_chunks)
 
-    @property
+    @functools.cached_property
     def message_shared(self) -> int:
         area = _message_tile_area(self.params.filter_size, self.config, self.tiled)
         return 4 * (2 + self.features + self.class_block) * area
@@ -298,7 +298,7 @@ class MeanFieldPlan:
         return ("convcrf_message_tiled", grid, block, args, self.message_shared)
 
     # -- init/step: one block per tile of coarse cells -------------------------------------
-    @property
+    @functools.cached_property
     def pool_tile(self) -> tuple[int, int]:
         """(rows, cols) of coarse cells per block (of pixels at blur 1)."""
         b, cfg = self.blur, self.config
@@ -310,35 +310,35 @@ class MeanFieldPlan:
             rows = cols = 1
         return (rows, cols)
 
-    @property
+    @functools.cached_property
     def pool_box(self) -> int:
         rows, cols = self.pool_tile
         return rows * cols * self.blur * self.blur
 
-    @property
+    @functools.cached_property
     def chunk_classes(self) -> int:
         """Classes pooled per shared-memory round of the init/step passes."""
         if self.blur == 1:
             return self.classes
         return min(self.classes, self.config.shared_memory // (4 * self.pool_box) - 2)
 
-    @property
+    @functools.cached_property
     def pool_grid(self) -> tuple[int, int, int]:
         rows, cols = self.pool_tile
         return (-(-self.coarse_w // cols), -(-self.coarse_h // rows), self.batch)
 
-    @property
+    @functools.cached_property
     def pool_shared(self) -> int:
         return 0 if self.blur == 1 else 4 * (2 + self.chunk_classes) * self.pool_box
 
     # -- final: one thread per pixel -------------------------------------------------------
-    @property
+    @functools.cached_property
     def pixel_grid(self) -> tuple[int, int, int]:
         px, py = self.config.pixel_block
         return (-(-self.width // px), -(-self.height // py), self.batch)
 
     # -- the full-resolution launches, shared by inference and the module's mean field -----
-    @property
+    @functools.cached_property
     def geometry(self) -> tuple[np.int32, ...]:
         """``height, width, coarse_h, coarse_w, blur, pad_y, pad_x`` as kernel arguments."""
         values = (self.height, self.width, self.coarse_h, self.coarse_w, self.blur)
@@ -370,11 +370,11 @@ class MeanFieldPlan:
         args += self.scales(weight)
         launch("convcrf_final", self.pixel_grid, self.pixel_block, args, 0)
 
-    @property
+    @functools.cached_property
     def pixel_block(self) -> tuple[int, int, int]:
         return (*self.config.pixel_block, 1)
 
-    @property
+    @functools.cached_property
     def _pool_block(self) -> tuple[int, int, int]:
         return (self.config.pool_threads, 1, 1)
 
@@ -511,20 +511,48 @@ def _compiled_module(device_index: int, class_block: int):
     return module
 
 
+@functools.cache
+def _device_launch_config(index: int) -> LaunchConfig:
+    """:meth:`CUDABackend.launch_config` of device ``cuda:index``, queried once per process
+    (CuPy reads every device attribute on each ``Device.attributes``)."""
+    attributes = _import_cupy().cuda.Device(index).attributes
+    optin = attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED_MEMORY)
+    return LaunchConfig(
+        shared_memory=max(DEFAULT_SHARED_MEMORY, min(optin, MAX_SHARED_MEMORY)),
+        tiled_min_blocks=2 * attributes.get("MultiProcessorCount", 0),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(image_shape, logits_shape, params: CRFParams, config: LaunchConfig):
+    """:meth:`MeanFieldPlan.create`, once per batch shape and parameter set (its launch
+    arguments are then computed once too: the host issues launches faster)."""
+    return MeanFieldPlan.create(image_shape, logits_shape, params, config)
+
+
 class _CuPyLauncher:
     """``launch`` of :func:`run_plan` on a compiled RawModule (current device and stream)."""
 
     def __init__(self, module) -> None:
         self.module = module
         self.kernels: dict[str, Any] = {}
+        self.shared_limits: dict[str, int] = {}  # opted-in dynamic shared memory per kernel
 
     def __call__(self, name: str, grid, block, args: tuple, shared_mem: int) -> None:
         kernel = self.kernels.get(name)
         if kernel is None:
             kernel = self.kernels[name] = self.module.get_function(name)
-        if shared_mem > DEFAULT_SHARED_MEMORY and kernel.max_dynamic_shared_size_bytes < shared_mem:
-            kernel.max_dynamic_shared_size_bytes = shared_mem
+        if shared_mem > self.shared_limits.get(name, DEFAULT_SHARED_MEMORY):
+            if kernel.max_dynamic_shared_size_bytes < shared_mem:
+                kernel.max_dynamic_shared_size_bytes = shared_mem
+            self.shared_limits[name] = shared_mem
         kernel(grid, block, args, shared_mem=shared_mem)
+
+
+@functools.cache
+def module_launcher(device_index: int, class_block: int) -> _CuPyLauncher:
+    """The launcher of :func:`_compiled_module`, made once (it keeps the kernel handles)."""
+    return _CuPyLauncher(_compiled_module(device_index, class_block))
 
 
 def array_kind(array: Any) -> str:
@@ -555,14 +583,9 @@ class CUDABackend:
         return f"cuda:{self.index} ({name}, CuPy {self.cupy.__version__})"
 
     def launch_config(self) -> LaunchConfig:
-        """The GPU configuration: shared memory up to the device's opt-in limit, at most 64 KiB."""
-        device = self.cupy.cuda.Device(self.index)
-        optin = device.attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED_MEMORY)
-        multiprocessors = device.attributes.get("MultiProcessorCount", 0)
-        return LaunchConfig(
-            shared_memory=max(DEFAULT_SHARED_MEMORY, min(optin, MAX_SHARED_MEMORY)),
-            tiled_min_blocks=2 * multiprocessors,
-        )
+        """The GPU configuration: shared memory up to the device's opt-in limit, at most 64 KiB;
+        the tiled message kernel from two blocks per multiprocessor."""
+        return _device_launch_config(self.index)
 
     def run(self, image, logits, params: CRFParams):
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32``."""
@@ -572,12 +595,10 @@ class CUDABackend:
             with self._stream(kind):
                 image_d = self._to_device(image)
                 logits_d = self._to_device(logits)
-                plan = MeanFieldPlan.create(
-                    image_d.shape, logits_d.shape, params, self.launch_config()
-                )
-                module = _compiled_module(self.index, plan.class_block)
+                plan = _cached_plan(image_d.shape, logits_d.shape, params, self.launch_config())
                 scores = cupy.empty(logits_d.shape, dtype=cupy.float32)
-                run_plan(plan, image_d, logits_d, scores, _CuPyLauncher(module), cupy.empty)
+                launcher = module_launcher(self.index, plan.class_block)
+                run_plan(plan, image_d, logits_d, scores, launcher, cupy.empty)
         return self._like(scores, kind)
 
     def _stream(self, kind: str):

@@ -163,7 +163,7 @@ def cuda_launcher(device_index: int, class_block: int) -> Launch:
     from convcrf_cli.backends import cuda
 
     cupy = cuda._import_cupy()
-    launcher = cuda._CuPyLauncher(cuda._compiled_module(device_index, class_block))
+    launcher = cuda.module_launcher(device_index, class_block)
 
     def launch(name, grid, block, args, shared_mem) -> None:
         stream = torch.cuda.current_stream(device_index).cuda_stream
