@@ -16,8 +16,11 @@
 // and, when chunk_classes covers every class, each pixel's scores z too; phase B, per chunk of
 // chunk_classes classes, writes each pixel's Q for the chunk into shared memory (from the kept
 // z, or computing z again) and then averages each cell over its valid pixels. At blur 1 the
-// box is a tile of pixels and Q is written to P directly. blockIdx.z = image of the batch.
-// Dynamic shared memory (blur > 1): (2 + chunk_classes) * tile_rows*blur * tile_cols*blur floats.
+// box is a tile of pixels and Q is written to P directly; when chunk_classes covers every
+// class, each pixel's z waits in shared memory between the statistics and Q instead of being
+// computed again (its logits and message read twice). blockIdx.z = image of the batch.
+// Dynamic shared memory: (2 + chunk_classes) * tile_rows*blur * tile_cols*blur floats at
+// blur > 1; num_classes * tile_rows * tile_cols floats at blur 1 when z is kept, else none.
 //
 // The bilinear upsampling (half-pixel centres, source clamped to [0, n-1]) of the coarse message
 // M and the crop by (pad_y, pad_x) are computed on the fly from the pixel coordinates.
@@ -135,20 +138,25 @@ __device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
     const long long coarse_plane = (long long)args.coarse_h * args.coarse_w;
     float* pooled_n = pooled + (long long)n * num_classes * coarse_plane;
 
-    if (blur == 1) {  // P is Q itself: one thread per pixel, no shared memory.
+    if (blur == 1) {  // P is Q itself: one thread per pixel, z in shared memory if it fits.
+        const bool keep_z = chunk_classes >= num_classes;
         for (int p = threadIdx.x; p < box; p += blockDim.x) {
             const int y = row0 + p / box_w;
             const int x = col0 + p % box_w;
             if (y >= args.height || x >= args.width) continue;
             const PixelScore score = pixel_score(args, n, y, x, with_message);
+            float* kept = keep_z ? convcrf_smem + p : nullptr;  // z of class c at kept[c * box]
             float max_z, sum_exp;
-            softmax_stats(score, num_classes, max_z, sum_exp);
+            softmax_stats(score, num_classes, max_z, sum_exp, kept, box);
             const float lse = max_z + logf(sum_exp);
             if (lse_out != nullptr) lse_out[(long long)n * plane + (long long)y * args.width + x] = lse;
             const float shift = log_output ? lse : max_z;
             const float scale = 1.0f / sum_exp;
             float* q = pooled_n + (long long)y * args.width + x;
-            for (int c = 0; c < num_classes; ++c) q[c * plane] = q_value(score(c), shift, scale, log_output);
+            for (int c = 0; c < num_classes; ++c) {
+                const float z = keep_z ? kept[c * box] : score(c);
+                q[c * plane] = q_value(z, shift, scale, log_output);
+            }
         }
         return;
     }

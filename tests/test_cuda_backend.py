@@ -70,14 +70,16 @@ def test_plan_geometry_at_pascal_size():
     assert plan.pixel_grid == (16, 47, 2)
 
 
-def test_plan_at_blur_one_tiles_pixels_without_shared_memory():
+def test_plan_at_blur_one_tiles_pixels_and_keeps_scores_in_shared_memory():
     params = CRFParams(filter_size=7, blur=1)
     plan = cuda.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
     assert (plan.coarse_h, plan.coarse_w, plan.pad_y, plan.pad_x) == (2048, 2048, 0, 0)
     assert plan.pool_tile == (8, 32)
     assert plan.pool_grid == (64, 256, 1)
-    assert plan.pool_shared == 0
-    assert plan.chunk_classes == 21
+    assert plan.chunk_classes == 21  # each pixel's 21 scores kept in shared memory
+    assert plan.pool_shared == 4 * 21 * 256
+    many = cuda.MeanFieldPlan.create((1, 3, 64, 64), (1, 100, 64, 64), params, H100)
+    assert (many.chunk_classes, many.pool_shared) == (0, 0)  # 100 KiB do not fit: recomputed
 
 
 def test_large_grids_take_the_tiled_message_kernel():

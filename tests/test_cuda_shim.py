@@ -105,9 +105,11 @@ def test_many_image_channels_take_the_per_cell_message(shim):
     assert_matches_reference(scores, image, logits, params)
 
 
-def test_pooling_in_several_class_chunks(shim):
-    """A small shared-memory budget splits the init/step pooling into rounds of classes."""
-    params = CRFParams(filter_size=3, blur=2, init="softmax", iterations=3)
+@pytest.mark.parametrize("blur", [2, 1])
+def test_pooling_in_several_class_chunks(shim, blur):
+    """A small shared-memory budget splits the init/step pooling into rounds of classes (at
+    blur 1: the scores are computed twice instead of kept in shared memory)."""
+    params = CRFParams(filter_size=3, blur=blur, init="softmax", iterations=3)
     config = LaunchConfig(
         cell_block=(8, 8),
         pixel_block=(8, 8),
@@ -119,6 +121,7 @@ def test_pooling_in_several_class_chunks(shim):
     image, logits = random_inputs(3, 1, 21, 19, 21, 3)
     scores, plan = refine_with_shim(shim, image, logits, params, config)
     assert plan.chunk_classes < 21
+    assert plan.pool_shared <= 4096
     assert_matches_reference(scores, image, logits, params)
 
 

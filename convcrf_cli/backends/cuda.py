@@ -234,7 +234,7 @@ class MeanFieldPlan:
         return plan
 
     def _check_pool_fit(self) -> None:
-        if self.chunk_classes < 1:
+        if self.blur > 1 and self.chunk_classes < 1:
             raise DeviceError(
                 f"blur {self.blur} is too large for the CUDA kernels ({self.pool_box} pixels "
                 f"per block exceed {self.config.shared_memory} bytes of shared memory); "
@@ -317,9 +317,12 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def chunk_classes(self) -> int:
-        """Classes pooled per shared-memory round of the init/step passes."""
+        """Classes pooled per shared-memory round of the init/step passes; at blur 1, all of
+        them when every pixel's scores fit in shared memory (kept there between the softmax
+        statistics and Q), else 0 (the scores are computed twice)."""
         if self.blur == 1:
-            return self.classes
+            fits = 4 * self.classes * self.pool_box <= self.config.shared_memory
+            return self.classes if fits else 0
         return min(self.classes, self.config.shared_memory // (4 * self.pool_box) - 2)
 
     @functools.cached_property
@@ -329,7 +332,9 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def pool_shared(self) -> int:
-        return 0 if self.blur == 1 else 4 * (2 + self.chunk_classes) * self.pool_box
+        if self.blur == 1:
+            return 4 * self.classes * self.pool_box if self.chunk_classes else 0
+        return 4 * (2 + self.chunk_classes) * self.pool_box
 
     # -- final: one thread per pixel -------------------------------------------------------
     @functools.cached_property
