@@ -82,22 +82,23 @@ def floor_bytes(height: int, width: int, classes: int, params: CRFParams) -> int
 
 
 def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tuple]:
-    """GPU ms of one message launch and the message, per kernel ("per-cell", "tiled"), on
-    coarse features like the image's (positions, random colours) and a random pooled Q."""
-    results = {}
+    """GPU ms of one message launch and the message, per kernel ("per-cell", "tiled"), on the
+    same inputs: coarse features like the image's (positions, random colours), a random Q."""
+    n, f = image.shape[:2]
+    h, w = coarse_size(image.shape[2], params.blur), coarse_size(image.shape[3], params.blur)
     rng = cupy.random.default_rng(1)
+    rows, cols = cupy.mgrid[0:h, 0:w].astype(cupy.float32) * params.blur / params.pos_sdims
+    colours = rng.random((f, h, w), dtype=cupy.float32) * 255 / params.col_schan
+    feat = cupy.concatenate([rows[None], cols[None], colours])[None]
+    feat = cupy.ascontiguousarray(cupy.broadcast_to(feat, (n, 2 + f, h, w)))
+    pooled = rng.random((n, logits.shape[1], h, w), dtype=cupy.float32)
+    results = {}
     for name, min_blocks in (("per-cell", 10**9), ("tiled", 0)):
         variant = dataclasses.replace(config, tiled_min_blocks=min_blocks)
         plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
         if plan.tiled != (name == "tiled"):
             continue  # the tiled kernel does not fit this case
-        launcher = cuda._CuPyLauncher(cuda._compiled_module(0, plan.class_block))
-        h, w = plan.coarse_h, plan.coarse_w
-        rows, cols = cupy.mgrid[0:h, 0:w].astype(cupy.float32) * params.blur / params.pos_sdims
-        colours = rng.random((plan.features, h, w), dtype=cupy.float32) * 255 / params.col_schan
-        feat = cupy.concatenate([rows[None], cols[None], colours])[None]
-        feat = cupy.ascontiguousarray(cupy.broadcast_to(feat, (plan.batch, *feat.shape[1:])))
-        pooled = rng.random((plan.batch, plan.classes, h, w), dtype=cupy.float32)
+        launcher = cuda.module_launcher(0, plan.class_block)
         message = cupy.full(pooled.shape, cupy.nan, cupy.float32)
         launch = functools.partial(launcher, *plan.message_launch(feat, pooled, message))
         results[name] = (time_gpu_ms(launch, 30, 3, 20), message)
@@ -127,7 +128,7 @@ def main() -> None:
         image = cupy.asarray(rng.uniform(0, 255, (1, FEATURES, height, width)), dtype=cupy.float32)
         logits = cupy.asarray(rng.normal(0, 2, (1, classes, height, width)), dtype=cupy.float32)
         plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, config)
-        launcher = cuda._CuPyLauncher(cuda._compiled_module(0, plan.class_block))
+        launcher = cuda.module_launcher(0, plan.class_block)
         scores = cupy.empty_like(logits)
         run = functools.partial(cuda.run_plan, plan, image, logits, scores, launcher, cupy.empty)
         launches = time_gpu_ms(run, args.repeats)
