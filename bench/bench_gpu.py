@@ -7,9 +7,10 @@ plan made once). At 500×375 both measure the host's launch rate as much as the 
 Compared with a PyTorch im2col ConvCRF (the original implementation's method: materialise the
 C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth floor: the bytes any
 implementation must move over the measured device-copy bandwidth.
-A second table times one launch of each message kernel, one thread per cell and register-tiled
-(the backend picks the tiled one from two blocks per multiprocessor), on the same inputs, and
-gives the largest difference between their messages.
+A second table times one launch of each message kernel (one thread per cell, window rows split
+over threads, register-tiled; the backend picks "tiled" from two blocks per multiprocessor, else
+"per-cell") on the same inputs, and gives the largest difference of their messages from the
+per-cell kernel's.
 
 Run on a machine with CuPy and a CUDA device:  python bench/bench_gpu.py [--repeats 50]
 """
@@ -82,8 +83,8 @@ def floor_bytes(height: int, width: int, classes: int, params: CRFParams) -> int
 
 
 def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tuple]:
-    """GPU ms of one message launch and the message, per kernel ("per-cell", "tiled"), on the
-    same inputs: coarse features like the image's (positions, random colours), a random Q."""
+    """GPU ms of one message launch and the message, per kernel of cuda.MESSAGE_KERNELS, on
+    the same inputs: coarse features like the image's (positions, random colours), a random Q."""
     n, f = image.shape[:2]
     h, w = coarse_size(image.shape[2], params.blur), coarse_size(image.shape[3], params.blur)
     rng = cupy.random.default_rng(1)
@@ -93,11 +94,11 @@ def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tu
     feat = cupy.ascontiguousarray(cupy.broadcast_to(feat, (n, 2 + f, h, w)))
     pooled = rng.random((n, logits.shape[1], h, w), dtype=cupy.float32)
     results = {}
-    for name, min_blocks in (("per-cell", 10**9), ("tiled", 0)):
-        variant = dataclasses.replace(config, tiled_min_blocks=min_blocks)
+    for name in cuda.MESSAGE_KERNELS:
+        variant = dataclasses.replace(config, message_kernel=name)
         plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
-        if plan.tiled != (name == "tiled"):
-            continue  # the tiled kernel does not fit this case
+        if plan.message_kernel != name:
+            continue  # the kernel does not fit this case
         launcher = cuda.module_launcher(0, plan.class_block)
         message = cupy.full(pooled.shape, cupy.nan, cupy.float32)
         launch = functools.partial(launcher, *plan.message_launch(feat, pooled, message))
@@ -150,20 +151,13 @@ def main() -> None:
         )
         message_rows.append((label, message_kernels_ms(image, logits, params, config)))
 
-    print(
-        "\n| case | message, one thread per cell (ms) | tiled (ms) | per-cell / tiled | max diff |"
-    )
+    print("\n| case | message kernel | GPU ms per launch | per-cell / this | max diff |")
     print("|---|---|---|---|---|")
     for label, kernels in message_rows:
-        per_cell, tiled = kernels.get("per-cell"), kernels.get("tiled")
-        if per_cell is None or tiled is None:
-            print(f"| {label} | {per_cell and per_cell[0]} | {tiled and tiled[0]} | | |")
-            continue
-        diff = float(cupy.abs(per_cell[1] - tiled[1]).max())
-        print(
-            f"| {label} | {per_cell[0]:.4f} | {tiled[0]:.4f} | {per_cell[0] / tiled[0]:.2f}x "
-            f"| {diff:.1e} |"
-        )
+        per_cell_ms, per_cell = kernels["per-cell"]
+        for name, (ms, message) in kernels.items():
+            diff = float(cupy.abs(message - per_cell).max())
+            print(f"| {label} | {name} | {ms:.4f} | {per_cell_ms / ms:.2f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -227,6 +227,13 @@ def starting_module(
     :class:`InputError` when a matrix of ``start`` does not fit the data."""
     if isinstance(start, CRFParams):
         return ConvCRF.from_params(start, num_classes, learn=learn, num_features=num_features)
+    check_start_module(start, num_classes, num_features)
+    return ConvCRF.from_dict(start.to_dict(), num_classes, learn, num_features=num_features)
+
+
+def check_start_module(start: ConvCRF, num_classes: int, num_features: int) -> None:
+    """Raise :class:`InputError` when the C or T matrix of ``start`` does not fit data of
+    ``num_classes`` classes and ``num_features`` image channels."""
     for matrix, size, key, what in (
         (start.compat_transform, num_classes, "compat_transform", "classes"),
         (start.feature_transform, num_features, "feature_transform", "image channels"),
@@ -234,7 +241,6 @@ def starting_module(
         if matrix is not None and matrix.shape[0] != size:
             side = matrix.shape[0]
             raise InputError(f"{key} is {side}x{side} but the data have {size} {what}")
-    return ConvCRF.from_dict(start.to_dict(), num_classes, learn, num_features=num_features)
 
 
 def check_examples(examples: Sequence[Example], ignore_label: int) -> tuple[int, int]:

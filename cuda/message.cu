@@ -2,21 +2,94 @@
 //   M[c,x,y] = sum_{a,b} K[a,b,x,y] * Pad0(P)[c, x+a-s, y+b-s],
 //   K = pos_compat * exp(-0.5 |fp(nb) - fp(x)|^2) + col_compat * exp(-0.5 |fc(nb) - fc(x)|^2).
 //
-// One thread per coarse cell; a block is a blockDim.x x blockDim.y tile of cells, and
-// blockIdx.z = image * num_chunks + class chunk. The block stages the features and
-// CONVCRF_CLASS_BLOCK classes of P for its tile plus a halo of s = k/2 cells in shared memory
-// (zero outside the grid, so neighbours outside contribute nothing, as Pad0 requires), then each
-// thread computes the k*k Gaussian weights of its cell on the fly, once per chunk, and applies
-// each weight to all classes of the chunk held in registers. The k^2*h*w kernel is never stored:
-// at blur 1 it would be more bytes per iteration than P itself.
+// Each block stages the features and CONVCRF_CLASS_BLOCK classes of P for its tile of cells plus
+// a halo of s = k/2 cells in shared memory (zero outside the grid, so neighbours outside
+// contribute nothing, as Pad0 requires); blockIdx.z = image * num_chunks + class chunk. The
+// threads compute the Gaussian weights on the fly, once per chunk, and apply each weight to all
+// classes of the chunk held in registers. The k^2*h*w kernel is never stored: at blur 1 it
+// would be more bytes per iteration than P itself. Three kernels share this scheme and add
+// the same products (split: in another order):
 //
-// Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y+2s) * (blockDim.x+2s) floats.
+//   convcrf_message        one thread per cell;
+//   convcrf_message_split  the window rows of a cell split over threadIdx.z (small grids, where
+//                          one thread per cell leaves the device short of threads);
+//   convcrf_message_tiled  each thread 4 cells of a row (large grids: fewer shared loads).
+//
+// All take (feat [N,2+F,h,w], pooled [N,C,h,w], message [N,C,h,w] float32, num_classes,
+// num_features, coarse_h, coarse_w, filter_size, num_chunks, pos_compat, col_compat).
 
 #ifndef CONVCRF_CLASS_BLOCK
 #define CONVCRF_CLASS_BLOCK 8
 #endif
 
-// feat [N,2+F,h,w], pooled [N,C,h,w] float32 -> message [N,C,h,w] float32.
+// Stage channels 0..num_feat-1 of the features and classes c0.. of P (zero past num_classes
+// or outside the grid) for the tile_h x tile_w cells from (origin_y, origin_x) into `tile`,
+// channel-major, area = tile_h * tile_w floats per channel. quarter 0: row-major; else each
+// row de-interleaved, tile column t at (t % 4) * quarter + t / 4 (tile_w = 4 * quarter).
+__device__ inline void stage_message_tile(float* tile, const float* feat_n, const float* pooled_n,
+                                          int num_feat, int c0, int num_classes, int coarse_h,
+                                          int coarse_w, int origin_y, int origin_x, int tile_h,
+                                          int tile_w, int quarter, int tid, int num_threads) {
+    const long long plane = (long long)coarse_h * coarse_w;
+    const int area = tile_h * tile_w;
+    const int staged = (num_feat + CONVCRF_CLASS_BLOCK) * area;
+    for (int i = tid; i < staged; i += num_threads) {
+        const int channel = i / area;
+        const int rest = i - channel * area;
+        const int ty = rest / tile_w;
+        const int col = rest - ty * tile_w;
+        const int gy = origin_y + ty;
+        const int gx = origin_x + col;
+        float value = 0.0f;
+        if (gy >= 0 && gy < coarse_h && gx >= 0 && gx < coarse_w) {
+            const long long cell = (long long)gy * coarse_w + gx;
+            if (channel < num_feat) {
+                value = feat_n[channel * plane + cell];
+            } else if (c0 + channel - num_feat < num_classes) {
+                value = pooled_n[(c0 + channel - num_feat) * plane + cell];
+            }
+        }
+        const int column = quarter ? (col & 3) * quarter + (col >> 2) : col;
+        tile[channel * area + ty * tile_w + column] = value;
+    }
+}
+
+// acc[cc] += sum over window rows a = a0, a0 + a_step, ... < k and columns b of the weight of
+// neighbour (a, b) of the cell at (tx, ty) of a row-major tile (tile_w wide, area floats per
+// channel, features then CONVCRF_CLASS_BLOCK classes) times its class values.
+__device__ inline void add_window_rows(const float* tile, int area, int tile_w, int num_feat,
+                                       int tx, int ty, int filter_size, int a0, int a_step,
+                                       float pos_compat, float col_compat,
+                                       float (&acc)[CONVCRF_CLASS_BLOCK]) {
+    const int s = filter_size / 2;
+    const float* tile_q = tile + num_feat * area;
+    const int centre = (ty + s) * tile_w + tx + s;
+    for (int a = a0; a < filter_size; a += a_step) {
+        const int row = (ty + a) * tile_w + tx;
+        for (int b = 0; b < filter_size; ++b) {
+            const int nb = row + b;
+            float dist_pos = 0.0f;
+            for (int f = 0; f < 2; ++f) {
+                const float d = tile[f * area + nb] - tile[f * area + centre];
+                dist_pos += d * d;
+            }
+            float dist_col = 0.0f;
+            for (int f = 2; f < num_feat; ++f) {
+                const float d = tile[f * area + nb] - tile[f * area + centre];
+                dist_col += d * d;
+            }
+            const float weight =
+                pos_compat * expf(-0.5f * dist_pos) + col_compat * expf(-0.5f * dist_col);
+#pragma unroll
+            for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+                acc[cc] += weight * tile_q[cc * area + nb];
+            }
+        }
+    }
+}
+
+// One thread per coarse cell, blocks of blockDim.x x blockDim.y cells.
+// Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y+2s) * (blockDim.x+2s) floats.
 extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
                                            const float* __restrict__ pooled,
                                            float* __restrict__ message, int num_classes,
@@ -30,65 +103,22 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
     const int num_feat = 2 + num_features;
     const int n = blockIdx.z / num_chunks;
     const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
-    const int origin_x = blockIdx.x * blockDim.x - s;
-    const int origin_y = blockIdx.y * blockDim.y - s;
     const long long plane = (long long)coarse_h * coarse_w;
-    const float* feat_n = feat + (long long)n * num_feat * plane;
-    const float* pooled_n = pooled + (long long)n * num_classes * plane;
-
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-    const int num_threads = blockDim.x * blockDim.y;
-    const int staged = (num_feat + CONVCRF_CLASS_BLOCK) * area;
-    for (int i = tid; i < staged; i += num_threads) {
-        const int channel = i / area;
-        const int rest = i - channel * area;
-        const int ty = rest / tile_w;
-        const int gy = origin_y + ty;
-        const int gx = origin_x + rest - ty * tile_w;
-        float value = 0.0f;
-        if (gy >= 0 && gy < coarse_h && gx >= 0 && gx < coarse_w) {
-            const long long cell = (long long)gy * coarse_w + gx;
-            if (channel < num_feat) {
-                value = feat_n[channel * plane + cell];
-            } else if (c0 + channel - num_feat < num_classes) {
-                value = pooled_n[(c0 + channel - num_feat) * plane + cell];
-            }
-        }
-        convcrf_smem[i] = value;
-    }
+    stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
+                       pooled + (long long)n * num_classes * plane, num_feat, c0, num_classes,
+                       coarse_h, coarse_w, blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
+                       blockDim.y + 2 * s, tile_w, 0, threadIdx.y * blockDim.x + threadIdx.x,
+                       blockDim.x * blockDim.y);
     __syncthreads();
 
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     if (x >= coarse_w || y >= coarse_h) return;
-    const float* tile_feat = convcrf_smem;
-    const float* tile_q = convcrf_smem + num_feat * area;
-    const int centre = (threadIdx.y + s) * tile_w + threadIdx.x + s;
-
     float acc[CONVCRF_CLASS_BLOCK];
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
-
-    for (int a = 0; a < filter_size; ++a) {
-        const int row = (threadIdx.y + a) * tile_w + threadIdx.x;
-        for (int b = 0; b < filter_size; ++b) {
-            const int nb = row + b;
-            float dist_pos = 0.0f;
-            for (int f = 0; f < 2; ++f) {
-                const float d = tile_feat[f * area + nb] - tile_feat[f * area + centre];
-                dist_pos += d * d;
-            }
-            float dist_col = 0.0f;
-            for (int f = 2; f < num_feat; ++f) {
-                const float d = tile_feat[f * area + nb] - tile_feat[f * area + centre];
-                dist_col += d * d;
-            }
-            const float weight =
-                pos_compat * expf(-0.5f * dist_pos) + col_compat * expf(-0.5f * dist_col);
-#pragma unroll
-            for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] += weight * tile_q[cc * area + nb];
-        }
-    }
+    add_window_rows(convcrf_smem, area, tile_w, num_feat, threadIdx.x, threadIdx.y, filter_size,
+                    0, 1, pos_compat, col_compat, acc);
 
     float* out = message + (long long)n * num_classes * plane + (long long)y * coarse_w + x;
 #pragma unroll
@@ -97,18 +127,78 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
     }
 }
 
-// convcrf_message with register tiling, for grids large enough to fill the device: each thread
-// computes CONVCRF_TILE_CELLS consecutive cells of a row, so that the features and class values
-// of a neighbour, loaded once from shared memory, serve every cell of the thread whose window
-// holds it: per window row a thread reads CONVCRF_TILE_CELLS + 2s neighbours instead of
+// Window rows split over threadIdx.z: thread (x, y, z) sums the rows a = z, z + blockDim.z, ...
+// of the window of cell (x, y) of the block's blockDim.x x blockDim.y cells; the block then adds
+// each cell's blockDim.z partial sums, in order of z, in shared memory.
+// Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y+2s) * (blockDim.x+2s)
+// + blockDim.z * CONVCRF_CLASS_BLOCK * blockDim.x * blockDim.y floats.
+extern "C" __global__ void convcrf_message_split(const float* __restrict__ feat,
+                                                 const float* __restrict__ pooled,
+                                                 float* __restrict__ message, int num_classes,
+                                                 int num_features, int coarse_h, int coarse_w,
+                                                 int filter_size, int num_chunks,
+                                                 float pos_compat, float col_compat) {
+    extern __shared__ float convcrf_smem[];
+    const int s = filter_size / 2;
+    const int tile_w = blockDim.x + 2 * s;
+    const int area = tile_w * (blockDim.y + 2 * s);
+    const int num_feat = 2 + num_features;
+    const int n = blockIdx.z / num_chunks;
+    const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
+    const long long plane = (long long)coarse_h * coarse_w;
+    const int cells = blockDim.x * blockDim.y;
+    const int cell = threadIdx.y * blockDim.x + threadIdx.x;
+    const int tid = threadIdx.z * cells + cell;
+    const int num_threads = cells * blockDim.z;
+    stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
+                       pooled + (long long)n * num_classes * plane, num_feat, c0, num_classes,
+                       coarse_h, coarse_w, blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
+                       blockDim.y + 2 * s, tile_w, 0, tid, num_threads);
+    __syncthreads();
+
+    const int x = blockIdx.x * blockDim.x + threadIdx.x;
+    const int y = blockIdx.y * blockDim.y + threadIdx.y;
+    float acc[CONVCRF_CLASS_BLOCK];
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
+    if (x < coarse_w && y < coarse_h) {  // no return: every thread reaches the barrier below
+        add_window_rows(convcrf_smem, area, tile_w, num_feat, threadIdx.x, threadIdx.y,
+                        filter_size, threadIdx.z, blockDim.z, pos_compat, col_compat, acc);
+    }
+    float* partial = convcrf_smem + (num_feat + CONVCRF_CLASS_BLOCK) * area;  // [z][cc][cell]
+#pragma unroll
+    for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
+        partial[(threadIdx.z * CONVCRF_CLASS_BLOCK + cc) * cells + cell] = acc[cc];
+    }
+    __syncthreads();
+
+    float* out_n = message + (long long)n * num_classes * plane;
+    for (int t = tid; t < CONVCRF_CLASS_BLOCK * cells; t += num_threads) {
+        const int cc = t / cells;
+        const int c = t - cc * cells;
+        const int ox = blockIdx.x * blockDim.x + c % blockDim.x;
+        const int oy = blockIdx.y * blockDim.y + c / blockDim.x;
+        if (ox >= coarse_w || oy >= coarse_h || c0 + cc >= num_classes) continue;
+        float sum = 0.0f;
+        for (int z = 0; z < (int)blockDim.z; ++z) {
+            sum += partial[(z * CONVCRF_CLASS_BLOCK + cc) * cells + c];
+        }
+        out_n[(c0 + cc) * plane + (long long)oy * coarse_w + ox] = sum;
+    }
+}
+
+// Register tiling, for grids large enough to fill the device: each thread computes
+// CONVCRF_TILE_CELLS consecutive cells of a row, so that the features and class values of a
+// neighbour, loaded once from shared memory, serve every cell of the thread whose window holds
+// it: per window row a thread reads CONVCRF_TILE_CELLS + 2s neighbours instead of
 // CONVCRF_TILE_CELLS * k (about 3x fewer shared-memory loads at k = 7), and the centre features
 // sit in registers. Same sums in the same order as convcrf_message.
 //
 // A block covers (CONVCRF_TILE_CELLS * blockDim.x) x blockDim.y cells; blockDim.x must be 4, 8,
-// 16 or 32. A row of the shared tile holds 4 * row_quarter tile columns, de-interleaved: tile
-// column t is stored at (t % 4) * row_quarter + t / 4, so that the threads of a warp, reading
-// the neighbour at offset j of their cells (tile column 4 * threadIdx.x + j), read consecutive
-// words. row_quarter >= blockDim.x + (3 + 2s) / 4, chosen by the caller so that the rows of one
+// 16 or 32. A row of the shared tile holds 4 * row_quarter tile columns, de-interleaved (see
+// stage_message_tile), so that the threads of a warp, reading the neighbour at offset j of
+// their cells (tile column 4 * threadIdx.x + j), read consecutive words. row_quarter (an extra,
+// last argument) >= blockDim.x + (3 + 2s) / 4, chosen by the caller so that the rows of one
 // warp fall in different banks. Needs 2 + num_features <= CONVCRF_MAX_FEATURES.
 //
 // Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y + 2s) * 4 * row_quarter
@@ -119,7 +209,6 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
 #define CONVCRF_MAX_FEATURES 6
 #endif
 
-// feat [N,2+F,h,w], pooled [N,C,h,w] float32 -> message [N,C,h,w] float32.
 extern "C" __global__ void convcrf_message_tiled(const float* __restrict__ feat,
                                                  const float* __restrict__ pooled,
                                                  float* __restrict__ message, int num_classes,
@@ -134,34 +223,13 @@ extern "C" __global__ void convcrf_message_tiled(const float* __restrict__ feat,
     const int num_feat = 2 + num_features;
     const int n = blockIdx.z / num_chunks;
     const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
-    const int origin_x = blockIdx.x * blockDim.x * CONVCRF_TILE_CELLS - s;
-    const int origin_y = blockIdx.y * blockDim.y - s;
     const long long plane = (long long)coarse_h * coarse_w;
-    const float* feat_n = feat + (long long)n * num_feat * plane;
-    const float* pooled_n = pooled + (long long)n * num_classes * plane;
-
-    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-    const int num_threads = blockDim.x * blockDim.y;
-    const int staged = (num_feat + CONVCRF_CLASS_BLOCK) * area;
-    for (int i = tid; i < staged; i += num_threads) {
-        const int channel = i / area;
-        const int rest = i - channel * area;
-        const int ty = rest / row_words;
-        const int col = rest - ty * row_words;
-        const int gy = origin_y + ty;
-        const int gx = origin_x + col;
-        float value = 0.0f;
-        if (gy >= 0 && gy < coarse_h && gx >= 0 && gx < coarse_w) {
-            const long long cell = (long long)gy * coarse_w + gx;
-            if (channel < num_feat) {
-                value = feat_n[channel * plane + cell];
-            } else if (c0 + channel - num_feat < num_classes) {
-                value = pooled_n[(c0 + channel - num_feat) * plane + cell];
-            }
-        }
-        convcrf_smem[channel * area + ty * row_words + (col & 3) * row_quarter + (col >> 2)] =
-            value;
-    }
+    stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
+                       pooled + (long long)n * num_classes * plane, num_feat, c0, num_classes,
+                       coarse_h, coarse_w, blockIdx.y * blockDim.y - s,
+                       blockIdx.x * blockDim.x * CONVCRF_TILE_CELLS - s, blockDim.y + 2 * s,
+                       row_words, row_quarter, threadIdx.y * blockDim.x + threadIdx.x,
+                       blockDim.x * blockDim.y);
     __syncthreads();
 
     const int x0 = (blockIdx.x * blockDim.x + threadIdx.x) * CONVCRF_TILE_CELLS;

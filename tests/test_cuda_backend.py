@@ -3,6 +3,7 @@ options, block and chunk choices, launch geometry, input kinds, NVRTC, and the C
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_plan_geometry_at_pascal_size():
     assert plan.class_block == 11 and plan.num_chunks == 2
     assert plan.message_grid == (8, 6, 4)
     # 4 x 12 blocks of 32x8 cells per image would be too few for the tiled kernel (264)
-    assert not plan.tiled
+    assert plan.message_kernel == "per-cell"
     assert plan.message_launch(None, None, None)[:3] == ("convcrf_message", (8, 6, 4), (16, 16, 1))
     assert plan.message_shared == 4 * (2 + 3 + 11) * 22 * 22
     assert plan.pool_tile == (2, 8)  # an 8x32-pixel box
@@ -87,7 +88,7 @@ def test_large_grids_take_the_tiled_message_kernel():
     quarter row of 8 + (3 + 6) // 4 = 10 words, 14 rows of 40 words per channel."""
     params = CRFParams(filter_size=7, blur=1)
     plan = cuda.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
-    assert plan.tiled
+    assert plan.message_kernel == "tiled"
     assert plan.class_block == 11  # 65536 // (4 * 560) - 5 = 24 fit, capped at 16, balanced
     name, grid, block, args, shared = plan.message_launch("feat", "pooled", "message")
     assert (name, grid, block) == ("convcrf_message_tiled", (64, 256, 2), (8, 8, 1))
@@ -100,11 +101,25 @@ def test_tiled_message_needs_room_for_its_features():
     takes them."""
     params = CRFParams(filter_size=7, blur=1)
     plan = cuda.MeanFieldPlan.create((1, 5, 512, 512), (1, 21, 512, 512), params, H100)
-    assert not plan.tiled
-    assert cuda.use_tiled_message(1, 4, 512, 512, 7, H100)
-    assert not cuda.use_tiled_message(1, 5, 512, 512, 7, H100)
-    assert not cuda.use_tiled_message(1, 3, 100, 100, 7, H100)  # 1 x 13 blocks < 264
-    assert cuda.use_tiled_message(1, 3, 100, 100, 7, cuda.LaunchConfig())  # no minimum
+    assert plan.message_kernel == "per-cell"
+    assert cuda.message_kernel_for(1, 4, 512, 512, 7, H100) == "tiled"
+    assert cuda.message_kernel_for(1, 5, 512, 512, 7, H100) == "per-cell"
+    assert cuda.message_kernel_for(1, 3, 100, 100, 7, H100) == "per-cell"  # 4 x 13 blocks < 264
+    assert cuda.message_kernel_for(1, 3, 100, 100, 7, cuda.LaunchConfig()) == "tiled"
+
+
+def test_split_message_plan():
+    """500x375 at blur 4 with the split kernel: 8x8 cells per block, 7 threads per cell (one
+    window row each), their partial sums beside the tile in shared memory."""
+    config = dataclasses.replace(H100, message_kernel="split")
+    params = CRFParams(filter_size=7, blur=4)
+    plan = cuda.MeanFieldPlan.create((1, 3, 375, 500), (1, 21, 375, 500), params, config)
+    assert plan.message_kernel == "split" and plan.class_block == 11
+    name, grid, block, _, shared = plan.message_launch(None, None, None)
+    assert (name, grid, block) == ("convcrf_message_split", (16, 12, 2), (8, 8, 7))
+    assert shared == 4 * ((5 + 11) * 14 * 14 + 11 * 7 * 64)
+    with pytest.raises(ValueError, match="message_kernel"):
+        cuda.message_kernel_for(1, 3, 94, 125, 7, dataclasses.replace(H100, message_kernel="fast"))
 
 
 @pytest.mark.parametrize("threads_x", [4, 8, 16, 32])

@@ -9,16 +9,21 @@ import numpy as np
 import pytest
 import reference
 
+from convcrf_cli.backends.cuda import MESSAGE_KERNELS as KERNELS
 from convcrf_cli.backends.cuda import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
 
-# Small blocks: every CUDA thread is an OS thread in the shim. The message runs as the tiled
-# kernel wherever it can (no minimum of blocks); PER_CELL forces the one-thread-per-cell kernel.
+# Small blocks: every CUDA thread is an OS thread in the shim. The message kernel is chosen as
+# on a GPU ("auto": tiled, with no minimum of blocks) or set (MESSAGE_KERNELS).
 SMALL = LaunchConfig(
-    cell_block=(8, 8), pixel_block=(8, 8), pool_threads=64, pool_box_width=8, pool_box_pixels=64
+    cell_block=(8, 8),
+    split_cells=(4, 4),
+    pixel_block=(8, 8),
+    pool_threads=64,
+    pool_box_width=8,
+    pool_box_pixels=64,
 )
-PER_CELL = dataclasses.replace(SMALL, tiled_min_blocks=10**9)
-MESSAGE_KERNELS = {"tiled": SMALL, "per-cell": PER_CELL}
+MESSAGE_KERNELS = {name: dataclasses.replace(SMALL, message_kernel=name) for name in KERNELS}
 
 
 def refine_with_shim(shim, image, logits, params, config=SMALL):
@@ -81,19 +86,37 @@ def test_shim_matches_reference(
     params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
     image, logits = random_inputs(height * width + k, n, height, width, classes, features)
     scores, plan = refine_with_shim(shim, image, logits, params, MESSAGE_KERNELS[message_kernel])
-    assert plan.tiled == (message_kernel == "tiled")
+    assert plan.message_kernel == message_kernel
     assert_matches_reference(scores, image, logits, params)
 
 
 @pytest.mark.parametrize(("height", "width", "k"), [(11, 70, 5), (19, 23, 13), (8, 9, 3)])
-def test_tiled_message_sums_as_the_per_cell_kernel(shim, height, width, k):
-    """The tiled kernel adds the same products in the same order: equal scores, bit for bit."""
+def test_message_kernels_agree(shim, height, width, k):
+    """The tiled kernel adds the same products in the same order as the per-cell one: equal
+    scores, bit for bit; the split kernel adds each window row's sum: equal to rounding."""
     params = CRFParams(filter_size=k, blur=1, iterations=3)
     image, logits = random_inputs(k, 1, height, width, 21, 3)
-    tiled, plan = refine_with_shim(shim, image, logits, params, SMALL)
-    per_cell, _ = refine_with_shim(shim, image, logits, params, PER_CELL)
-    assert plan.tiled
-    np.testing.assert_array_equal(tiled, per_cell)
+    scores = {}
+    for name, config in MESSAGE_KERNELS.items():
+        scores[name], plan = refine_with_shim(shim, image, logits, params, config)
+        assert plan.message_kernel == name
+    np.testing.assert_array_equal(scores["tiled"], scores["per-cell"])
+    np.testing.assert_allclose(scores["split"], scores["per-cell"], rtol=0, atol=1e-5)
+
+
+def test_split_rows_shared_by_fewer_threads_than_the_window(shim):
+    """8x8 cells with k=17 allow 16 threads per cell (1024 per block): one of them sums two
+    window rows."""
+    config = dataclasses.replace(MESSAGE_KERNELS["split"], split_cells=(8, 8))
+    params = CRFParams(filter_size=17, blur=1, iterations=1)
+    image, logits = random_inputs(17, 1, 12, 10, 2, 1)
+    scores, plan = refine_with_shim(shim, image, logits, params, config)
+    assert plan.message_launch(None, None, None)[:3] == (
+        "convcrf_message_split",
+        (2, 2, 1),
+        (8, 8, 16),
+    )
+    assert_matches_reference(scores, image, logits, params)
 
 
 def test_many_image_channels_take_the_per_cell_message(shim):
@@ -101,7 +124,7 @@ def test_many_image_channels_take_the_per_cell_message(shim):
     params = CRFParams(filter_size=5, blur=2, iterations=2)
     image, logits = random_inputs(7, 1, 14, 17, 2, 5)
     scores, plan = refine_with_shim(shim, image, logits, params, SMALL)
-    assert not plan.tiled
+    assert plan.message_kernel == "per-cell"
     assert_matches_reference(scores, image, logits, params)
 
 
@@ -142,7 +165,9 @@ def test_launch_sequence(shim, message_kernel):
     before = len(shim.launches)
     refine_with_shim(shim, image, logits, params, MESSAGE_KERNELS[message_kernel])
     names = [launch[0] for launch in shim.launches[before:]]
-    message = "convcrf_message_tiled" if message_kernel == "tiled" else "convcrf_message"
+    message = {"per-cell": "convcrf_message"}.get(
+        message_kernel, f"convcrf_message_{message_kernel}"
+    )
     assert names == [
         "convcrf_pool_features",
         "convcrf_init",

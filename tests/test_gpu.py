@@ -25,14 +25,10 @@ from convcrf_cli.params import CRFParams
 pytestmark = pytest.mark.gpu
 
 
-TILED_MIN_BLOCKS = {"tiled": 0, "per-cell": 10**9}
-"""``LaunchConfig.tiled_min_blocks`` that makes every message kernel tiled or one per cell."""
-
-
 def refine_on_gpu(image, logits, params, message_kernel=None):
     """image [N,H,W,F], logits [N,C,H,W] (NumPy) -> scores [N,C,H,W] (NumPy), every buffer
-    NaN-poisoned before the kernels run; ``message_kernel`` "tiled" or "per-cell" overrides
-    the backend's choice of message kernel."""
+    NaN-poisoned before the kernels run; ``message_kernel`` (of cuda.MESSAGE_KERNELS)
+    overrides the backend's choice of message kernel."""
     import cupy
 
     backend = cuda.CUDABackend(0)
@@ -40,10 +36,9 @@ def refine_on_gpu(image, logits, params, message_kernel=None):
     logits_d = cupy.asarray(logits, dtype=cupy.float32)
     config = backend.launch_config()
     if message_kernel is not None:
-        config = dataclasses.replace(config, tiled_min_blocks=TILED_MIN_BLOCKS[message_kernel])
+        config = dataclasses.replace(config, message_kernel=message_kernel)
     plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
-    if message_kernel is not None and features_fit_tiled(image.shape[-1]):
-        assert plan.tiled == (message_kernel == "tiled")
+    assert message_kernel in (None, plan.message_kernel)
     module = cuda._compiled_module(0, plan.class_block)
     scores = cupy.full(logits_d.shape, cupy.nan, dtype=cupy.float32)
 
@@ -54,11 +49,7 @@ def refine_on_gpu(image, logits, params, message_kernel=None):
     return scores.get()
 
 
-def features_fit_tiled(channels: int) -> bool:
-    return 2 + channels <= cuda.MAX_TILED_FEATURES
-
-
-@pytest.mark.parametrize("message_kernel", TILED_MIN_BLOCKS)
+@pytest.mark.parametrize("message_kernel", cuda.MESSAGE_KERNELS)
 @pytest.mark.parametrize(
     ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
 )
@@ -71,7 +62,7 @@ def test_gpu_matches_reference(
     assert_matches_reference(scores, image, logits, params)
 
 
-@pytest.mark.parametrize("message_kernel", TILED_MIN_BLOCKS)
+@pytest.mark.parametrize("message_kernel", cuda.MESSAGE_KERNELS)
 @pytest.mark.parametrize("k", [5, 7, 11, 13, 15])
 def test_gpu_pascal_size_batch(message_kernel, k):
     """75x100 (a fifth of Pascal size, padded pooling), C=21, blur 4, a batch of 2, both inits."""
@@ -94,7 +85,7 @@ def test_gpu_2048_square_blur_one():
     plan = cuda.MeanFieldPlan.create(
         (1, 3, 2048, 2048), logits.shape, params, cuda.CUDABackend(0).launch_config()
     )
-    assert plan.tiled  # the backend's own choice at this size
+    assert plan.message_kernel == "tiled"  # the backend's own choice at this size
     scores = refine_on_gpu(image, logits, params)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).double().to(device)

@@ -35,6 +35,7 @@ KERNEL_NAMES = (
     "convcrf_pool_features",
     "convcrf_init",
     "convcrf_message",
+    "convcrf_message_split",
     "convcrf_message_tiled",
     "convcrf_step",
     "convcrf_final",
@@ -52,6 +53,11 @@ MAX_SHARED_MEMORY = 64 * 1024
 MAX_CLASS_BLOCK = 16
 """Most classes one message thread accumulates in registers (on an H100, 21 classes run
 faster as two chunks of 11 than as one: twice the blocks; bench/gpu_tune.py)."""
+MESSAGE_KERNELS = ("per-cell", "split", "tiled")
+"""The message kernels: ``convcrf_message`` (one thread per cell), ``convcrf_message_split``
+(the window rows of a cell over several threads) and ``convcrf_message_tiled`` (4 cells per
+thread); ``cuda/message.cu`` describes them."""
+MAX_BLOCK_THREADS = 1024
 TILE_CELLS = 4
 """Cells of a row each thread of ``convcrf_message_tiled`` computes (``CONVCRF_TILE_CELLS``)."""
 MAX_TILED_FEATURES = 6
@@ -65,11 +71,15 @@ class LaunchConfig:
 
     cell_block: (x, y) coarse cells per block of the feature kernel and of the message kernel
         with one thread per cell.
+    message_kernel: one of :data:`MESSAGE_KERNELS`, or "auto": "tiled" where its grid has at
+        least ``tiled_min_blocks`` blocks (the backend asks for two per multiprocessor), else
+        "per-cell" (on small grids one thread per cell gives the device more threads; the
+        fastest at 500×375 on an H100 before "split" existed).
+    split_cells: (x, y) cells per block of the split message kernel; each cell's window rows
+        are shared by min(k, 1024 / (x·y)) threads.
     message_threads: (x, y) threads per block of the register-tiled message kernel, each
         computing :data:`TILE_CELLS` cells of a row; x is 4, 8, 16 or 32.
-    tiled_min_blocks: the tiled message kernel runs when its grid has at least this many
-        blocks (the backend asks for two per multiprocessor); on smaller grids one thread per
-        cell gives the device more threads to hide latency with.
+    tiled_min_blocks: see ``message_kernel``.
     pixel_block: (x, y) pixels per block of the final pass.
     pool_threads: threads per block of the init/step passes.
     pool_box_width, pool_box_pixels: target width and size (pixels) of the box of pixels one
@@ -78,6 +88,8 @@ class LaunchConfig:
     """
 
     cell_block: tuple[int, int] = (16, 16)
+    message_kernel: str = "auto"
+    split_cells: tuple[int, int] = (8, 8)
     message_threads: tuple[int, int] = (8, 8)
     tiled_min_blocks: int = 0
     pixel_block: tuple[int, int] = (32, 8)
@@ -92,15 +104,15 @@ def class_block_for(
     num_features: int,
     filter_size: int,
     config: LaunchConfig,
-    tiled: bool = False,
+    kernel: str = "per-cell",
 ) -> int:
     """Classes per message chunk (the compile-time ``CONVCRF_CLASS_BLOCK``).
 
-    As many as fit in shared memory next to the features of a tile with its halo (of the tiled
-    kernel with ``tiled``), at most :data:`MAX_CLASS_BLOCK`, balanced over the chunks (21
-    classes in two chunks: 11).
+    As many as fit in the shared memory of message kernel ``kernel`` next to the features of a
+    tile with its halo, at most :data:`MAX_CLASS_BLOCK`, balanced over the chunks (21 classes in
+    two chunks: 11).
     """
-    fit = _message_fit(num_features, filter_size, config, tiled)
+    fit = _message_fit(num_features, filter_size, config, kernel)
     if fit < 1:
         raise DeviceError(
             f"filter size {filter_size} with {num_features} image channels needs more shared "
@@ -110,19 +122,43 @@ def class_block_for(
     return math.ceil(num_classes / chunks)
 
 
-def _message_fit(num_features: int, filter_size: int, config: LaunchConfig, tiled: bool) -> int:
+def _message_fit(num_features: int, filter_size: int, config: LaunchConfig, kernel: str) -> int:
     """Classes that fit in the message kernel's shared memory beside the features."""
-    area = _message_tile_area(filter_size, config, tiled)
-    return config.shared_memory // (4 * area) - (2 + num_features)
+    area = _message_tile_area(filter_size, config, kernel)
+    words = config.shared_memory // 4 - (2 + num_features) * area
+    per_class = area + _split_partial_floats(filter_size, config, kernel)
+    return words // per_class
 
 
-def _message_tile_area(filter_size: int, config: LaunchConfig, tiled: bool) -> int:
+def _message_shared(
+    num_features: int, class_block: int, filter_size: int, config: LaunchConfig, kernel: str
+) -> int:
+    """Bytes of dynamic shared memory of message kernel ``kernel``."""
+    area = _message_tile_area(filter_size, config, kernel)
+    partial = _split_partial_floats(filter_size, config, kernel)
+    return 4 * ((2 + num_features + class_block) * area + class_block * partial)
+
+
+def _message_tile_area(filter_size: int, config: LaunchConfig, kernel: str) -> int:
     """Floats per channel of the message kernel's shared tile (cells with the halo)."""
     span = filter_size // 2
-    if tiled:
+    if kernel == "tiled":
         threads_x, threads_y = config.message_threads
         return 4 * row_quarter(threads_x, filter_size) * (threads_y + 2 * span)
-    return (config.cell_block[0] + 2 * span) * (config.cell_block[1] + 2 * span)
+    cells_x, cells_y = config.split_cells if kernel == "split" else config.cell_block
+    return (cells_x + 2 * span) * (cells_y + 2 * span)
+
+
+def _split_partial_floats(filter_size: int, config: LaunchConfig, kernel: str) -> int:
+    """Floats per class of the split kernel's partial sums (0 for the other kernels)."""
+    if kernel != "split":
+        return 0
+    return split_rows(filter_size, config) * math.prod(config.split_cells)
+
+
+def split_rows(filter_size: int, config: LaunchConfig) -> int:
+    """Threads that share the window rows of a cell in ``convcrf_message_split``."""
+    return max(1, min(filter_size, MAX_BLOCK_THREADS // math.prod(config.split_cells)))
 
 
 def row_quarter(threads_x: int, filter_size: int) -> int:
@@ -149,16 +185,24 @@ def tiled_message_grid(batch: int, coarse_h: int, coarse_w: int, config: LaunchC
     return (-(-coarse_w // (TILE_CELLS * threads_x)), -(-coarse_h // threads_y), batch)
 
 
-def use_tiled_message(
+def message_kernel_for(
     batch: int, features: int, coarse_h: int, coarse_w: int, filter_size: int, config: LaunchConfig
-) -> bool:
-    """Whether the message runs as ``convcrf_message_tiled``: the features fit its registers,
-    one class fits its shared memory, and its grid has ``config.tiled_min_blocks`` blocks."""
-    if 2 + features > MAX_TILED_FEATURES or _message_fit(features, filter_size, config, True) < 1:
-        return False
-    return (
-        math.prod(tiled_message_grid(batch, coarse_h, coarse_w, config)) >= config.tiled_min_blocks
-    )
+) -> str:
+    """The message kernel of :data:`MESSAGE_KERNELS` that ``config.message_kernel`` asks for
+    ("auto": see :class:`LaunchConfig`), or "per-cell" where the one asked for does not fit:
+    the tiled kernel holds at most :data:`MAX_TILED_FEATURES` features in registers, and
+    either needs room for one class in shared memory."""
+    kernel = config.message_kernel
+    if kernel == "auto":
+        blocks = math.prod(tiled_message_grid(batch, coarse_h, coarse_w, config))
+        kernel = "tiled" if blocks >= config.tiled_min_blocks else "per-cell"
+    if kernel not in MESSAGE_KERNELS:
+        raise ValueError(f"message_kernel must be auto or one of {MESSAGE_KERNELS}, not {kernel}")
+    if kernel == "tiled" and 2 + features > MAX_TILED_FEATURES:
+        return "per-cell"
+    if kernel != "per-cell" and _message_fit(features, filter_size, config, kernel) < 1:
+        return "per-cell"
+    return kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,8 +217,8 @@ class MeanFieldPlan:
     params: CRFParams
     config: LaunchConfig
     class_block: int
-    tiled: bool = False
-    """The message runs as ``convcrf_message_tiled`` (else ``convcrf_message``)."""
+    message_kernel: str = "per-cell"
+    """Which of :data:`MESSAGE_KERNELS` computes the message."""
 
     @classmethod
     def create(
@@ -187,8 +231,8 @@ class MeanFieldPlan:
     ) -> MeanFieldPlan:
         """Plan for ``image [N,F,H,W]`` and ``logits [N,C,H,W]``; ``class_block`` defaults to
         :func:`class_block_for` (the shim passes the value it was compiled with). The message
-        kernel is the tiled one where :func:`use_tiled_message` says so and ``class_block``
-        classes fit its shared memory."""
+        kernel is :func:`message_kernel_for`'s, or "per-cell" where ``class_block`` classes do
+        not fit its shared memory."""
         if len(image_shape) != 4 or len(logits_shape) != 4:
             raise ValueError(
                 f"expected image [N,F,H,W] and logits [N,C,H,W], got {tuple(image_shape)} "
@@ -203,12 +247,12 @@ class MeanFieldPlan:
                 f"empty input: image {tuple(image_shape)}, logits {tuple(logits_shape)}"
             )
         k, blur = params.filter_size, params.blur
-        tiled = use_tiled_message(n, f, -(-height // blur), -(-width // blur), k, config)
+        kernel = message_kernel_for(n, f, -(-height // blur), -(-width // blur), k, config)
         if class_block is None:
-            class_block = class_block_for(c, f, k, config, tiled)
-        elif tiled:
-            tiled = _message_fit(f, k, config, True) >= class_block
-        plan = cls(n, c, f, height, width, params, config, class_block, tiled)
+            class_block = class_block_for(c, f, k, config, kernel)
+        elif _message_fit(f, k, config, kernel) < class_block:
+            kernel = "per-cell"
+        plan = cls(n, c, f, height, width, params, config, class_block, kernel)
         if plan.message_shared > config.shared_memory:
             raise DeviceError(
                 f"{class_block} classes per block with filter size {params.filter_size} need "
@@ -278,8 +322,8 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def message_shared(self) -> int:
-        area = _message_tile_area(self.params.filter_size, self.config, self.tiled)
-        return 4 * (2 + self.features + self.class_block) * area
+        k, kernel = self.params.filter_size, self.message_kernel
+        return _message_shared(self.features, self.class_block, k, self.config, kernel)
 
     def message_launch(self, feat, pooled, message) -> tuple:
         """``launch`` arguments of the message ``pooled [N,C,h,w]`` -> ``message [N,C,h,w]``
@@ -288,14 +332,19 @@ class MeanFieldPlan:
         args = (feat, pooled, message, i32(self.classes), i32(self.features))
         args += (i32(self.coarse_h), i32(self.coarse_w), i32(p.filter_size), i32(self.num_chunks))
         args += (f32(p.pos_compat), f32(p.col_compat))
-        if not self.tiled:
+        chunks = self.batch * self.num_chunks
+        if self.message_kernel == "per-cell":
             block = (*self.config.cell_block, 1)
             return ("convcrf_message", self.message_grid, block, args, self.message_shared)
+        if self.message_kernel == "split":
+            cells_x, cells_y = self.config.split_cells
+            grid = (-(-self.coarse_w // cells_x), -(-self.coarse_h // cells_y), chunks)
+            block = (cells_x, cells_y, split_rows(p.filter_size, self.config))
+            return ("convcrf_message_split", grid, block, args, self.message_shared)
         gx, gy, _ = tiled_message_grid(self.batch, self.coarse_h, self.coarse_w, self.config)
-        grid = (gx, gy, self.batch * self.num_chunks)
         args += (i32(row_quarter(self.config.message_threads[0], p.filter_size)),)
         block = (*self.config.message_threads, 1)
-        return ("convcrf_message_tiled", grid, block, args, self.message_shared)
+        return ("convcrf_message_tiled", (gx, gy, chunks), block, args, self.message_shared)
 
     # -- init/step: one block per tile of coarse cells -------------------------------------
     @functools.cached_property

@@ -21,7 +21,7 @@ from convcrf_cli.commands.common import (
 )
 from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError, RuntimeFailure
-from convcrf_cli.fit import Example, FitOptions, FitResult, fit, starting_module
+from convcrf_cli.fit import Example, FitOptions, FitResult, check_start_module, fit
 from convcrf_cli.imageio import check_label_size, read_image, read_label_image
 from convcrf_cli.params import TRANSFORM_KEYS, CRFParams, ParamsError, read_params_json
 from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF
@@ -193,7 +193,8 @@ def _start_module(
         saved = ConvCRF.from_dict(
             {**params.to_dict(), **transforms}, num_classes, learn, num_features=num_features
         )
-        return starting_module(saved, num_classes, num_features, learn)
+        check_start_module(saved, num_classes, num_features)
+        return saved
     except (ParamsError, InputError) as exc:
         raise BadInputError(path, str(exc)) from exc
 

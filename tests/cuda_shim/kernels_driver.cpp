@@ -24,6 +24,8 @@ int shim_launch(const char* name, const unsigned* grid, const unsigned* block,
         return shim_launch_kernel(convcrf_init, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_message"))
         return shim_launch_kernel(convcrf_message, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_message_split"))
+        return shim_launch_kernel(convcrf_message_split, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_message_tiled"))
         return shim_launch_kernel(convcrf_message_tiled, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_step"))
