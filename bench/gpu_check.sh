@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything a session with a GPU runs, in one call: install the package (a real, non-editable
 # install, so the .cu sources must come from package data), print the environment, run
-# `pytest -m gpu`, compute-sanitizer (memcheck, racecheck, synccheck) on small runs, a batch on the
-# GPU against the CPU, and the benchmark. Logs go to $OUT when set (the device tool), else to bench/gpu_logs/.
+# `pytest -m gpu`, the benchmark (early, so that a run cut short still has it), compute-sanitizer
+# (memcheck, racecheck, synccheck) on small runs, a batch on the GPU against the CPU, and the
+# training step and `convcrf fit` on the GPU. Logs go to $OUT when set (the device tool), else to bench/gpu_logs/.
 # Usage: bash bench/gpu_check.sh      (PYTHON=... to choose the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,10 @@ echo "== pytest -m gpu"
     tests/test_cuda_compile.py 2>&1 | tee "$LOG/pytest_cuda_cpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== benchmark"
+"$PY" bench/bench_gpu.py 2>&1 | tee "$LOG/bench.md"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== compute-sanitizer"
 SMALL_RUN='
 import numpy as np
@@ -45,6 +50,19 @@ for blur, k, init in ((2, 5, "log"), (1, 3, "softmax"), (4, 11, "softmax")):
     logits = rng.normal(0, 2, (2, 21, 37, 45)).astype(np.float32)
     scores = refine(image, logits, CRFParams(filter_size=k, blur=blur, init=init), device="cuda")
     assert np.isfinite(scores).all()
+import dataclasses, cupy
+from convcrf_cli.backends import cuda
+for kernel in ("split", "tiled"):  # the message kernels "auto" does not take at this size
+    config = dataclasses.replace(cuda.CUDABackend(0).launch_config(), message_kernel=kernel)
+    image_d = cupy.asarray(image.transpose(0, 3, 1, 2).copy())
+    logits_d = cupy.asarray(logits)
+    params = CRFParams(filter_size=7, blur=1, iterations=2)
+    plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
+    assert plan.message_kernel == kernel
+    scores_d = cupy.empty_like(logits_d)
+    launcher = cuda.module_launcher(0, plan.class_block)
+    cuda.run_plan(plan, image_d, logits_d, scores_d, launcher, cupy.empty)
+    assert bool(cupy.isfinite(scores_d).all())
 import torch, torch.nn.functional as F
 from convcrf_cli.torch import ConvCRF
 crf = ConvCRF.from_params(CRFParams(filter_size=5, blur=2), 21, "compat,scales,weight,C").cuda()
@@ -52,7 +70,7 @@ image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).cuda()
 logits_t = torch.from_numpy(logits).cuda().requires_grad_()
 F.cross_entropy(crf(image_t, logits_t), logits_t.detach().argmax(1)).backward()
 assert torch.isfinite(logits_t.grad).all()
-print("small runs done (inference and a training step)")
+print("small runs done (inference with each message kernel, a training step)")
 '
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
@@ -127,7 +145,4 @@ started=$SECONDS
 echo "convcrf fit --device cuda, 24 images, 2 epochs: $((SECONDS - started)) s" \
     | tee -a "$LOG/train_gpu.log"
 
-echo "== benchmark"
-"$PY" bench/bench_gpu.py 2>&1 | tee "$LOG/bench.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit "$status"
