@@ -7,7 +7,10 @@ plan made once). At 500×375 both measure the host's launch rate as much as the 
 Compared with a PyTorch im2col ConvCRF (the original implementation's method: materialise the
 C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth floor: the bytes any
 implementation must move over the measured device-copy bandwidth.
-A second table times one launch of each message kernel (one thread per cell, window rows split
+A second table times the whole inference (the kernels alone, as "launches") with the message
+kernels and the fused iterations (`LaunchConfig.fuse_message`) the backend does not choose by
+default, against its default, with the largest difference of their scores. A third times one
+launch of each message kernel (one thread per cell, window rows split
 over threads, register-tiled; the backend picks "tiled" from two blocks per multiprocessor, else
 "per-cell") on the same inputs, and gives the largest difference of their messages from the
 per-cell kernel's.
@@ -106,6 +109,27 @@ def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tu
     return results
 
 
+def inference_variants_ms(image, logits, params: CRFParams, config, repeats: int) -> dict:
+    """``{variant: (ms, scores)}``: the kernels of one inference, timed like "launches", with
+    the default configuration and the others worth comparing where they apply."""
+    variants = {
+        "default": config,
+        "split message": dataclasses.replace(config, message_kernel="split"),
+        "tiled message": dataclasses.replace(config, message_kernel="tiled"),
+        "fused iterations": dataclasses.replace(config, fuse_message=True),
+    }
+    results = {}
+    for name, variant in variants.items():
+        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
+        if name == "fused iterations" and not plan.fused:
+            continue
+        scores = cupy.empty_like(logits)
+        launcher = cuda.module_launcher(0, plan.class_block)
+        run = functools.partial(cuda.run_plan, plan, image, logits, scores, launcher, cupy.empty)
+        results[name] = (time_gpu_ms(run, repeats), scores)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
@@ -123,7 +147,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     config = backend.launch_config()
-    message_rows = []
+    message_rows, variant_rows = [], []
     for label, height, width, classes, blur, k in CASES:
         params = CRFParams(filter_size=k, blur=blur, iterations=5)
         image = cupy.asarray(rng.uniform(0, 255, (1, FEATURES, height, width)), dtype=cupy.float32)
@@ -150,6 +174,15 @@ def main() -> None:
             f"{floor:.3f} | {ours / floor:.1f}x |"
         )
         message_rows.append((label, message_kernels_ms(image, logits, params, config)))
+        variant_rows.append((label, inference_variants_ms(image, logits, params, config, 20)))
+
+    print("\n| case | variant | launches (ms) | default / this | max diff of scores |")
+    print("|---|---|---|---|---|")
+    for label, variants in variant_rows:
+        default_ms, default = variants["default"]
+        for name, (ms, scores) in variants.items():
+            diff = float(cupy.abs(scores - default).max())
+            print(f"| {label} | {name} | {ms:.3f} | {default_ms / ms:.2f}x | {diff:.1e} |")
 
     print("\n| case | message kernel | GPU ms per launch | per-cell / this | max diff |")
     print("|---|---|---|---|---|")

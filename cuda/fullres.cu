@@ -25,13 +25,21 @@
 // The bilinear upsampling (half-pixel centres, source clamped to [0, n-1]) of the coarse message
 // M and the crop by (pad_y, pad_x) are computed on the fly from the pixel coordinates.
 
+#ifndef CONVCRF_FULLRES_CU
+#define CONVCRF_FULLRES_CU
+
 // Pixel-independent arguments of the per-class score z.
 struct ScoreArgs {
     const float* logits;  // [N,C,H,W]
     const float* lse;     // [N,H,W] (step/final)
-    const float* message; // [N,C,h,w] (step/final)
+    const float* message; // [N,C,h,w] (step/final), or a window of it (msg_width > 0)
     int num_classes, height, width, coarse_h, coarse_w, blur, pad_y, pad_x;
     float unary_scale, msg_scale;
+    // A window of the message of one image (convcrf_step_fused): coarse cell (r, c) of class k
+    // at message[k * msg_plane + (r - msg_row0) * msg_width + (c - msg_col0)]. msg_width 0:
+    // the whole grid of every image.
+    int msg_row0 = 0, msg_col0 = 0, msg_width = 0;
+    long long msg_plane = 0;
 };
 
 // The per-class score z_c of one pixel: the logit (init) or the mean-field update (step/final).
@@ -76,21 +84,25 @@ __device__ inline PixelScore pixel_score(const ScoreArgs& args, int n, int y, in
     score.msg_scale = args.msg_scale;
     if (!with_message) return score;
     score.lse = args.lse[(long long)n * score.plane + pixel];
-    score.coarse_plane = (long long)args.coarse_h * args.coarse_w;
-    score.msg = args.message + (long long)n * args.num_classes * score.coarse_plane;
+    const bool window = args.msg_width > 0;
+    const int msg_w = window ? args.msg_width : args.coarse_w;
+    const int row0 = args.msg_row0, col0 = args.msg_col0;
+    score.coarse_plane = window ? args.msg_plane : (long long)args.coarse_h * args.coarse_w;
+    score.msg = window ? args.message
+                       : args.message + (long long)n * args.num_classes * score.coarse_plane;
     score.one_tap = args.blur == 1;
     if (score.one_tap) {
-        score.i00 = (int)pixel;
+        score.i00 = (y - row0) * msg_w + x - col0;
         return score;
     }
     int r0, r1, c0, c1;
     float fy, fx;
     bilinear_taps(y + args.pad_y, args.blur, args.coarse_h, r0, r1, fy);
     bilinear_taps(x + args.pad_x, args.blur, args.coarse_w, c0, c1, fx);
-    score.i00 = r0 * args.coarse_w + c0;
-    score.i01 = r0 * args.coarse_w + c1;
-    score.i10 = r1 * args.coarse_w + c0;
-    score.i11 = r1 * args.coarse_w + c1;
+    score.i00 = (r0 - row0) * msg_w + c0 - col0;
+    score.i01 = (r0 - row0) * msg_w + c1 - col0;
+    score.i10 = (r1 - row0) * msg_w + c0 - col0;
+    score.i11 = (r1 - row0) * msg_w + c1 - col0;
     score.w00 = (1.0f - fy) * (1.0f - fx);
     score.w01 = (1.0f - fy) * fx;
     score.w10 = fy * (1.0f - fx);
@@ -122,11 +134,11 @@ __device__ inline float q_value(float z, float shift, float scale, bool log_outp
     return log_output ? z - shift : expf(z - shift) * scale;
 }
 
-// Shared body of convcrf_init (with_message false) and convcrf_step (with_message true).
-__device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
+// Shared body of convcrf_init (with_message false), convcrf_step and convcrf_step_fused (with
+// message true); `work` is the shared memory it may use.
+__device__ void pool_q(const ScoreArgs& args, float* work, float* __restrict__ lse_out,
                        float* __restrict__ pooled, int tile_rows, int tile_cols,
                        int chunk_classes, bool with_message, bool log_output) {
-    extern __shared__ float convcrf_smem[];
     const int n = blockIdx.z;
     const int blur = args.blur;
     const int box_w = tile_cols * blur;
@@ -145,7 +157,7 @@ __device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
             const int x = col0 + p % box_w;
             if (y >= args.height || x >= args.width) continue;
             const PixelScore score = pixel_score(args, n, y, x, with_message);
-            float* kept = keep_z ? convcrf_smem + p : nullptr;  // z of class c at kept[c * box]
+            float* kept = keep_z ? work + p : nullptr;  // z of class c at kept[c * box]
             float max_z, sum_exp;
             softmax_stats(score, num_classes, max_z, sum_exp, kept, box);
             const float lse = max_z + logf(sum_exp);
@@ -161,9 +173,9 @@ __device__ void pool_q(const ScoreArgs& args, float* __restrict__ lse_out,
         return;
     }
 
-    float* shift = convcrf_smem;
-    float* scale = convcrf_smem + box;
-    float* chunk = convcrf_smem + 2 * box;
+    float* shift = work;
+    float* scale = work + box;
+    float* chunk = work + 2 * box;
 
     // Phase A: per-pixel softmax statistics. When one chunk holds every class, z itself is
     // kept in the chunk buffer, so that phase B reads it instead of computing it again.
@@ -235,7 +247,9 @@ extern "C" __global__ void convcrf_init(const float* __restrict__ logits, float*
                                         int chunk_classes, int log_init) {
     const ScoreArgs args = {logits, nullptr, nullptr, num_classes, height, width, coarse_h,
                             coarse_w, blur, pad_y, pad_x, 1.0f, 0.0f};
-    pool_q(args, lse, pooled, tile_rows, tile_cols, chunk_classes, false, log_init != 0);
+    extern __shared__ float convcrf_smem[];
+    pool_q(args, convcrf_smem, lse, pooled, tile_rows, tile_cols, chunk_classes, false,
+           log_init != 0);
 }
 
 // logits, lse, message [N,C,h,w] -> pooled softmax(unary_scale*L + msg_scale*crop(up(M))).
@@ -248,7 +262,8 @@ extern "C" __global__ void convcrf_step(const float* __restrict__ logits,
                                         int chunk_classes, float unary_scale, float msg_scale) {
     const ScoreArgs args = {logits, lse, message, num_classes, height, width, coarse_h,
                             coarse_w, blur, pad_y, pad_x, unary_scale, msg_scale};
-    pool_q(args, nullptr, pooled, tile_rows, tile_cols, chunk_classes, true, false);
+    extern __shared__ float convcrf_smem[];
+    pool_q(args, convcrf_smem, nullptr, pooled, tile_rows, tile_cols, chunk_classes, true, false);
 }
 
 // logits, lse, message -> scores [N,C,H,W] = unary_scale*L + msg_scale*crop(up(M)).
@@ -425,3 +440,5 @@ extern "C" __global__ void convcrf_unary_adjoint(
             unary_scale * acc[offset + c * plane] + g0 * inv_count - p * total;
     }
 }
+
+#endif  // CONVCRF_FULLRES_CU

@@ -18,21 +18,26 @@
 // All take (feat [N,2+F,h,w], pooled [N,C,h,w], message [N,C,h,w] float32, num_classes,
 // num_features, coarse_h, coarse_w, filter_size, num_chunks, pos_compat, col_compat).
 
+#ifndef CONVCRF_MESSAGE_CU
+#define CONVCRF_MESSAGE_CU
+
 #ifndef CONVCRF_CLASS_BLOCK
 #define CONVCRF_CLASS_BLOCK 8
 #endif
 
-// Stage channels 0..num_feat-1 of the features and classes c0.. of P (zero past num_classes
-// or outside the grid) for the tile_h x tile_w cells from (origin_y, origin_x) into `tile`,
-// channel-major, area = tile_h * tile_w floats per channel. quarter 0: row-major; else each
-// row de-interleaved, tile column t at (t % 4) * quarter + t / 4 (tile_w = 4 * quarter).
+// Stage channels 0..num_feat-1 of the features and `class_channels` classes c0.. of P (zero
+// past num_classes or outside the grid) for the tile_h x tile_w cells from (origin_y,
+// origin_x) into `tile`, channel-major, area = tile_h * tile_w floats per channel. quarter 0:
+// row-major; else each row de-interleaved, tile column t at (t % 4) * quarter + t / 4
+// (tile_w = 4 * quarter).
 __device__ inline void stage_message_tile(float* tile, const float* feat_n, const float* pooled_n,
-                                          int num_feat, int c0, int num_classes, int coarse_h,
-                                          int coarse_w, int origin_y, int origin_x, int tile_h,
-                                          int tile_w, int quarter, int tid, int num_threads) {
+                                          int num_feat, int c0, int class_channels,
+                                          int num_classes, int coarse_h, int coarse_w,
+                                          int origin_y, int origin_x, int tile_h, int tile_w,
+                                          int quarter, int tid, int num_threads) {
     const long long plane = (long long)coarse_h * coarse_w;
     const int area = tile_h * tile_w;
-    const int staged = (num_feat + CONVCRF_CLASS_BLOCK) * area;
+    const int staged = (num_feat + class_channels) * area;
     for (int i = tid; i < staged; i += num_threads) {
         const int channel = i / area;
         const int rest = i - channel * area;
@@ -56,13 +61,13 @@ __device__ inline void stage_message_tile(float* tile, const float* feat_n, cons
 
 // acc[cc] += sum over window rows a = a0, a0 + a_step, ... < k and columns b of the weight of
 // neighbour (a, b) of the cell at (tx, ty) of a row-major tile (tile_w wide, area floats per
-// channel, features then CONVCRF_CLASS_BLOCK classes) times its class values.
-__device__ inline void add_window_rows(const float* tile, int area, int tile_w, int num_feat,
-                                       int tx, int ty, int filter_size, int a0, int a_step,
-                                       float pos_compat, float col_compat,
+// channel: the features from `tile`, CONVCRF_CLASS_BLOCK classes from `tile_q`) times its class
+// values.
+__device__ inline void add_window_rows(const float* tile, const float* tile_q, int area,
+                                       int tile_w, int num_feat, int tx, int ty, int filter_size,
+                                       int a0, int a_step, float pos_compat, float col_compat,
                                        float (&acc)[CONVCRF_CLASS_BLOCK]) {
     const int s = filter_size / 2;
-    const float* tile_q = tile + num_feat * area;
     const int centre = (ty + s) * tile_w + tx + s;
     for (int a = a0; a < filter_size; a += a_step) {
         const int row = (ty + a) * tile_w + tx;
@@ -105,7 +110,8 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
     const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
     const long long plane = (long long)coarse_h * coarse_w;
     stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
-                       pooled + (long long)n * num_classes * plane, num_feat, c0, num_classes,
+                       pooled + (long long)n * num_classes * plane, num_feat, c0,
+                       CONVCRF_CLASS_BLOCK, num_classes,
                        coarse_h, coarse_w, blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
                        blockDim.y + 2 * s, tile_w, 0, threadIdx.y * blockDim.x + threadIdx.x,
                        blockDim.x * blockDim.y);
@@ -117,8 +123,8 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
     float acc[CONVCRF_CLASS_BLOCK];
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
-    add_window_rows(convcrf_smem, area, tile_w, num_feat, threadIdx.x, threadIdx.y, filter_size,
-                    0, 1, pos_compat, col_compat, acc);
+    add_window_rows(convcrf_smem, convcrf_smem + num_feat * area, area, tile_w, num_feat,
+                    threadIdx.x, threadIdx.y, filter_size, 0, 1, pos_compat, col_compat, acc);
 
     float* out = message + (long long)n * num_classes * plane + (long long)y * coarse_w + x;
 #pragma unroll
@@ -151,7 +157,8 @@ extern "C" __global__ void convcrf_message_split(const float* __restrict__ feat,
     const int tid = threadIdx.z * cells + cell;
     const int num_threads = cells * blockDim.z;
     stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
-                       pooled + (long long)n * num_classes * plane, num_feat, c0, num_classes,
+                       pooled + (long long)n * num_classes * plane, num_feat, c0,
+                       CONVCRF_CLASS_BLOCK, num_classes,
                        coarse_h, coarse_w, blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
                        blockDim.y + 2 * s, tile_w, 0, tid, num_threads);
     __syncthreads();
@@ -162,8 +169,9 @@ extern "C" __global__ void convcrf_message_split(const float* __restrict__ feat,
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
     if (x < coarse_w && y < coarse_h) {  // no return: every thread reaches the barrier below
-        add_window_rows(convcrf_smem, area, tile_w, num_feat, threadIdx.x, threadIdx.y,
-                        filter_size, threadIdx.z, blockDim.z, pos_compat, col_compat, acc);
+        add_window_rows(convcrf_smem, convcrf_smem + num_feat * area, area, tile_w, num_feat,
+                        threadIdx.x, threadIdx.y, filter_size, threadIdx.z, blockDim.z,
+                        pos_compat, col_compat, acc);
     }
     float* partial = convcrf_smem + (num_feat + CONVCRF_CLASS_BLOCK) * area;  // [z][cc][cell]
 #pragma unroll
@@ -225,7 +233,8 @@ extern "C" __global__ void convcrf_message_tiled(const float* __restrict__ feat,
     const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
     const long long plane = (long long)coarse_h * coarse_w;
     stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
-                       pooled + (long long)n * num_classes * plane, num_feat, c0, num_classes,
+                       pooled + (long long)n * num_classes * plane, num_feat, c0,
+                       CONVCRF_CLASS_BLOCK, num_classes,
                        coarse_h, coarse_w, blockIdx.y * blockDim.y - s,
                        blockIdx.x * blockDim.x * CONVCRF_TILE_CELLS - s, blockDim.y + 2 * s,
                        row_words, row_quarter, threadIdx.y * blockDim.x + threadIdx.x,
@@ -385,3 +394,5 @@ extern "C" __global__ void convcrf_window_products(const float* __restrict__ gra
         out_row[b * plane] += sum;
     }
 }
+
+#endif  // CONVCRF_MESSAGE_CU

@@ -14,7 +14,7 @@ NVCC = shutil.which("nvcc")
 
 
 def test_kernel_sources_exist():
-    assert {p.name for p in SOURCES} == {"features.cu", "message.cu", "fullres.cu"}
+    assert {p.name for p in SOURCES} == {"features.cu", "message.cu", "fullres.cu", "fused.cu"}
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: CUDA compile check skipped")

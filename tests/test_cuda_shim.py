@@ -119,6 +119,50 @@ def test_split_rows_shared_by_fewer_threads_than_the_window(shim):
     assert_matches_reference(scores, image, logits, params)
 
 
+FUSED = dataclasses.replace(SMALL, fuse_message=True)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"),
+    [case for case in CASES if case[5] > 1] + [(30, 41, 21, 3, 13, 3, "log", 2, 3)],
+)
+def test_fused_iterations_match_reference(
+    shim, height, width, classes, features, k, blur, init, n, its
+):
+    """Message and step in one launch per iteration (convcrf_step_fused) at blur > 1."""
+    params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
+    image, logits = random_inputs(height * width + k, n, height, width, classes, features)
+    before = len(shim.launches)
+    scores, plan = refine_with_shim(shim, image, logits, params, FUSED)
+    names = [launch[0] for launch in shim.launches[before:]]
+    assert plan.fused
+    assert names == ["convcrf_pool_features", "convcrf_init"] + ["convcrf_step_fused"] * its
+    assert_matches_reference(scores, image, logits, params)
+
+
+def test_fused_iterations_with_two_row_groups(shim):
+    """Shared memory for two row groups only: two threads share the 7 window rows of a cell.
+    4x4 cells per block at blur 2: a window of 6x6 cells, 12x12 staged with the halo, 21
+    classes padded to 24 (chunks of 4): 21*36 + 29*144 + 2*24*36 = 6660 floats."""
+    config = dataclasses.replace(FUSED, shared_memory=4 * 6660)
+    params = CRFParams(filter_size=7, blur=2, iterations=3)
+    image, logits = random_inputs(9, 1, 21, 26, 21, 3)
+    scores, plan = refine_with_shim(shim, image, logits, params, config)
+    assert plan.pool_tile == (4, 4)
+    assert plan.fused_layout == (2, 21)
+    assert plan.fused_shared == config.shared_memory
+    assert_matches_reference(scores, image, logits, params)
+
+
+def test_fusion_needs_blur_and_shared_memory():
+    params = CRFParams(filter_size=7, blur=1)
+    assert not MeanFieldPlan.create((1, 3, 40, 40), (1, 21, 40, 40), params, FUSED, 4).fused
+    tight = dataclasses.replace(FUSED, shared_memory=4 * 2000)
+    params = CRFParams(filter_size=7, blur=2)
+    assert not MeanFieldPlan.create((1, 3, 40, 40), (1, 21, 40, 40), params, tight, 4).fused
+    assert MeanFieldPlan.create((1, 3, 40, 40), (1, 21, 40, 40), params, FUSED, 4).fused
+
+
 def test_many_image_channels_take_the_per_cell_message(shim):
     """Five image channels (7 features) exceed the tiled kernel's registers."""
     params = CRFParams(filter_size=5, blur=2, iterations=2)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = ("features.cu", "message.cu", "fullres.cu")
+KERNELS = ("features.cu", "message.cu", "fullres.cu", "fused.cu")
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from convcrf_cli.backends import DeviceError
 from convcrf_cli.grid import pool_padding
 from convcrf_cli.params import CRFParams
 
-KERNEL_FILES = ("features.cu", "message.cu", "fullres.cu")
+KERNEL_FILES = ("features.cu", "message.cu", "fullres.cu", "fused.cu")
 """The kernel sources, compiled together as one module (package ``convcrf_cli.cuda``)."""
 
 KERNEL_NAMES = (
@@ -39,6 +39,7 @@ KERNEL_NAMES = (
     "convcrf_message_tiled",
     "convcrf_step",
     "convcrf_final",
+    "convcrf_step_fused",
     # the differentiable mean field of convcrf_cli.torch on the GPU (backends/cuda_autograd.py)
     "convcrf_window_sum",
     "convcrf_window_products",
@@ -80,6 +81,9 @@ class LaunchConfig:
     message_threads: (x, y) threads per block of the register-tiled message kernel, each
         computing :data:`TILE_CELLS` cells of a row; x is 4, 8, 16 or 32.
     tiled_min_blocks: see ``message_kernel``.
+    fuse_message: at blur > 1, each iteration as one ``convcrf_step_fused`` launch (the
+        message computed on each init/step block's cells and their neighbours in shared
+        memory) instead of a message and a step launch; off until a device shows it faster.
     pixel_block: (x, y) pixels per block of the final pass.
     pool_threads: threads per block of the init/step passes.
     pool_box_width, pool_box_pixels: target width and size (pixels) of the box of pixels one
@@ -92,6 +96,7 @@ class LaunchConfig:
     split_cells: tuple[int, int] = (8, 8)
     message_threads: tuple[int, int] = (8, 8)
     tiled_min_blocks: int = 0
+    fuse_message: bool = False
     pixel_block: tuple[int, int] = (32, 8)
     pool_threads: int = 256
     pool_box_width: int = 32
@@ -385,6 +390,55 @@ class MeanFieldPlan:
             return 4 * self.classes * self.pool_box if self.chunk_classes else 0
         return 4 * (2 + self.chunk_classes) * self.pool_box
 
+    # -- convcrf_step_fused: message and step in one launch, on the init/step blocks --------
+    @functools.cached_property
+    def fused_layout(self) -> tuple[int, int] | None:
+        """``(row_groups, chunk_classes)`` of ``convcrf_step_fused``: threads per window cell
+        and class chunk that share its window rows (at most k), and classes pooled per round;
+        None where the iterations are not fused (``config.fuse_message`` off, blur 1, or too
+        little shared memory)."""
+        if not self.config.fuse_message or self.blur == 1 or self.features == 0:
+            return None
+        win, area, padded = self._fused_sizes
+        words = self.config.shared_memory // 4 - self.classes * win
+        staged = (2 + self.features + padded) * area
+        groups = min(self.params.filter_size, (words - staged) // (padded * win))
+        chunk = min(self.classes, words // self.pool_box - 2)
+        return (groups, chunk) if groups >= 1 and chunk >= 1 else None
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_layout is not None
+
+    @functools.cached_property
+    def _fused_sizes(self) -> tuple[int, int, int]:
+        """Cells of the message window, of the staged tile with its halo, and the classes padded
+        to whole chunks."""
+        rows, cols = self.pool_tile
+        span = self.params.filter_size // 2
+        padded = self.num_chunks * self.class_block
+        return (rows + 2) * (cols + 2), (rows + 2 + 2 * span) * (cols + 2 + 2 * span), padded
+
+    @functools.cached_property
+    def fused_shared(self) -> int:
+        groups, chunk = self.fused_layout
+        win, area, padded = self._fused_sizes
+        staged = (2 + self.features + padded) * area + groups * padded * win
+        return 4 * (self.classes * win + max(staged, (2 + chunk) * self.pool_box))
+
+    def launch_fused(
+        self, launch: Launch, logits, lse, feat, pooled, pooled_out, scores, last: bool
+    ) -> None:
+        """``convcrf_step_fused``: ``pooled`` -> ``pooled_out`` or, ``last``, the scores."""
+        p, i32, f32 = self.params, np.int32, np.float32
+        rows, cols = self.pool_tile
+        groups, chunk = self.fused_layout
+        args = (logits, lse, feat, pooled, pooled_out, scores, i32(last), i32(self.classes))
+        args += (i32(self.features), *self.geometry, i32(rows), i32(cols), i32(chunk))
+        args += (i32(p.filter_size), i32(groups), f32(p.pos_compat), f32(p.col_compat))
+        args += self.scales(p.weight)
+        launch("convcrf_step_fused", self.pool_grid, self._pool_block, args, self.fused_shared)
+
     # -- final: one thread per pixel -------------------------------------------------------
     @functools.cached_property
     def pixel_grid(self) -> tuple[int, int, int]:
@@ -455,6 +509,12 @@ def run_plan(plan: MeanFieldPlan, image, logits, scores, launch: Launch, empty) 
     features_args += (f32(1 / p.pos_sdims), f32(1 / p.col_schan))
     launch("convcrf_pool_features", plan.cell_grid, cell_block, features_args, 0)
     plan.launch_init(launch, logits, lse, pooled)
+    if plan.fused:  # the message buffer holds the next pooled Q: P is read while it is written
+        for i in range(p.iterations):
+            last = i == p.iterations - 1
+            plan.launch_fused(launch, logits, lse, feat, pooled, message, scores, last)
+            pooled, message = message, pooled
+        return
     message_launch = plan.message_launch(feat, pooled, message)
     for i in range(p.iterations):
         launch(*message_launch)

@@ -6,6 +6,7 @@
 #include "features.cu"
 #include "fullres.cu"
 #include "message.cu"
+#include "fused.cu"
 
 extern "C" {
 
@@ -32,6 +33,8 @@ int shim_launch(const char* name, const unsigned* grid, const unsigned* block,
         return shim_launch_kernel(convcrf_step, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_final"))
         return shim_launch_kernel(convcrf_final, g, b, shared_bytes, args);
+    if (!std::strcmp(name, "convcrf_step_fused"))
+        return shim_launch_kernel(convcrf_step_fused, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_window_sum"))
         return shim_launch_kernel(convcrf_window_sum, g, b, shared_bytes, args);
     if (!std::strcmp(name, "convcrf_window_products"))
