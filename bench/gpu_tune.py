@@ -1,7 +1,8 @@
 """Launch-configuration sweep of the CUDA kernels (a GPU diagnostic for choosing defaults).
 
-The message kernel depends only on the cell block and the classes per chunk; the init, step
-and final passes only on the pool block. Each is timed alone (GPU ms per launch, 20 back-to-back
+Each message kernel depends only on its block shape (per-cell: ``cell_block``, split:
+``split_cells``, tiled: ``message_threads``) and the classes per chunk; the init, step and
+final passes only on the pool block. Each is timed alone (GPU ms per launch, 20 back-to-back
 launches between CUDA events, median of 15) for 500×375 C=21 blur 4, k ∈ {5,7,11,13}, and for
 2048×2048 C=21 blur 1 k=7.
 
@@ -23,7 +24,11 @@ from convcrf_cli.params import CRFParams
 CASES = [(375, 500, 4, 5), (375, 500, 4, 7), (375, 500, 4, 11), (375, 500, 4, 13)]
 CASES += [(2048, 2048, 1, 7)]
 CLASSES, FEATURES = 21, 3
-CELL_BLOCKS = ((16, 16), (16, 8), (32, 4), (8, 8))
+MESSAGE_BLOCKS = {
+    "per-cell": ("cell_block", ((16, 16), (16, 8), (32, 4), (8, 8))),
+    "split": ("split_cells", ((8, 8), (8, 4), (16, 4), (4, 4))),
+    "tiled": ("message_threads", ((8, 8), (8, 16), (8, 4), (16, 8), (4, 16))),
+}
 CLASS_BLOCKS = (21, 11, 7, 4)
 POOLS = ((256, 1024), (256, 512), (128, 512), (128, 256), (64, 256), (64, 128), (256, 256))
 
@@ -49,18 +54,20 @@ def main() -> None:
         params = CRFParams(filter_size=k, blur=blur, iterations=5)
         print(f"\n## {width}x{height} blur {blur} k={k}")
         rows = []
-        for cell in CELL_BLOCKS:
-            for class_block in CLASS_BLOCKS:
-                config = dataclasses.replace(base, cell_block=cell)
-                try:
-                    ms = kernel_times(image, logits, params, config, class_block)
-                except Exception as exc:
-                    print(f"message {cell} class_block {class_block}: {exc}")
-                    continue
-                rows.append(
-                    (ms["convcrf_message"], f"message cell_block {cell} class_block {class_block}")
-                )
-        for ms, text in sorted(rows)[:6]:
+        for kernel, (field, blocks) in MESSAGE_BLOCKS.items():
+            for block in blocks:
+                for class_block in CLASS_BLOCKS:
+                    config = dataclasses.replace(base, message_kernel=kernel, **{field: block})
+                    text = f"{kernel} message {field} {block} class_block {class_block}"
+                    try:
+                        ms = kernel_times(image, logits, params, config, class_block)
+                    except Exception as exc:
+                        print(f"{text}: {exc}")
+                        continue
+                    name = "convcrf_message" + ("" if kernel == "per-cell" else f"_{kernel}")
+                    if name in ms:  # else the kernel did not fit and the plan fell back
+                        rows.append((ms[name], text))
+        for ms, text in sorted(rows)[:9]:
             print(f"{text}: {ms:.4f} ms")
         rows = []
         for threads, box in POOLS:
