@@ -52,13 +52,15 @@ for blur, k, init in ((2, 5, "log"), (1, 3, "softmax"), (4, 11, "softmax")):
     assert np.isfinite(scores).all()
 import dataclasses, cupy
 from convcrf_cli.backends import cuda
-for kernel in ("split", "tiled"):  # the message kernels "auto" does not take at this size
-    config = dataclasses.replace(cuda.CUDABackend(0).launch_config(), message_kernel=kernel)
+# the kernels "auto" does not take at this size: split and tiled messages, fused iterations
+for kernel, fuse, blur in (("split", False, 1), ("tiled", False, 1), ("per-cell", True, 3)):
+    config = cuda.CUDABackend(0).launch_config()
+    config = dataclasses.replace(config, message_kernel=kernel, fuse_message=fuse)
     image_d = cupy.asarray(image.transpose(0, 3, 1, 2).copy())
     logits_d = cupy.asarray(logits)
-    params = CRFParams(filter_size=7, blur=1, iterations=2)
+    params = CRFParams(filter_size=7, blur=blur, iterations=2)
     plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
-    assert plan.message_kernel == kernel
+    assert (plan.message_kernel, plan.fused) == (kernel, fuse)
     scores_d = cupy.empty_like(logits_d)
     launcher = cuda.module_launcher(0, plan.class_block)
     cuda.run_plan(plan, image_d, logits_d, scores_d, launcher, cupy.empty)
@@ -70,7 +72,7 @@ image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).cuda()
 logits_t = torch.from_numpy(logits).cuda().requires_grad_()
 F.cross_entropy(crf(image_t, logits_t), logits_t.detach().argmax(1)).backward()
 assert torch.isfinite(logits_t.grad).all()
-print("small runs done (inference with each message kernel, a training step)")
+print("small runs done (inference with each message kernel and fused, a training step)")
 '
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do

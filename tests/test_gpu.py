@@ -25,10 +25,10 @@ from convcrf_cli.params import CRFParams
 pytestmark = pytest.mark.gpu
 
 
-def refine_on_gpu(image, logits, params, message_kernel=None):
+def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False):
     """image [N,H,W,F], logits [N,C,H,W] (NumPy) -> scores [N,C,H,W] (NumPy), every buffer
     NaN-poisoned before the kernels run; ``message_kernel`` (of cuda.MESSAGE_KERNELS)
-    overrides the backend's choice of message kernel."""
+    overrides the backend's choice of message kernel, ``fuse`` fuses the iterations."""
     import cupy
 
     backend = cuda.CUDABackend(0)
@@ -37,8 +37,10 @@ def refine_on_gpu(image, logits, params, message_kernel=None):
     config = backend.launch_config()
     if message_kernel is not None:
         config = dataclasses.replace(config, message_kernel=message_kernel)
+    config = dataclasses.replace(config, fuse_message=fuse)
     plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
     assert message_kernel in (None, plan.message_kernel)
+    assert plan.fused == fuse
     module = cuda._compiled_module(0, plan.class_block)
     scores = cupy.full(logits_d.shape, cupy.nan, dtype=cupy.float32)
 
@@ -71,6 +73,19 @@ def test_gpu_pascal_size_batch(message_kernel, k):
         image, logits = random_inputs(k, 2, 75, 100, 21, 3)
         scores = refine_on_gpu(image, logits, params, message_kernel)
         assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"),
+    [case for case in CASES if case[5] > 1] + [(75, 100, 21, 3, 13, 4, "log", 2, 5)],
+)
+def test_gpu_fused_iterations_match_reference(
+    height, width, classes, features, k, blur, init, n, its
+):
+    params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
+    image, logits = random_inputs(height * width + k, n, height, width, classes, features)
+    scores = refine_on_gpu(image, logits, params, fuse=True)
+    assert_matches_reference(scores, image, logits, params)
 
 
 def test_gpu_many_classes():
