@@ -2,8 +2,9 @@
 
 5-iteration inference on device-resident inputs, timed with CUDA events: warm-up, then the
 median of many runs. "ours" is the backend as `refine` calls it (CuPy arrays in, a new scores
-array out, the plan made on every call); "launches" issues the kernels alone (`run_plan`, the
-plan made once). At 500×375 both measure the host's launch rate as much as the GPU.
+array out, the plan looked up in its cache); "launches" issues the kernels alone (`run_plan`
+with a plan and buffers of its own). At 500×375 both measure the host's launch rate as much as
+the GPU.
 Compared with a PyTorch im2col ConvCRF (the original implementation's method: materialise the
 C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth floor: the bytes any
 implementation must move over the measured device-copy bandwidth.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import im2col_baseline  # noqa: E402
 
-from convcrf_cli.backends import cuda  # noqa: E402
+from convcrf_cli.backends import cuda, cuda_plan  # noqa: E402
 from convcrf_cli.grid import coarse_size  # noqa: E402
 from convcrf_cli.params import CRFParams  # noqa: E402
 
@@ -86,7 +87,7 @@ def floor_bytes(height: int, width: int, classes: int, params: CRFParams) -> int
 
 
 def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tuple]:
-    """GPU ms of one message launch and the message, per kernel of cuda.MESSAGE_KERNELS, on
+    """GPU ms of one message launch and the message, per kernel of cuda_plan.MESSAGE_KERNELS, on
     the same inputs: coarse features like the image's (positions, random colours), a random Q."""
     n, f = image.shape[:2]
     h, w = coarse_size(image.shape[2], params.blur), coarse_size(image.shape[3], params.blur)
@@ -97,9 +98,9 @@ def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tu
     feat = cupy.ascontiguousarray(cupy.broadcast_to(feat, (n, 2 + f, h, w)))
     pooled = rng.random((n, logits.shape[1], h, w), dtype=cupy.float32)
     results = {}
-    for name in cuda.MESSAGE_KERNELS:
+    for name in cuda_plan.MESSAGE_KERNELS:
         variant = dataclasses.replace(config, message_kernel=name)
-        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
+        plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
         if plan.message_kernel != name:
             continue  # the kernel does not fit this case
         launcher = cuda.module_launcher(0, plan.class_block)
@@ -120,12 +121,14 @@ def inference_variants_ms(image, logits, params: CRFParams, config, repeats: int
     }
     results = {}
     for name, variant in variants.items():
-        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
+        plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
         if name == "fused iterations" and not plan.fused:
             continue
         scores = cupy.empty_like(logits)
         launcher = cuda.module_launcher(0, plan.class_block)
-        run = functools.partial(cuda.run_plan, plan, image, logits, scores, launcher, cupy.empty)
+        run = functools.partial(
+            cuda_plan.run_plan, plan, image, logits, scores, launcher, cupy.empty
+        )
         results[name] = (time_gpu_ms(run, repeats), scores)
     return results
 
@@ -152,10 +155,12 @@ def main() -> None:
         params = CRFParams(filter_size=k, blur=blur, iterations=5)
         image = cupy.asarray(rng.uniform(0, 255, (1, FEATURES, height, width)), dtype=cupy.float32)
         logits = cupy.asarray(rng.normal(0, 2, (1, classes, height, width)), dtype=cupy.float32)
-        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, config)
+        plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, config)
         launcher = cuda.module_launcher(0, plan.class_block)
         scores = cupy.empty_like(logits)
-        run = functools.partial(cuda.run_plan, plan, image, logits, scores, launcher, cupy.empty)
+        run = functools.partial(
+            cuda_plan.run_plan, plan, image, logits, scores, launcher, cupy.empty
+        )
         launches = time_gpu_ms(run, args.repeats)
         ours = time_gpu_ms(functools.partial(backend.run, image, logits, params), args.repeats)
         baseline = float("nan")

@@ -51,7 +51,7 @@ for blur, k, init in ((2, 5, "log"), (1, 3, "softmax"), (4, 11, "softmax")):
     scores = refine(image, logits, CRFParams(filter_size=k, blur=blur, init=init), device="cuda")
     assert np.isfinite(scores).all()
 import dataclasses, cupy
-from convcrf_cli.backends import cuda
+from convcrf_cli.backends import cuda, cuda_plan
 # the kernels "auto" does not take at this size: split and tiled messages, fused iterations
 for kernel, fuse, blur in (("split", False, 1), ("tiled", False, 1), ("per-cell", True, 3)):
     config = cuda.CUDABackend(0).launch_config()
@@ -59,11 +59,11 @@ for kernel, fuse, blur in (("split", False, 1), ("tiled", False, 1), ("per-cell"
     image_d = cupy.asarray(image.transpose(0, 3, 1, 2).copy())
     logits_d = cupy.asarray(logits)
     params = CRFParams(filter_size=7, blur=blur, iterations=2)
-    plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
+    plan = cuda_plan.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
     assert (plan.message_kernel, plan.fused) == (kernel, fuse)
     scores_d = cupy.empty_like(logits_d)
     launcher = cuda.module_launcher(0, plan.class_block)
-    cuda.run_plan(plan, image_d, logits_d, scores_d, launcher, cupy.empty)
+    cuda_plan.run_plan(plan, image_d, logits_d, scores_d, launcher, cupy.empty)
     assert bool(cupy.isfinite(scores_d).all())
 import torch, torch.nn.functional as F
 from convcrf_cli.torch import ConvCRF

@@ -18,7 +18,7 @@ import cupy
 import numpy as np
 from bench_gpu import time_gpu_ms
 
-from convcrf_cli.backends import cuda
+from convcrf_cli.backends import cuda, cuda_plan
 from convcrf_cli.params import CRFParams
 
 CASES = [("500x375 blur 4 k=7", 375, 500, 4, 7), ("2048x2048 blur 1 k=7", 2048, 2048, 1, 7)]
@@ -57,13 +57,13 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
     params = CRFParams(filter_size=k, blur=blur, iterations=5)
     base = cuda.CUDABackend(0).launch_config()
 
-    def runner(config: cuda.LaunchConfig):
-        plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, config)
+    def runner(config: cuda_plan.LaunchConfig):
+        plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, config)
         launcher = RecordingLauncher(cuda._compiled_module(0, plan.class_block))
         return (
             plan,
             launcher,
-            lambda: cuda.run_plan(plan, image, logits, scores, launcher, cupy.empty),
+            lambda: cuda_plan.run_plan(plan, image, logits, scores, launcher, cupy.empty),
         )
 
     plan, launcher, run = runner(base)

@@ -18,7 +18,7 @@ import numpy as np
 from bench_gpu import time_gpu_ms
 from gpu_profile import RecordingLauncher
 
-from convcrf_cli.backends import cuda
+from convcrf_cli.backends import cuda, cuda_plan
 from convcrf_cli.params import CRFParams
 
 CASES = [(375, 500, 4, 5), (375, 500, 4, 7), (375, 500, 4, 11), (375, 500, 4, 13)]
@@ -34,10 +34,10 @@ POOLS = ((256, 1024), (256, 512), (128, 512), (128, 256), (64, 256), (64, 128), 
 
 
 def kernel_times(image, logits, params, config, class_block=None) -> dict[str, float]:
-    plan = cuda.MeanFieldPlan.create(image.shape, logits.shape, params, config, class_block)
+    plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, config, class_block)
     launcher = RecordingLauncher(cuda._compiled_module(0, plan.class_block))
     scores = cupy.empty_like(logits)
-    cuda.run_plan(plan, image, logits, scores, launcher, cupy.empty)
+    cuda_plan.run_plan(plan, image, logits, scores, launcher, cupy.empty)
     times = {}
     for call in launcher.calls:
         if call[0] not in times:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from convcrf_cli.backends import DeviceError, cuda, select_backend
+from convcrf_cli.backends import DeviceError, cuda, cuda_plan, select_backend
 from convcrf_cli.params import CRFParams
 
 
@@ -26,35 +26,37 @@ def test_compile_options_set_the_class_block():
 
 def test_class_block_fills_shared_memory_and_balances_chunks():
     # k=7, 16x16 cells: tile 22x22 = 1936 bytes per channel; 3 colours + 2 positions.
-    small = cuda.LaunchConfig(shared_memory=48 * 1024)  # 25 channels fit -> 20 classes
-    assert cuda.class_block_for(21, 3, 7, small) == 11  # 21 classes in 2 chunks of 11 and 10
-    large = cuda.LaunchConfig(shared_memory=64 * 1024)  # 33 channels -> 28 classes
-    assert cuda.class_block_for(21, 3, 7, large) == 11  # capped at 16 per chunk
-    assert cuda.class_block_for(2, 3, 7, small) == 2
-    assert cuda.class_block_for(16, 3, 7, large) == 16
-    assert cuda.class_block_for(256, 3, 3, large) == 16
-    assert cuda.class_block_for(100, 3, 3, large) == 15  # 7 chunks of 15 (the last 10)
+    small = cuda_plan.LaunchConfig(shared_memory=48 * 1024)  # 25 channels fit -> 20 classes
+    assert cuda_plan.class_block_for(21, 3, 7, small) == 11  # 21 classes in 2 chunks of 11 and 10
+    large = cuda_plan.LaunchConfig(shared_memory=64 * 1024)  # 33 channels -> 28 classes
+    assert cuda_plan.class_block_for(21, 3, 7, large) == 11  # capped at 16 per chunk
+    assert cuda_plan.class_block_for(2, 3, 7, small) == 2
+    assert cuda_plan.class_block_for(16, 3, 7, large) == 16
+    assert cuda_plan.class_block_for(256, 3, 3, large) == 16
+    assert cuda_plan.class_block_for(100, 3, 3, large) == 15  # 7 chunks of 15 (the last 10)
 
 
 def test_filter_too_large_for_shared_memory_is_a_device_error():
     with pytest.raises(DeviceError, match="filter size 41"):
-        cuda.class_block_for(21, 3, 41, cuda.LaunchConfig())
+        cuda_plan.class_block_for(21, 3, 41, cuda_plan.LaunchConfig())
 
 
 def test_blur_too_large_is_a_device_error():
     params = CRFParams(blur=80)
     with pytest.raises(DeviceError, match="blur 80"):
-        cuda.MeanFieldPlan.create((1, 3, 200, 200), (1, 2, 200, 200), params, cuda.LaunchConfig())
+        cuda_plan.MeanFieldPlan.create(
+            (1, 3, 200, 200), (1, 2, 200, 200), params, cuda_plan.LaunchConfig()
+        )
 
 
-H100 = cuda.LaunchConfig(shared_memory=64 * 1024, tiled_min_blocks=2 * 132)
+H100 = cuda_plan.LaunchConfig(shared_memory=64 * 1024, tiled_min_blocks=2 * 132)
 """What the backend chooses on an H100 (132 multiprocessors, 227 KiB of opt-in shared memory)."""
 
 
 def test_plan_geometry_at_pascal_size():
     """500x375 (H=375, W=500), blur 4: coarse 94x125, padding 0/1/0, hand-computed grids."""
     params = CRFParams(filter_size=7, blur=4)
-    plan = cuda.MeanFieldPlan.create((2, 3, 375, 500), (2, 21, 375, 500), params, H100)
+    plan = cuda_plan.MeanFieldPlan.create((2, 3, 375, 500), (2, 21, 375, 500), params, H100)
     assert (plan.coarse_h, plan.coarse_w) == (94, 125)
     assert (plan.pad_y, plan.pad_x) == (1, 0)  # 376 - 375 = 1 -> ceil(1/2) = 1
     assert plan.cell_grid == (8, 6, 2)
@@ -73,13 +75,13 @@ def test_plan_geometry_at_pascal_size():
 
 def test_plan_at_blur_one_tiles_pixels_and_keeps_scores_in_shared_memory():
     params = CRFParams(filter_size=7, blur=1)
-    plan = cuda.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
+    plan = cuda_plan.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
     assert (plan.coarse_h, plan.coarse_w, plan.pad_y, plan.pad_x) == (2048, 2048, 0, 0)
     assert plan.pool_tile == (8, 32)
     assert plan.pool_grid == (64, 256, 1)
     assert plan.chunk_classes == 21  # each pixel's 21 scores kept in shared memory
     assert plan.pool_shared == 4 * 21 * 256
-    many = cuda.MeanFieldPlan.create((1, 3, 64, 64), (1, 100, 64, 64), params, H100)
+    many = cuda_plan.MeanFieldPlan.create((1, 3, 64, 64), (1, 100, 64, 64), params, H100)
     assert (many.chunk_classes, many.pool_shared) == (0, 0)  # 100 KiB do not fit: recomputed
 
 
@@ -87,7 +89,7 @@ def test_large_grids_take_the_tiled_message_kernel():
     """2048x2048 at blur 1: 64x256 blocks of 8x8 threads, each thread 4 cells of a row; a
     quarter row of 8 + (3 + 6) // 4 = 10 words, 14 rows of 40 words per channel."""
     params = CRFParams(filter_size=7, blur=1)
-    plan = cuda.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
+    plan = cuda_plan.MeanFieldPlan.create((1, 3, 2048, 2048), (1, 21, 2048, 2048), params, H100)
     assert plan.message_kernel == "tiled"
     assert plan.class_block == 11  # 65536 // (4 * 560) - 5 = 24 fit, capped at 16, balanced
     name, grid, block, args, shared = plan.message_launch("feat", "pooled", "message")
@@ -100,12 +102,14 @@ def test_tiled_message_needs_room_for_its_features():
     """More than 4 image channels do not fit the tiled kernel's registers; the per-cell kernel
     takes them."""
     params = CRFParams(filter_size=7, blur=1)
-    plan = cuda.MeanFieldPlan.create((1, 5, 512, 512), (1, 21, 512, 512), params, H100)
+    plan = cuda_plan.MeanFieldPlan.create((1, 5, 512, 512), (1, 21, 512, 512), params, H100)
     assert plan.message_kernel == "per-cell"
-    assert cuda.message_kernel_for(1, 4, 512, 512, 7, H100) == "tiled"
-    assert cuda.message_kernel_for(1, 5, 512, 512, 7, H100) == "per-cell"
-    assert cuda.message_kernel_for(1, 3, 100, 100, 7, H100) == "per-cell"  # 4 x 13 blocks < 264
-    assert cuda.message_kernel_for(1, 3, 100, 100, 7, cuda.LaunchConfig()) == "tiled"
+    assert cuda_plan.message_kernel_for(1, 4, 512, 512, 7, H100) == "tiled"
+    assert cuda_plan.message_kernel_for(1, 5, 512, 512, 7, H100) == "per-cell"
+    assert (
+        cuda_plan.message_kernel_for(1, 3, 100, 100, 7, H100) == "per-cell"
+    )  # 4 x 13 blocks < 264
+    assert cuda_plan.message_kernel_for(1, 3, 100, 100, 7, cuda_plan.LaunchConfig()) == "tiled"
 
 
 def test_split_message_plan():
@@ -113,13 +117,15 @@ def test_split_message_plan():
     window row each), their partial sums beside the tile in shared memory."""
     config = dataclasses.replace(H100, message_kernel="split")
     params = CRFParams(filter_size=7, blur=4)
-    plan = cuda.MeanFieldPlan.create((1, 3, 375, 500), (1, 21, 375, 500), params, config)
+    plan = cuda_plan.MeanFieldPlan.create((1, 3, 375, 500), (1, 21, 375, 500), params, config)
     assert plan.message_kernel == "split" and plan.class_block == 11
     name, grid, block, _, shared = plan.message_launch(None, None, None)
     assert (name, grid, block) == ("convcrf_message_split", (16, 12, 2), (8, 8, 7))
     assert shared == 4 * ((5 + 11) * 14 * 14 + 11 * 7 * 64)
     with pytest.raises(ValueError, match="message_kernel"):
-        cuda.message_kernel_for(1, 3, 94, 125, 7, dataclasses.replace(H100, message_kernel="fast"))
+        cuda_plan.message_kernel_for(
+            1, 3, 94, 125, 7, dataclasses.replace(H100, message_kernel="fast")
+        )
 
 
 @pytest.mark.parametrize("threads_x", [4, 8, 16, 32])
@@ -127,8 +133,8 @@ def test_split_message_plan():
 def test_tiled_message_rows_of_a_warp_use_distinct_banks(threads_x, filter_size):
     """Every shared-memory load of the tiled kernel's inner loop (neighbour j of a window row)
     by the 32 threads of a warp hits 32 different banks, and stays inside its quarter row."""
-    quarter = cuda.row_quarter(threads_x, filter_size)
-    span = cuda.TILE_CELLS - 1 + 2 * (filter_size // 2)
+    quarter = cuda_plan.row_quarter(threads_x, filter_size)
+    span = cuda_plan.TILE_CELLS - 1 + 2 * (filter_size // 2)
     assert threads_x - 1 + span // 4 < quarter
     warp = [(t % threads_x, t // threads_x) for t in range(32)]
     for j in range(span + 1):
@@ -138,12 +144,14 @@ def test_tiled_message_rows_of_a_warp_use_distinct_banks(threads_x, filter_size)
 
 def test_tiled_message_rejects_other_thread_counts():
     with pytest.raises(ValueError, match="4, 8, 16 or 32"):
-        cuda.row_quarter(12, 7)
+        cuda_plan.row_quarter(12, 7)
 
 
 def test_plan_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="differ"):
-        cuda.MeanFieldPlan.create((1, 3, 8, 8), (1, 2, 8, 9), CRFParams(), cuda.LaunchConfig())
+        cuda_plan.MeanFieldPlan.create(
+            (1, 3, 8, 8), (1, 2, 8, 9), CRFParams(), cuda_plan.LaunchConfig()
+        )
 
 
 def test_array_kinds():
@@ -240,7 +248,7 @@ def test_launcher_looks_kernels_up_and_opts_in_to_shared_memory_once():
 
 def test_backend_plans_once_per_shape_and_parameters():
     params = CRFParams(filter_size=7, blur=4)
-    config = cuda.LaunchConfig()
+    config = cuda_plan.LaunchConfig()
     first = cuda._cached_plan((1, 3, 375, 500), (1, 21, 375, 500), params, config)
     assert cuda._cached_plan((1, 3, 375, 500), (1, 21, 375, 500), params, config) is first
     other = cuda._cached_plan((1, 3, 375, 500), (1, 21, 375, 500), CRFParams(blur=2), config)

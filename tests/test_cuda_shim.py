@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import reference
 
-from convcrf_cli.backends.cuda import MESSAGE_KERNELS as KERNELS
-from convcrf_cli.backends.cuda import LaunchConfig, MeanFieldPlan, run_plan
+from convcrf_cli.backends.cuda_plan import MESSAGE_KERNELS as KERNELS
+from convcrf_cli.backends.cuda_plan import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
 
 # Small blocks: every CUDA thread is an OS thread in the shim. The message kernel is chosen as

@@ -19,7 +19,7 @@ import torch
 from test_cuda_shim import CASES, assert_matches_reference, random_inputs
 
 from convcrf_cli import meanfield, phases
-from convcrf_cli.backends import cuda, cuda_autograd
+from convcrf_cli.backends import cuda, cuda_autograd, cuda_plan
 from convcrf_cli.params import CRFParams
 
 pytestmark = pytest.mark.gpu
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.gpu
 
 def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False):
     """image [N,H,W,F], logits [N,C,H,W] (NumPy) -> scores [N,C,H,W] (NumPy), every buffer
-    NaN-poisoned before the kernels run; ``message_kernel`` (of cuda.MESSAGE_KERNELS)
+    NaN-poisoned before the kernels run; ``message_kernel`` (of cuda_plan.MESSAGE_KERNELS)
     overrides the backend's choice of message kernel, ``fuse`` fuses the iterations."""
     import cupy
 
@@ -38,7 +38,7 @@ def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False):
     if message_kernel is not None:
         config = dataclasses.replace(config, message_kernel=message_kernel)
     config = dataclasses.replace(config, fuse_message=fuse)
-    plan = cuda.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
+    plan = cuda_plan.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
     assert message_kernel in (None, plan.message_kernel)
     assert plan.fused == fuse
     module = cuda._compiled_module(0, plan.class_block)
@@ -47,11 +47,11 @@ def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False):
     def poisoned(shape, dtype):
         return cupy.full(shape, cupy.nan, dtype=dtype)
 
-    cuda.run_plan(plan, image_d, logits_d, scores, cuda._CuPyLauncher(module), poisoned)
+    cuda_plan.run_plan(plan, image_d, logits_d, scores, cuda._CuPyLauncher(module), poisoned)
     return scores.get()
 
 
-@pytest.mark.parametrize("message_kernel", cuda.MESSAGE_KERNELS)
+@pytest.mark.parametrize("message_kernel", cuda_plan.MESSAGE_KERNELS)
 @pytest.mark.parametrize(
     ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
 )
@@ -64,7 +64,7 @@ def test_gpu_matches_reference(
     assert_matches_reference(scores, image, logits, params)
 
 
-@pytest.mark.parametrize("message_kernel", cuda.MESSAGE_KERNELS)
+@pytest.mark.parametrize("message_kernel", cuda_plan.MESSAGE_KERNELS)
 @pytest.mark.parametrize("k", [5, 7, 11, 13, 15])
 def test_gpu_pascal_size_batch(message_kernel, k):
     """75x100 (a fifth of Pascal size, padded pooling), C=21, blur 4, a batch of 2, both inits."""
@@ -97,7 +97,7 @@ def test_gpu_many_classes():
 def test_gpu_2048_square_blur_one():
     params = CRFParams(filter_size=7, blur=1, iterations=5)
     image, logits = random_inputs(11, 1, 2048, 2048, 21, 3)
-    plan = cuda.MeanFieldPlan.create(
+    plan = cuda_plan.MeanFieldPlan.create(
         (1, 3, 2048, 2048), logits.shape, params, cuda.CUDABackend(0).launch_config()
     )
     assert plan.message_kernel == "tiled"  # the backend's own choice at this size

@@ -12,7 +12,7 @@ previous message, or, for the first Q, ``convcrf_unary_adjoint`` (of the logits)
 transform, the weight's gradient and other coarse-grid algebra are torch operations.
 
 The functions work on torch tensors of one device and take the ``launch`` callable of
-:func:`convcrf_cli.backends.cuda.run_plan`, given the tensors themselves: CUDA tensors through
+:func:`convcrf_cli.backends.cuda_plan.run_plan`, given the tensors themselves: CUDA tensors through
 :func:`cuda_launcher`, CPU tensors through the C++ shim in the tests. Same contract as
 :func:`convcrf_cli.phases.mean_field` and :func:`convcrf_cli.phases.mean_field_backward`.
 """
@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from convcrf_cli.backends.cuda import MAX_CLASS_BLOCK, Launch, LaunchConfig, MeanFieldPlan
+from convcrf_cli.backends.cuda_plan import MAX_CLASS_BLOCK, Launch, LaunchConfig, MeanFieldPlan
 from convcrf_cli.params import CRFParams
 
 
