@@ -31,6 +31,8 @@ MESSAGE_KERNELS = ("per-cell", "split", "tiled")
 (the window rows of a cell over several threads) and ``convcrf_message_tiled`` (4 cells per
 thread); ``cuda/message.cu`` describes them."""
 MAX_BLOCK_THREADS = 1024
+MAX_BLOCK_Z = 64
+"""Most threads a CUDA block may have in all, and along z."""
 TILE_CELLS = 4
 """Cells of a row each thread of ``convcrf_message_tiled`` computes (``CONVCRF_TILE_CELLS``)."""
 MAX_TILED_FEATURES = 6
@@ -135,7 +137,8 @@ def _split_partial_floats(filter_size: int, config: LaunchConfig, kernel: str) -
 
 def split_rows(filter_size: int, config: LaunchConfig) -> int:
     """Threads that share the window rows of a cell in ``convcrf_message_split``."""
-    return max(1, min(filter_size, MAX_BLOCK_THREADS // math.prod(config.split_cells)))
+    per_cell = min(filter_size, MAX_BLOCK_Z, MAX_BLOCK_THREADS // math.prod(config.split_cells))
+    return max(1, per_cell)
 
 
 def row_quarter(threads_x: int, filter_size: int) -> int:
