@@ -122,6 +122,9 @@ def test_split_message_plan():
     name, grid, block, _, shared = plan.message_launch(None, None, None)
     assert (name, grid, block) == ("convcrf_message_split", (16, 12, 2), (8, 8, 7))
     assert shared == 4 * ((5 + 11) * 14 * 14 + 11 * 7 * 64)
+    one_cell = dataclasses.replace(H100, split_cells=(1, 1))
+    assert cuda_plan.split_rows(99, one_cell) == 64  # CUDA blocks hold at most 64 threads in z
+    assert cuda_plan.split_rows(17, config) == 16  # 1024 threads per block
     with pytest.raises(ValueError, match="message_kernel"):
         cuda_plan.message_kernel_for(
             1, 3, 94, 125, 7, dataclasses.replace(H100, message_kernel="fast")
