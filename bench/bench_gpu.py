@@ -133,6 +133,20 @@ def inference_variants_ms(image, logits, params: CRFParams, config, repeats: int
     return results
 
 
+def print_against(rows: list, reference: str, columns: tuple[str, str, str], digits: int) -> None:
+    """A markdown table of ``rows`` ``[(case, {name: (ms, array)})]``: each name's time, the
+    ratio of ``reference``'s time to it and the largest difference of its array from
+    ``reference``'s; ``columns`` names the name, time and difference columns."""
+    name_column, time_column, diff_column = columns
+    print(f"\n| case | {name_column} | {time_column} | {reference} / this | {diff_column} |")
+    print("|---|---|---|---|---|")
+    for label, results in rows:
+        reference_ms, expected = results[reference]
+        for name, (ms, array) in results.items():
+            diff = float(cupy.abs(array - expected).max())
+            print(f"| {label} | {name} | {ms:.{digits}f} | {reference_ms / ms:.2f}x | {diff:.1e} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
@@ -181,21 +195,8 @@ def main() -> None:
         message_rows.append((label, message_kernels_ms(image, logits, params, config)))
         variant_rows.append((label, inference_variants_ms(image, logits, params, config, 20)))
 
-    print("\n| case | variant | launches (ms) | default / this | max diff of scores |")
-    print("|---|---|---|---|---|")
-    for label, variants in variant_rows:
-        default_ms, default = variants["default"]
-        for name, (ms, scores) in variants.items():
-            diff = float(cupy.abs(scores - default).max())
-            print(f"| {label} | {name} | {ms:.3f} | {default_ms / ms:.2f}x | {diff:.1e} |")
-
-    print("\n| case | message kernel | GPU ms per launch | per-cell / this | max diff |")
-    print("|---|---|---|---|---|")
-    for label, kernels in message_rows:
-        per_cell_ms, per_cell = kernels["per-cell"]
-        for name, (ms, message) in kernels.items():
-            diff = float(cupy.abs(message - per_cell).max())
-            print(f"| {label} | {name} | {ms:.4f} | {per_cell_ms / ms:.2f}x | {diff:.1e} |")
+    print_against(variant_rows, "default", ("variant", "launches (ms)", "max diff of scores"), 3)
+    print_against(message_rows, "per-cell", ("message kernel", "GPU ms per launch", "max diff"), 4)
 
 
 if __name__ == "__main__":

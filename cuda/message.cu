@@ -93,6 +93,34 @@ __device__ inline void add_window_rows(const float* tile, const float* tile_q, i
     }
 }
 
+// The class chunk of a block of convcrf_message or convcrf_message_split and its row-major
+// tile of blockDim.x x blockDim.y cells with the halo, staged in shared memory by
+// stage_cell_tile (threads tid of num_threads take part; the caller then synchronises).
+struct CellTile {
+    int tile_w, area, num_feat, n, c0;
+    long long plane;
+};
+
+__device__ inline CellTile stage_cell_tile(float* tile, const float* feat, const float* pooled,
+                                           int num_classes, int num_features, int coarse_h,
+                                           int coarse_w, int filter_size, int num_chunks,
+                                           int tid, int num_threads) {
+    const int s = filter_size / 2;
+    CellTile t;
+    t.tile_w = blockDim.x + 2 * s;
+    t.area = t.tile_w * (blockDim.y + 2 * s);
+    t.num_feat = 2 + num_features;
+    t.n = blockIdx.z / num_chunks;
+    t.c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
+    t.plane = (long long)coarse_h * coarse_w;
+    stage_message_tile(tile, feat + (long long)t.n * t.num_feat * t.plane,
+                       pooled + (long long)t.n * num_classes * t.plane, t.num_feat, t.c0,
+                       CONVCRF_CLASS_BLOCK, num_classes, coarse_h, coarse_w,
+                       blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
+                       blockDim.y + 2 * s, t.tile_w, 0, tid, num_threads);
+    return t;
+}
+
 // One thread per coarse cell, blocks of blockDim.x x blockDim.y cells.
 // Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y+2s) * (blockDim.x+2s) floats.
 extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
@@ -102,19 +130,10 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
                                            int filter_size, int num_chunks, float pos_compat,
                                            float col_compat) {
     extern __shared__ float convcrf_smem[];
-    const int s = filter_size / 2;
-    const int tile_w = blockDim.x + 2 * s;
-    const int area = tile_w * (blockDim.y + 2 * s);
-    const int num_feat = 2 + num_features;
-    const int n = blockIdx.z / num_chunks;
-    const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
-    const long long plane = (long long)coarse_h * coarse_w;
-    stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
-                       pooled + (long long)n * num_classes * plane, num_feat, c0,
-                       CONVCRF_CLASS_BLOCK, num_classes,
-                       coarse_h, coarse_w, blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
-                       blockDim.y + 2 * s, tile_w, 0, threadIdx.y * blockDim.x + threadIdx.x,
-                       blockDim.x * blockDim.y);
+    const CellTile block =
+        stage_cell_tile(convcrf_smem, feat, pooled, num_classes, num_features, coarse_h, coarse_w,
+                        filter_size, num_chunks, threadIdx.y * blockDim.x + threadIdx.x,
+                        blockDim.x * blockDim.y);
     __syncthreads();
 
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
@@ -123,13 +142,15 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
     float acc[CONVCRF_CLASS_BLOCK];
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
-    add_window_rows(convcrf_smem, convcrf_smem + num_feat * area, area, tile_w, num_feat,
-                    threadIdx.x, threadIdx.y, filter_size, 0, 1, pos_compat, col_compat, acc);
+    const float* tile_q = convcrf_smem + block.num_feat * block.area;
+    add_window_rows(convcrf_smem, tile_q, block.area, block.tile_w, block.num_feat, threadIdx.x,
+                    threadIdx.y, filter_size, 0, 1, pos_compat, col_compat, acc);
 
-    float* out = message + (long long)n * num_classes * plane + (long long)y * coarse_w + x;
+    float* out = message + (long long)block.n * num_classes * block.plane;
+    out += (long long)y * coarse_w + x;
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
-        if (c0 + cc < num_classes) out[(c0 + cc) * plane] = acc[cc];
+        if (block.c0 + cc < num_classes) out[(block.c0 + cc) * block.plane] = acc[cc];
     }
 }
 
@@ -145,22 +166,13 @@ extern "C" __global__ void convcrf_message_split(const float* __restrict__ feat,
                                                  int filter_size, int num_chunks,
                                                  float pos_compat, float col_compat) {
     extern __shared__ float convcrf_smem[];
-    const int s = filter_size / 2;
-    const int tile_w = blockDim.x + 2 * s;
-    const int area = tile_w * (blockDim.y + 2 * s);
-    const int num_feat = 2 + num_features;
-    const int n = blockIdx.z / num_chunks;
-    const int c0 = (blockIdx.z % num_chunks) * CONVCRF_CLASS_BLOCK;
-    const long long plane = (long long)coarse_h * coarse_w;
     const int cells = blockDim.x * blockDim.y;
     const int cell = threadIdx.y * blockDim.x + threadIdx.x;
     const int tid = threadIdx.z * cells + cell;
     const int num_threads = cells * blockDim.z;
-    stage_message_tile(convcrf_smem, feat + (long long)n * num_feat * plane,
-                       pooled + (long long)n * num_classes * plane, num_feat, c0,
-                       CONVCRF_CLASS_BLOCK, num_classes,
-                       coarse_h, coarse_w, blockIdx.y * blockDim.y - s, blockIdx.x * blockDim.x - s,
-                       blockDim.y + 2 * s, tile_w, 0, tid, num_threads);
+    const CellTile block =
+        stage_cell_tile(convcrf_smem, feat, pooled, num_classes, num_features, coarse_h, coarse_w,
+                        filter_size, num_chunks, tid, num_threads);
     __syncthreads();
 
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
@@ -169,29 +181,31 @@ extern "C" __global__ void convcrf_message_split(const float* __restrict__ feat,
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
     if (x < coarse_w && y < coarse_h) {  // no return: every thread reaches the barrier below
-        add_window_rows(convcrf_smem, convcrf_smem + num_feat * area, area, tile_w, num_feat,
+        const float* tile_q = convcrf_smem + block.num_feat * block.area;
+        add_window_rows(convcrf_smem, tile_q, block.area, block.tile_w, block.num_feat,
                         threadIdx.x, threadIdx.y, filter_size, threadIdx.z, blockDim.z,
                         pos_compat, col_compat, acc);
     }
-    float* partial = convcrf_smem + (num_feat + CONVCRF_CLASS_BLOCK) * area;  // [z][cc][cell]
+    // the partial sums [z][cc][cell], after the staged tile
+    float* partial = convcrf_smem + (block.num_feat + CONVCRF_CLASS_BLOCK) * block.area;
 #pragma unroll
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) {
         partial[(threadIdx.z * CONVCRF_CLASS_BLOCK + cc) * cells + cell] = acc[cc];
     }
     __syncthreads();
 
-    float* out_n = message + (long long)n * num_classes * plane;
+    float* out_n = message + (long long)block.n * num_classes * block.plane;
     for (int t = tid; t < CONVCRF_CLASS_BLOCK * cells; t += num_threads) {
         const int cc = t / cells;
         const int c = t - cc * cells;
         const int ox = blockIdx.x * blockDim.x + c % blockDim.x;
         const int oy = blockIdx.y * blockDim.y + c / blockDim.x;
-        if (ox >= coarse_w || oy >= coarse_h || c0 + cc >= num_classes) continue;
+        if (ox >= coarse_w || oy >= coarse_h || block.c0 + cc >= num_classes) continue;
         float sum = 0.0f;
         for (int z = 0; z < (int)blockDim.z; ++z) {
             sum += partial[(z * CONVCRF_CLASS_BLOCK + cc) * cells + c];
         }
-        out_n[(c0 + cc) * plane + (long long)oy * coarse_w + ox] = sum;
+        out_n[(block.c0 + cc) * block.plane + (long long)oy * coarse_w + ox] = sum;
     }
 }
 
