@@ -159,12 +159,13 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
 // each cell's blockDim.z partial sums, in order of z, in shared memory.
 // Dynamic shared memory: (2 + F + CONVCRF_CLASS_BLOCK) * (blockDim.y+2s) * (blockDim.x+2s)
 // + blockDim.z * CONVCRF_CLASS_BLOCK * blockDim.x * blockDim.y floats.
-extern "C" __global__ void convcrf_message_split(const float* __restrict__ feat,
-                                                 const float* __restrict__ pooled,
-                                                 float* __restrict__ message, int num_classes,
-                                                 int num_features, int coarse_h, int coarse_w,
-                                                 int filter_size, int num_chunks,
-                                                 float pos_compat, float col_compat) {
+// Blocks of up to 1024 threads (k >= 16 at 8x8 cells): the bound caps the registers at 64 so
+// that such a block still launches.
+extern "C" __global__ void __launch_bounds__(1024)
+    convcrf_message_split(const float* __restrict__ feat, const float* __restrict__ pooled,
+                          float* __restrict__ message, int num_classes, int num_features,
+                          int coarse_h, int coarse_w, int filter_size, int num_chunks,
+                          float pos_compat, float col_compat) {
     extern __shared__ float convcrf_smem[];
     const int cells = blockDim.x * blockDim.y;
     const int cell = threadIdx.y * blockDim.x + threadIdx.x;
