@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_cuda_shim import SMALL
+from cuda_shim.cases import SMALL
 
 from convcrf_cli import meanfield, phases
 from convcrf_cli.backends import cuda_autograd
@@ -23,16 +23,6 @@ CASES = [
     (1, 4, 16, 12, 5, 4, "log", 1, False),  # one iteration; sizes multiples of the blur
     (1, 9, 19, 14, 3, 3, "softmax", 2, True),  # 9 classes: three chunks
 ]
-
-
-def tensor_launch(shim):
-    """The shim's ``launch`` for torch CPU tensors (shared with NumPy, no copy)."""
-
-    def launch(name, grid, block, args, shared_mem):
-        arrays = tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in args)
-        shim(name, grid, block, arrays, shared_mem)
-
-    return launch
 
 
 def inputs(case, seed=0):
@@ -59,9 +49,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 def test_fused_forward_and_backward_match_pytorch(shim, case):
     params, logits, kernel, matrix, grad = inputs(case)
     weight = 0.6
-    launch = tensor_launch(shim)
     scores, record = cuda_autograd.mean_field(
-        logits, kernel, params, weight, matrix, launch, shim.class_block, SMALL
+        logits, kernel, params, weight, matrix, shim, shim.class_block, SMALL
     )
     matrix64 = None if matrix is None else matrix.double()
     expected, expected_record = phases.mean_field(
@@ -70,7 +59,7 @@ def test_fused_forward_and_backward_match_pytorch(shim, case):
     assert_close(scores, expected, "scores")
 
     grads = cuda_autograd.mean_field_backward(
-        record, logits, grad, kernel, weight, matrix, True, launch
+        record, logits, grad, kernel, weight, matrix, True, shim
     )
     expected_grads = phases.mean_field_backward(
         expected_record, grad.double(), kernel.double(), params, weight, matrix64, True
@@ -85,12 +74,11 @@ def test_fused_forward_and_backward_match_pytorch(shim, case):
 
 def test_fused_backward_without_the_logits_gradient(shim):
     params, logits, kernel, matrix, grad = inputs(CASES[1], seed=1)
-    launch = tensor_launch(shim)
     _, record = cuda_autograd.mean_field(
-        logits, kernel, params, 0.3, matrix, launch, shim.class_block, SMALL
+        logits, kernel, params, 0.3, matrix, shim, shim.class_block, SMALL
     )
     grad_logits, grad_kernel, grad_weight, _ = cuda_autograd.mean_field_backward(
-        record, logits, grad, kernel, 0.3, matrix, False, launch
+        record, logits, grad, kernel, 0.3, matrix, False, shim
     )
     _, expected_record = phases.mean_field(
         logits.double(), kernel.double(), params, 0.3, matrix.double(), record=True

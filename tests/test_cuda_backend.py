@@ -16,7 +16,8 @@ from convcrf_cli.params import CRFParams
 
 def test_kernel_source_defines_every_kernel():
     source = cuda.kernel_source()
-    defined = re.findall(r'extern "C" __global__ void (\w+)\(', source)
+    pattern = r'extern "C" __global__ void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\('
+    defined = re.findall(pattern, source)
     assert sorted(defined) == sorted(cuda.KERNEL_NAMES)
 
 

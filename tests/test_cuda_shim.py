@@ -8,21 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 import reference
+from cuda_shim.cases import SMALL
 
 from convcrf_cli.backends.cuda_plan import MESSAGE_KERNELS as KERNELS
 from convcrf_cli.backends.cuda_plan import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
 
-# Small blocks: every CUDA thread is an OS thread in the shim. The message kernel is chosen as
-# on a GPU ("auto": tiled, with no minimum of blocks) or set (MESSAGE_KERNELS).
-SMALL = LaunchConfig(
-    cell_block=(8, 8),
-    split_cells=(4, 4),
-    pixel_block=(8, 8),
-    pool_threads=64,
-    pool_box_width=8,
-    pool_box_pixels=64,
-)
 MESSAGE_KERNELS = {name: dataclasses.replace(SMALL, message_kernel=name) for name in KERNELS}
 
 

@@ -14,6 +14,8 @@ int shim_class_block() { return CONVCRF_CLASS_BLOCK; }
 
 std::size_t shim_shared_capacity() { return sizeof(convcrf_smem); }
 
+void shim_set_reverse_blocks(int reverse) { shim_reverse_blocks = reverse != 0; }
+
 // Returns 0, -1 for an unknown kernel name, -2 when shared_bytes exceeds the capacity.
 int shim_launch(const char* name, const unsigned* grid, const unsigned* block,
                 std::size_t shared_bytes, void** args) {

@@ -3,11 +3,16 @@
 ``build_shim(out_dir, class_block)`` compiles ``kernels_driver.cpp`` (which includes the
 unmodified ``cuda/*.cu``) with g++ into a shared library; ``ShimLauncher`` is a ``launch``
 callable for :func:`convcrf_cli.backends.cuda.run_plan` that runs on NumPy arrays.
+``build_shim(..., sanitizer="thread" | "address")`` builds it with ThreadSanitizer (races
+between the threads of a block: a missing ``__syncthreads()``) or AddressSanitizer and
+UndefinedBehaviorSanitizer (accesses outside the arrays or the block's shared memory); such
+a library runs in a process started with :func:`sanitizer_environment`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,16 +22,30 @@ SHIM_DIR = Path(__file__).resolve().parent
 REPO = SHIM_DIR.parents[1]
 CUDA_DIR = REPO / "cuda"
 GXX_FLAGS = ("-std=c++20", "-pthread", "-O2", "-shared", "-fPIC")
+SANITIZERS = {
+    "thread": (("-fsanitize=thread", "-g", "-O1"), ("libtsan.so",)),
+    "address": (
+        ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-g", "-O1"),
+        ("libasan.so", "libubsan.so"),
+    ),
+}
+"""g++ flags and runtime libraries (preloaded into Python) of each sanitizer build."""
 
 
-def build_shim(out_dir: Path, class_block: int) -> Path:
-    """Compile the kernels for the CPU with ``CONVCRF_CLASS_BLOCK=class_block``; returns the .so."""
+def build_shim(
+    out_dir: Path, class_block: int, sanitizer: str | None = None, cuda_dir: Path = CUDA_DIR
+) -> Path:
+    """Compile the kernels of ``cuda_dir`` for the CPU with ``CONVCRF_CLASS_BLOCK=class_block``,
+    with ``sanitizer`` (a key of :data:`SANITIZERS`) or none; returns the .so."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    library = out_dir / f"convcrf_shim_cb{class_block}.so"
+    suffix = f"_{sanitizer}" if sanitizer else ""
+    library = out_dir / f"convcrf_shim_cb{class_block}{suffix}.so"
+    flags = SANITIZERS[sanitizer][0] if sanitizer else ()
     command = [
         "g++",
         *GXX_FLAGS,
-        f"-I{CUDA_DIR}",
+        *flags,
+        f"-I{cuda_dir}",
         f"-DCONVCRF_CLASS_BLOCK={class_block}",
         str(SHIM_DIR / "kernels_driver.cpp"),
         "-o",
@@ -36,8 +55,38 @@ def build_shim(out_dir: Path, class_block: int) -> Path:
     return library
 
 
+def sanitizer_runtime(sanitizer: str) -> list[str] | None:
+    """Paths of ``sanitizer``'s runtime libraries from g++, or None where one is missing."""
+    paths = []
+    for name in SANITIZERS[sanitizer][1]:
+        found = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True)
+        path = found.stdout.strip()
+        if not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        paths.append(path)
+    return paths
+
+
+def sanitizer_environment(sanitizer: str) -> dict[str, str]:
+    """The environment of a Python process that loads a ``sanitizer`` build: its runtime
+    preloaded (an instrumented library must not be loaded into an uninstrumented process
+    otherwise), exit code 66 on the first report, leaks of the interpreter not reported."""
+    runtime = sanitizer_runtime(sanitizer)
+    if runtime is None:
+        raise RuntimeError(f"g++ has no {sanitizer} sanitizer runtime")
+    options = "exitcode=66:halt_on_error=1"
+    return {
+        **os.environ,
+        "LD_PRELOAD": " ".join(runtime),
+        "TSAN_OPTIONS": options,
+        "ASAN_OPTIONS": f"{options}:detect_leaks=0",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    }
+
+
 class ShimLauncher:
-    """``launch(name, grid, block, args, shared_mem)`` on the CPU; arrays are NumPy float32."""
+    """``launch(name, grid, block, args, shared_mem)`` on the CPU; arrays are NumPy float32
+    or torch CPU tensors."""
 
     def __init__(self, library: Path) -> None:
         self.lib = ctypes.CDLL(str(library))
@@ -50,9 +99,14 @@ class ShimLauncher:
             ctypes.POINTER(ctypes.c_void_p),
         ]
         self.lib.shim_shared_capacity.restype = ctypes.c_size_t
+        self.lib.shim_set_reverse_blocks.argtypes = [ctypes.c_int]
         self.class_block = int(self.lib.shim_class_block())
         self.shared_capacity = int(self.lib.shim_shared_capacity())
         self.launches: list[tuple[str, tuple, tuple, int]] = []
+
+    def reverse_blocks(self, reverse: bool) -> None:
+        """Run the blocks of each launch from the last to the first (or, False, in order)."""
+        self.lib.shim_set_reverse_blocks(int(reverse))
 
     def __call__(self, name: str, grid, block, args: tuple, shared_mem: int) -> None:
         values = [_ctype_value(arg) for arg in args]
@@ -68,7 +122,10 @@ class ShimLauncher:
 
 
 def _ctype_value(arg):
-    """The ctypes object holding one kernel argument, as CuPy would pass it."""
+    """The ctypes object holding one kernel argument, as CuPy would pass it; torch CPU tensors
+    are passed as the NumPy arrays that share their memory."""
+    if type(arg).__module__.startswith("torch"):
+        arg = arg.numpy()
     if isinstance(arg, np.ndarray):
         if arg.dtype != np.float32 or not arg.flags.c_contiguous:
             raise TypeError(f"kernel arrays must be C-contiguous float32, got {arg.dtype}")

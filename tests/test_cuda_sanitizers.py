@@ -1,0 +1,92 @@
+"""How the cuda/*.cu kernels run, checked on the CPU in every CI run: the C++ shim built with
+ThreadSanitizer (a race between the threads of a block, such as a missing ``__syncthreads()``:
+compute-sanitizer's racecheck) and with AddressSanitizer and UndefinedBehaviorSanitizer (an
+access outside an input, an output or the block's dynamic shared memory: its memcheck), each
+running every kernel once (``cuda_shim/cases.py``); and blocks run in reverse order give the
+same numbers (no block reads what another block of its launch writes)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHIM_CLASS_BLOCK
+from cuda_shim.cases import run_every_kernel
+from cuda_shim.launcher import CUDA_DIR, build_shim, sanitizer_environment, sanitizer_runtime
+
+TESTS = Path(__file__).resolve().parent
+SANITIZERS = ("thread", "address")
+
+
+def _unavailable(sanitizer: str) -> str | None:
+    if shutil.which("g++") is None:
+        return "g++ is not installed: cannot build the CPU shim of the CUDA kernels"
+    if sanitizer_runtime(sanitizer) is None:
+        return f"g++ has no {sanitizer} sanitizer runtime: sanitizer check skipped"
+    return None
+
+
+def run_cases(library: Path, sanitizer: str) -> subprocess.CompletedProcess:
+    """``python -m cuda_shim.cases library`` with the sanitizer's runtime preloaded."""
+    env = {**sanitizer_environment(sanitizer), "PYTHONPATH": str(TESTS)}
+    command = [sys.executable, "-m", "cuda_shim.cases", str(library)]
+    return subprocess.run(command, cwd=TESTS, env=env, capture_output=True, text=True, timeout=600)
+
+
+def report(result: subprocess.CompletedProcess) -> str:
+    return f"exit code {result.returncode}\n{result.stdout}\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("sanitizer", SANITIZERS)
+def test_every_kernel_runs_clean_under_the_sanitizer(sanitizer, tmp_path):
+    if reason := _unavailable(sanitizer):
+        pytest.skip(reason)
+    result = run_cases(build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer), sanitizer)
+    assert result.returncode == 0, report(result)
+    assert "launches of 13 kernels" in result.stdout, report(result)
+
+
+# (sanitizer, file, text, replacement, what the sanitizer says): one planted bug per build
+PLANTED = [
+    # the per-cell message reads its shared tile before every thread has staged it
+    ("thread", "message.cu", "    __syncthreads();\n", "", "ThreadSanitizer: data race"),
+    # convcrf_final writes one class past the scores
+    (
+        "address",
+        "fullres.cu",
+        "for (int c = 0; c < num_classes; ++c) out[c * plane] = score(c);",
+        "for (int c = 0; c <= num_classes; ++c) out[c * plane] = score(c);",
+        "AddressSanitizer: heap-buffer-overflow",
+    ),
+]
+
+
+@pytest.mark.parametrize(("sanitizer", "name", "text", "replacement", "message"), PLANTED)
+def test_the_sanitizer_reports_a_planted_bug(sanitizer, name, text, replacement, message, tmp_path):
+    if reason := _unavailable(sanitizer):
+        pytest.skip(reason)
+    cuda_dir = tmp_path / "cuda"
+    shutil.copytree(CUDA_DIR, cuda_dir)
+    source = (cuda_dir / name).read_text()
+    assert text in source, f"the planted bug's text is no longer in cuda/{name}"
+    (cuda_dir / name).write_text(source.replace(text, replacement, 1))
+    result = run_cases(build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer, cuda_dir), sanitizer)
+    assert result.returncode != 0, report(result)
+    assert message in result.stderr, report(result)
+
+
+def test_blocks_in_reverse_order_give_the_same_numbers(shim):
+    in_order = run_every_kernel(shim, shim.class_block)
+    shim.reverse_blocks(True)
+    try:
+        reversed_order = run_every_kernel(shim, shim.class_block)
+    finally:
+        shim.reverse_blocks(False)
+    assert in_order.keys() == reversed_order.keys()
+    for name, expected in in_order.items():
+        assert np.isfinite(expected).all(), name
+        np.testing.assert_array_equal(reversed_order[name], expected, err_msg=name)
