@@ -151,6 +151,36 @@ def test_tiled_message_rejects_other_thread_counts():
         cuda_plan.row_quarter(12, 7)
 
 
+def test_large_batches_take_several_launches_within_cuda_grid_limits():
+    # 150 classes in 10 chunks of 15: the message grid stacks 10 chunks per image along z
+    assert cuda_plan.launch_slices(5, 150, 7) == [slice(0, 5)]
+    assert cuda_plan.launch_slices(1000, 150, 7) == [
+        slice(0, 436),
+        slice(436, 872),
+        slice(872, 1000),
+    ]
+    assert cuda_plan.launch_slices(4000, 2, 31) == [slice(0, 2114), slice(2114, 4000)]
+    config, params = cuda_plan.LaunchConfig(), CRFParams(filter_size=7, blur=2)
+    for part in cuda_plan.launch_slices(1000, 150, 7):
+        images = part.stop - part.start
+        plan = cuda_plan.MeanFieldPlan.create(
+            (images, 3, 8, 8), (images, 150, 8, 8), params, config
+        )
+        assert plan.message_grid[2] == 10 * images <= cuda_plan.MAX_GRID_YZ
+    with pytest.raises(DeviceError, match="smaller batches"):
+        cuda_plan.MeanFieldPlan.create((437, 3, 8, 8), (437, 150, 8, 8), params, config)
+
+
+def test_plan_rejects_images_taller_than_the_grids():
+    params, config = CRFParams(filter_size=3, blur=1), cuda_plan.LaunchConfig()
+    tallest = cuda_plan.MAX_GRID_YZ * config.pixel_block[1]
+    cuda_plan.MeanFieldPlan.create((1, 3, tallest, 1), (1, 2, tallest, 1), params, config)
+    with pytest.raises(DeviceError, match="pixels high"):
+        cuda_plan.MeanFieldPlan.create(
+            (1, 3, tallest + 1, 1), (1, 2, tallest + 1, 1), params, config
+        )
+
+
 def test_plan_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="differ"):
         cuda_plan.MeanFieldPlan.create(

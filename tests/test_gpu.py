@@ -94,6 +94,18 @@ def test_gpu_many_classes():
     assert_matches_reference(refine_on_gpu(image, logits, params), image, logits, params)
 
 
+def test_gpu_batch_larger_than_one_launch():
+    """440 images of 150 classes: more than one launch's grid holds (436), so two launches."""
+    params = CRFParams(filter_size=7, blur=2, iterations=2)
+    image, logits = random_inputs(3, 440, 6, 7, 150, 3)
+    assert len(cuda_plan.launch_slices(440, 150, 7)) == 2
+    scores = cuda.CUDABackend(0).run(
+        np.ascontiguousarray(image.transpose(0, 3, 1, 2)), logits, params
+    )
+    for i in (0, 435, 436, 439):  # each side of the split
+        assert_matches_reference(scores[i : i + 1], image[i : i + 1], logits[i : i + 1], params)
+
+
 def test_gpu_2048_square_blur_one():
     params = CRFParams(filter_size=7, blur=1, iterations=5)
     image, logits = random_inputs(11, 1, 2048, 2048, 21, 3)

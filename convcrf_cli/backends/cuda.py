@@ -26,6 +26,7 @@ from convcrf_cli.backends.cuda_plan import (
     MAX_SHARED_MEMORY,
     LaunchConfig,
     MeanFieldPlan,
+    launch_slices,
     run_plan,
 )
 from convcrf_cli.params import CRFParams
@@ -229,17 +230,22 @@ class CUDABackend:
         return _device_launch_config(self.index)
 
     def run(self, image, logits, params: CRFParams):
-        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32``."""
+        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32``; a batch
+        larger than one launch takes several (:func:`launch_slices`)."""
         cupy = self.cupy
         kind = array_kind(logits)
         with cupy.cuda.Device(self.index):
             with self._stream(kind):
                 image_d = self._to_device(image)
                 logits_d = self._to_device(logits)
-                plan = _cached_plan(image_d.shape, logits_d.shape, params, self.launch_config())
                 scores = cupy.empty(logits_d.shape, dtype=cupy.float32)
-                launcher = module_launcher(self.index, plan.class_block)
-                run_plan(plan, image_d, logits_d, scores, launcher, cupy.empty)
+                n, c = logits_d.shape[:2]
+                config = self.launch_config()
+                for part in launch_slices(n, c, params.filter_size):
+                    image_p, logits_p = image_d[part], logits_d[part]
+                    plan = _cached_plan(image_p.shape, logits_p.shape, params, config)
+                    launcher = module_launcher(self.index, plan.class_block)
+                    run_plan(plan, image_p, logits_p, scores[part], launcher, cupy.empty)
         return self._like(scores, kind)
 
     def _stream(self, kind: str):

@@ -33,6 +33,8 @@ thread); ``cuda/message.cu`` describes them."""
 MAX_BLOCK_THREADS = 1024
 MAX_BLOCK_Z = 64
 """Most threads a CUDA block may have in all, and along z."""
+MAX_GRID_YZ = 65535
+"""Most blocks a CUDA grid may have along y and along z."""
 TILE_CELLS = 4
 """Cells of a row each thread of ``convcrf_message_tiled`` computes (``CONVCRF_TILE_CELLS``)."""
 MAX_TILED_FEATURES = 6
@@ -165,6 +167,15 @@ def tiled_message_grid(batch: int, coarse_h: int, coarse_w: int, config: LaunchC
     return (-(-coarse_w // (TILE_CELLS * threads_x)), -(-coarse_h // threads_y), batch)
 
 
+def launch_slices(batch: int, classes: int, filter_size: int) -> list[slice]:
+    """The images of a batch in launches small enough for CUDA's grids: the message grids
+    stack the class chunks of every image along z (at most ``classes``), the kernel-gradient
+    grid its window rows (``filter_size``), and a grid has at most :data:`MAX_GRID_YZ` blocks
+    there."""
+    step = MAX_GRID_YZ // max(classes, filter_size)
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
 def message_kernel_for(
     batch: int, features: int, coarse_h: int, coarse_w: int, filter_size: int, config: LaunchConfig
 ) -> str:
@@ -239,6 +250,7 @@ class MeanFieldPlan:
                 f"{plan.message_shared} bytes of shared memory (limit {config.shared_memory})"
             )
         plan._check_pool_fit()
+        plan._check_grids()
         return plan
 
     @classmethod
@@ -255,7 +267,22 @@ class MeanFieldPlan:
         n, c, height, width = (int(v) for v in logits_shape)
         plan = cls(n, c, 0, height, width, params, config, class_block)
         plan._check_pool_fit()
+        plan._check_grids()
         return plan
+
+    def _check_grids(self) -> None:
+        """DeviceError where a grid has more than :data:`MAX_GRID_YZ` blocks along y or z."""
+        if len(launch_slices(self.batch, self.classes, self.params.filter_size)) > 1:
+            raise DeviceError(
+                f"{self.batch} images of {self.classes} classes exceed one launch of the CUDA "
+                "kernels; refine them in smaller batches"
+            )
+        rows = max(self.cell_grid[1], self.pool_grid[1], self.pixel_grid[1])
+        if rows > MAX_GRID_YZ:
+            raise DeviceError(
+                f"an image {self.height} pixels high exceeds the CUDA kernels' grids "
+                f"({rows} blocks, at most {MAX_GRID_YZ}); use --device cpu"
+            )
 
     def _check_pool_fit(self) -> None:
         if self.blur > 1 and self.chunk_classes < 1:
