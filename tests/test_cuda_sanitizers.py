@@ -2,8 +2,10 @@
 ThreadSanitizer (a race between the threads of a block, such as a missing ``__syncthreads()``:
 compute-sanitizer's racecheck) and with AddressSanitizer and UndefinedBehaviorSanitizer (an
 access outside an input, an output or the block's dynamic shared memory: its memcheck), each
-running every kernel once (``cuda_shim/cases.py``); and blocks run in reverse order give the
-same numbers (no block reads what another block of its launch writes)."""
+running every kernel once (``cuda_shim/cases.py``); blocks run in reverse order give the same
+numbers (no block reads what another block of its launch writes); and every shim launch checks
+that the threads of a block reach the same number of ``__syncthreads()`` (its synccheck), which
+a planted divergent barrier fails."""
 
 from __future__ import annotations
 
@@ -16,16 +18,23 @@ import numpy as np
 import pytest
 from conftest import SHIM_CLASS_BLOCK
 from cuda_shim.cases import run_every_kernel
-from cuda_shim.launcher import CUDA_DIR, build_shim, sanitizer_environment, sanitizer_runtime
+from cuda_shim.launcher import (
+    CUDA_DIR,
+    ShimLauncher,
+    build_shim,
+    sanitizer_environment,
+    sanitizer_runtime,
+)
 
 TESTS = Path(__file__).resolve().parent
 SANITIZERS = ("thread", "address")
 
 
-def _unavailable(sanitizer: str) -> str | None:
+def _unavailable(sanitizer: str | None) -> str | None:
+    """Why the shim (with ``sanitizer``, or none) cannot be built here, or None."""
     if shutil.which("g++") is None:
         return "g++ is not installed: cannot build the CPU shim of the CUDA kernels"
-    if sanitizer_runtime(sanitizer) is None:
+    if sanitizer is not None and sanitizer_runtime(sanitizer) is None:
         return f"g++ has no {sanitizer} sanitizer runtime: sanitizer check skipped"
     return None
 
@@ -65,18 +74,35 @@ PLANTED = [
 ]
 
 
-@pytest.mark.parametrize(("sanitizer", "name", "text", "replacement", "message"), PLANTED)
-def test_the_sanitizer_reports_a_planted_bug(sanitizer, name, text, replacement, message, tmp_path):
-    if reason := _unavailable(sanitizer):
-        pytest.skip(reason)
+def planted(tmp_path: Path, name: str, text: str, replacement: str) -> Path:
+    """A copy of ``cuda/`` with the first ``text`` of file ``name`` replaced."""
     cuda_dir = tmp_path / "cuda"
     shutil.copytree(CUDA_DIR, cuda_dir)
     source = (cuda_dir / name).read_text()
     assert text in source, f"the planted bug's text is no longer in cuda/{name}"
     (cuda_dir / name).write_text(source.replace(text, replacement, 1))
+    return cuda_dir
+
+
+@pytest.mark.parametrize(("sanitizer", "name", "text", "replacement", "message"), PLANTED)
+def test_the_sanitizer_reports_a_planted_bug(sanitizer, name, text, replacement, message, tmp_path):
+    if reason := _unavailable(sanitizer):
+        pytest.skip(reason)
+    cuda_dir = planted(tmp_path, name, text, replacement)
     result = run_cases(build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer, cuda_dir), sanitizer)
     assert result.returncode != 0, report(result)
     assert message in result.stderr, report(result)
+
+
+def test_a_barrier_that_some_threads_skip_fails_the_launch(tmp_path):
+    if reason := _unavailable(None):
+        pytest.skip(reason)
+    # thread x = 0 of each block skips the per-cell message kernel's barrier
+    skip = "    if (threadIdx.x != 0) __syncthreads();\n"
+    cuda_dir = planted(tmp_path, "message.cu", "    __syncthreads();\n", skip)
+    divergent = ShimLauncher(build_shim(tmp_path, SHIM_CLASS_BLOCK, cuda_dir=cuda_dir))
+    with pytest.raises(RuntimeError, match=r"convcrf_message: .* numbers of __syncthreads"):
+        run_every_kernel(divergent, divergent.class_block)
 
 
 def test_blocks_in_reverse_order_give_the_same_numbers(shim):

@@ -24,7 +24,12 @@ inline thread_local dim3 threadIdx;
 inline dim3 blockIdx, blockDim, gridDim;
 inline std::barrier<>* shim_block_barrier = nullptr;
 
-inline void __syncthreads() { shim_block_barrier->arrive_and_wait(); }
+inline thread_local unsigned shim_barriers_reached = 0;
+
+inline void __syncthreads() {
+    ++shim_barriers_reached;
+    shim_block_barrier->arrive_and_wait();
+}
 
 // Blocks run in reverse order when set (shim_set_reverse_blocks): a kernel whose blocks read
 // what other blocks of the same launch write gives other numbers then.
@@ -62,6 +67,7 @@ int shim_launch_kernel(void (*kernel)(Args...), dim3 grid, dim3 block, std::size
     blockDim = block;
     const unsigned threads = block.x * block.y * block.z;
     const std::size_t blocks = std::size_t(grid.x) * grid.y * grid.z;
+    int status = 0;
     SHIM_POISON(reinterpret_cast<char*>(convcrf_smem) + shared_bytes,
                 sizeof(convcrf_smem) - shared_bytes);
     for (std::size_t b = 0; b < blocks; ++b) {
@@ -72,17 +78,22 @@ int shim_launch_kernel(void (*kernel)(Args...), dim3 grid, dim3 block, std::size
         std::barrier<> barrier(threads);
         shim_block_barrier = &barrier;
         std::vector<std::thread> pool;
+        std::vector<unsigned> barriers(threads);  // __syncthreads() each thread reached
         pool.reserve(threads);
         for (unsigned t = 0; t < threads; ++t) {
-            pool.emplace_back([=] {
+            pool.emplace_back([=, reached = barriers.data()] {
                 threadIdx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                shim_barriers_reached = 0;
                 shim_call(kernel, args, std::index_sequence_for<Args...>{});
+                reached[t] = shim_barriers_reached;
                 // A thread that has finished no longer takes part in barriers.
                 shim_block_barrier->arrive_and_drop();
             });
         }
         for (auto& thread : pool) thread.join();
+        // A barrier some threads of the block skip is undefined on a GPU (the shim would go on).
+        if (std::count(barriers.begin(), barriers.end(), barriers[0]) != long(threads)) status = -3;
     }
     SHIM_UNPOISON(convcrf_smem, sizeof(convcrf_smem));
-    return 0;
+    return status;
 }

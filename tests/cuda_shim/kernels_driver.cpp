@@ -16,7 +16,8 @@ std::size_t shim_shared_capacity() { return sizeof(convcrf_smem); }
 
 void shim_set_reverse_blocks(int reverse) { shim_reverse_blocks = reverse != 0; }
 
-// Returns 0, -1 for an unknown kernel name, -2 when shared_bytes exceeds the capacity.
+// Returns 0, -1 for an unknown kernel name, -2 when shared_bytes exceeds the capacity, -3 when
+// the threads of a block reached different numbers of __syncthreads().
 int shim_launch(const char* name, const unsigned* grid, const unsigned* block,
                 std::size_t shared_bytes, void** args) {
     const dim3 g{grid[0], grid[1], grid[2]};

@@ -30,6 +30,12 @@ SANITIZERS = {
     ),
 }
 """g++ flags and runtime libraries (preloaded into Python) of each sanitizer build."""
+LAUNCH_ERRORS = {
+    -1: "no such kernel",
+    -2: "more shared memory than the shim has",
+    -3: "the threads of a block reached different numbers of __syncthreads()",
+}
+"""What a non-zero status of ``shim_launch`` means."""
 
 
 def build_shim(
@@ -117,7 +123,7 @@ class ShimLauncher:
         block_c = (ctypes.c_uint * 3)(*block)
         status = self.lib.shim_launch(name.encode(), grid_c, block_c, shared_mem, pointers)
         if status != 0:
-            raise RuntimeError(f"shim launch of {name} failed with status {status}")
+            raise RuntimeError(f"shim launch of {name}: {LAUNCH_ERRORS.get(status, status)}")
         self.launches.append((name, tuple(grid), tuple(block), shared_mem))
 
 
