@@ -5,7 +5,8 @@ access outside an input, an output or the block's dynamic shared memory: its mem
 running every kernel once (``cuda_shim/cases.py``); blocks run in reverse order give the same
 numbers (no block reads what another block of its launch writes); and every shim launch checks
 that the threads of a block reach the same number of ``__syncthreads()`` (its synccheck), which
-a planted divergent barrier fails."""
+a planted divergent barrier fails, and that no two array arguments overlap (the kernels'
+pointers are ``__restrict__``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SHIM_CLASS_BLOCK
-from cuda_shim.cases import run_every_kernel
+from cuda_shim.cases import SMALL, run_every_kernel
 from cuda_shim.launcher import (
     CUDA_DIR,
     ShimLauncher,
@@ -25,6 +26,9 @@ from cuda_shim.launcher import (
     sanitizer_environment,
     sanitizer_runtime,
 )
+
+from convcrf_cli.backends.cuda_plan import MeanFieldPlan
+from convcrf_cli.params import CRFParams
 
 TESTS = Path(__file__).resolve().parent
 SANITIZERS = ("thread", "address")
@@ -116,3 +120,14 @@ def test_blocks_in_reverse_order_give_the_same_numbers(shim):
     for name, expected in in_order.items():
         assert np.isfinite(expected).all(), name
         np.testing.assert_array_equal(reversed_order[name], expected, err_msg=name)
+
+
+def test_overlapping_arguments_fail_the_launch(shim):
+    plan = MeanFieldPlan.create((1, 3, 9, 9), (1, 5, 9, 9), CRFParams(blur=3), SMALL)
+    feat = np.zeros((1, 5, 3, 3), np.float32)
+    pooled = np.zeros((1, 5, 3, 3), np.float32)
+    shim(*plan.message_launch(feat, pooled, np.zeros_like(pooled)))
+    with pytest.raises(RuntimeError, match="arguments 1 and 2 overlap"):
+        shim(*plan.message_launch(feat, pooled, pooled))  # the message written over P
+    with pytest.raises(RuntimeError, match="arguments 0 and 1 overlap"):
+        shim(*plan.message_launch(feat, feat[:, 2:], pooled))

@@ -12,6 +12,7 @@ a library runs in a process started with :func:`sanitizer_environment`.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import subprocess
 from pathlib import Path
@@ -91,8 +92,8 @@ def sanitizer_environment(sanitizer: str) -> dict[str, str]:
 
 
 class ShimLauncher:
-    """``launch(name, grid, block, args, shared_mem)`` on the CPU; arrays are NumPy float32
-    or torch CPU tensors."""
+    """``launch(name, grid, block, args, shared_mem)`` on the CPU; arrays are C-contiguous NumPy
+    float32 or torch CPU tensors."""
 
     def __init__(self, library: Path) -> None:
         self.lib = ctypes.CDLL(str(library))
@@ -115,7 +116,12 @@ class ShimLauncher:
         self.lib.shim_set_reverse_blocks(int(reverse))
 
     def __call__(self, name: str, grid, block, args: tuple, shared_mem: int) -> None:
-        values = [_ctype_value(arg) for arg in args]
+        """Launch kernel ``name``; a RuntimeError where the shim reports a problem, or where two
+        array arguments overlap (every pointer parameter of the kernels is ``__restrict__``:
+        on a GPU the compiler may then reorder their loads and stores)."""
+        arrays = [_as_array(arg) for arg in args]
+        _check_no_overlap(name, arrays)
+        values = [_ctype_value(arg) for arg in arrays]
         pointers = (ctypes.c_void_p * len(values))(
             *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
         )
@@ -127,11 +133,27 @@ class ShimLauncher:
         self.launches.append((name, tuple(grid), tuple(block), shared_mem))
 
 
+def _as_array(arg):
+    """A torch CPU tensor as the NumPy array sharing its memory; other arguments as they are."""
+    return arg.numpy() if type(arg).__module__.startswith("torch") else arg
+
+
+def _check_no_overlap(name: str, args: list) -> None:
+    spans = sorted(
+        (arg.ctypes.data, arg.ctypes.data + arg.nbytes, i)
+        for i, arg in enumerate(args)
+        if isinstance(arg, np.ndarray) and arg.nbytes
+    )
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            raise RuntimeError(
+                f"shim launch of {name}: arguments {min(first, second)} and "
+                f"{max(first, second)} overlap (the kernels' pointers are __restrict__)"
+            )
+
+
 def _ctype_value(arg):
-    """The ctypes object holding one kernel argument, as CuPy would pass it; torch CPU tensors
-    are passed as the NumPy arrays that share their memory."""
-    if type(arg).__module__.startswith("torch"):
-        arg = arg.numpy()
+    """The ctypes object holding one kernel argument, as CuPy would pass it."""
     if isinstance(arg, np.ndarray):
         if arg.dtype != np.float32 or not arg.flags.c_contiguous:
             raise TypeError(f"kernel arrays must be C-contiguous float32, got {arg.dtype}")
