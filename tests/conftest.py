@@ -45,11 +45,17 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def shim():
-    """The ``cuda/*.cu`` kernels built for the CPU (``tests/cuda_shim``), as a ``launch``."""
+def shim_launcher(class_block: int):
+    """The ``cuda/*.cu`` kernels built for the CPU (``tests/cuda_shim``) with ``class_block``
+    classes per chunk, as a ``launch``; skips the test where g++ is missing."""
     from cuda_shim.launcher import ShimLauncher, build_shim
 
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
-    return ShimLauncher(build_shim(SHIM_BUILD_DIR, SHIM_CLASS_BLOCK))
+    return ShimLauncher(build_shim(SHIM_BUILD_DIR, class_block))
+
+
+@pytest.fixture(scope="session")
+def shim():
+    """:func:`shim_launcher` at :data:`SHIM_CLASS_BLOCK`."""
+    return shim_launcher(SHIM_CLASS_BLOCK)

@@ -8,10 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 import reference
+from conftest import shim_launcher
 from cuda_shim.cases import SMALL
 
+from convcrf_cli.backends.cuda_plan import MAX_CLASS_BLOCK, LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.backends.cuda_plan import MESSAGE_KERNELS as KERNELS
-from convcrf_cli.backends.cuda_plan import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
 
 MESSAGE_KERNELS = {name: dataclasses.replace(SMALL, message_kernel=name) for name in KERNELS}
@@ -189,6 +190,28 @@ def test_gpu_launch_configuration(shim):
     image, logits = random_inputs(5, 2, 26, 37, 2, 3)
     scores, plan = refine_with_shim(shim, image, logits, params, LaunchConfig())
     assert plan.pool_tile == (2, 8)
+    assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.fixture(scope="module", params=[11, MAX_CLASS_BLOCK])
+def gpu_class_block_shim(request):
+    """The shim compiled with a class block of the GPU: 11 (21 classes in two chunks, the
+    default) or the largest, where the kernels hold the most values in registers."""
+    return shim_launcher(request.param)
+
+
+@pytest.mark.parametrize(
+    ("message_kernel", "fuse", "blur"),
+    [("per-cell", False, 2), ("split", False, 1), ("tiled", False, 1), ("per-cell", True, 3)],
+)
+def test_gpu_class_blocks_and_blocks(gpu_class_block_shim, message_kernel, fuse, blur):
+    """Each message kernel and the fused iterations at the GPU's class blocks and block shapes."""
+    shim = gpu_class_block_shim
+    config = dataclasses.replace(LaunchConfig(), message_kernel=message_kernel, fuse_message=fuse)
+    params = CRFParams(filter_size=7, blur=blur, iterations=2)
+    image, logits = random_inputs(blur, 1, 21, 70, 21, 3)
+    scores, plan = refine_with_shim(shim, image, logits, params, config)
+    assert (plan.message_kernel, plan.fused, plan.num_chunks) == (message_kernel, fuse, 2)
     assert_matches_reference(scores, image, logits, params)
 
 
