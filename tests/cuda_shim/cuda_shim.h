@@ -1,6 +1,7 @@
 // Runs unmodified CUDA kernels on the CPU: each block as one std::thread per CUDA thread,
 // __syncthreads() as a std::barrier. Blocks run one after another, so `extern __shared__`
 // arrays resolve to one process-wide buffer (CUDA gives no ordering between blocks either).
+// A launch fails (status -3) where the threads of a block reach different numbers of barriers.
 #pragma once
 #include <math.h>
 
