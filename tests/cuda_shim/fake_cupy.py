@@ -1,0 +1,191 @@
+"""A stand-in for the ``cupy`` module on a machine without a GPU: "device" arrays are NumPy
+arrays (of :class:`ndarray`, which reports the module ``cupy``), and ``RawModule`` builds the
+kernels into the C++ shim (``launcher.build_shim``) and launches them there. With it installed
+as ``sys.modules["cupy"]`` (:func:`installed`), the CUDA backend's own Python code —
+``CUDABackend.run``, device selection, ``convcrf info``, the benchmark script — runs unchanged
+on the real ``cuda/*.cu`` kernels.
+
+Only what the backend and ``bench/bench_gpu.py`` use is provided; NumPy functions not defined
+here are taken from NumPy, their array results returned as :class:`ndarray`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import sys
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from cuda_shim.launcher import ShimLauncher, build_shim
+
+__version__ = "fake (C++ shim)"
+float32 = np.float32
+nan = np.nan
+BUILD_DIR = Path(__file__).resolve().parents[1] / "_build" / "fake_cupy"
+launches: list[str] = []
+"""The name of every kernel launched, in order (emptied by :func:`installed`)."""
+ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 64 * 1024, "MultiProcessorCount": 4}
+"""Device attributes the backend reads (a small device: 4 multiprocessors)."""
+
+
+class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
+    """A "device" array: a NumPy array with CuPy's ``get`` and ``device``."""
+
+    __module__ = "cupy"
+
+    def get(self) -> np.ndarray:
+        return np.array(self, copy=True).view(np.ndarray)
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+
+def _device(result):
+    return result.view(ndarray) if isinstance(result, np.ndarray) else result
+
+
+def asarray(array, dtype=None) -> ndarray:
+    return _device(np.asarray(array, dtype=dtype))
+
+
+def ascontiguousarray(array, dtype=None) -> ndarray:
+    return _device(np.ascontiguousarray(array, dtype=dtype))
+
+
+def empty(shape, dtype=np.float32) -> ndarray:
+    return _device(np.empty(shape, dtype))
+
+
+def __getattr__(name: str):
+    function = getattr(np, name)
+    if not callable(function):
+        return function
+    return lambda *args, **kwargs: _device(function(*args, **kwargs))
+
+
+class _Generator:
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def random(self, shape, dtype=np.float64) -> ndarray:
+        return _device(self.rng.random(shape, dtype=dtype))
+
+
+random = types.SimpleNamespace(default_rng=_Generator)
+
+
+class _Kernel:
+    """A kernel of a :class:`RawModule`, launched by the shim."""
+
+    def __init__(self, shim: ShimLauncher, name: str) -> None:
+        self.shim, self.name = shim, name
+        self.max_dynamic_shared_size_bytes = 48 * 1024
+
+    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        if shared_mem > self.max_dynamic_shared_size_bytes:
+            raise RuntimeError(f"{self.name}: {shared_mem} bytes of shared memory not opted in")
+        self.shim(self.name, grid, block, args, shared_mem)
+        launches.append(self.name)
+
+
+class RawModule:
+    """The kernel source built into the shim with the ``-DCONVCRF_CLASS_BLOCK`` of ``options``
+    (the source itself is the repository's ``cuda/``, which the backend read)."""
+
+    def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
+        match = re.search(r"-DCONVCRF_CLASS_BLOCK=(\d+)", " ".join(options))
+        self.class_block = int(match.group(1))
+        self.shim: ShimLauncher | None = None
+
+    def compile(self) -> None:
+        self.shim = _shim(self.class_block)
+
+    def get_function(self, name: str) -> _Kernel:
+        return _Kernel(self.shim, name)
+
+
+@functools.cache
+def _shim(class_block: int) -> ShimLauncher:
+    """The shim built once per class block for the whole test session."""
+    return ShimLauncher(build_shim(BUILD_DIR, class_block))
+
+
+class _Event:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def record(self) -> None:
+        self.seconds = time.perf_counter()
+
+    def synchronize(self) -> None:
+        """Launches run synchronously in the shim."""
+
+
+def _get_elapsed_time(start: _Event, stop: _Event) -> float:
+    return (stop.seconds - start.seconds) * 1e3
+
+
+class _Device:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+        self.attributes = dict(ATTRIBUTES)
+
+    def __enter__(self):
+        if self.index != 0:
+            raise RuntimeError(f"no device {self.index}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+cuda = types.SimpleNamespace(
+    Device=_Device,
+    Event=_Event,
+    get_elapsed_time=_get_elapsed_time,
+    get_current_stream=contextlib.nullcontext,
+    runtime=types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        getDeviceProperties=lambda index: {
+            "name": b"C++ shim of the CUDA kernels",
+            "major": 0,
+            "minor": 0,
+            "totalGlobalMem": 0,
+        },
+    ),
+)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[types.ModuleType]:
+    """This module as ``cupy`` while the context lasts, with the CUDA backend's per-process
+    caches (compiled modules, device attributes, plans) emptied on entry and on exit."""
+    from convcrf_cli.backends import cuda as backend
+
+    caches = [
+        backend.cuda_unavailable_reason,
+        backend._compiled_module,
+        backend._device_launch_config,
+        backend._cached_plan,
+        backend.module_launcher,
+    ]
+    previous = sys.modules.get("cupy")
+    for cache in caches:
+        cache.cache_clear()
+    launches.clear()
+    sys.modules["cupy"] = sys.modules[__name__]
+    try:
+        yield sys.modules[__name__]
+    finally:
+        if previous is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = previous
+        for cache in caches:
+            cache.cache_clear()
