@@ -45,13 +45,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def require_gxx() -> None:
+    """Skip the test where g++ is missing: the CPU shim of the CUDA kernels cannot be built."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
+
+
 def shim_launcher(class_block: int):
     """The ``cuda/*.cu`` kernels built for the CPU (``tests/cuda_shim``) with ``class_block``
     classes per chunk, as a ``launch``; skips the test where g++ is missing."""
     from cuda_shim.launcher import ShimLauncher, build_shim
 
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
+    require_gxx()
     return ShimLauncher(build_shim(SHIM_BUILD_DIR, class_block))
 
 

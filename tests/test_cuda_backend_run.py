@@ -6,7 +6,6 @@ run unchanged on the real kernels and are checked against the float64 reference.
 from __future__ import annotations
 
 import importlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import require_gxx
 from test_cuda_shim import assert_matches_reference, random_inputs
 
 from convcrf_cli import refine
@@ -25,8 +25,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 @pytest.fixture
 def fake_cupy():
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
+    require_gxx()
     from cuda_shim import fake_cupy
 
     with fake_cupy.installed() as module:

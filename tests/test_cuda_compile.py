@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import shutil
@@ -52,6 +53,7 @@ def _block_registers(registers: int, threads: int) -> int:
     return warps * -(-registers * 32 // 256) * 256
 
 
+@functools.cache
 def _largest_blocks() -> dict[str, int]:
     """Most threads per block each kernel gets from the launch plans: inference with every
     message kernel, fused and not, over filter sizes, blurs and class counts, and the module's

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHIM_CLASS_BLOCK
+from conftest import SHIM_CLASS_BLOCK, require_gxx
 from cuda_shim.cases import SMALL, run_every_kernel
 from cuda_shim.launcher import (
     CUDA_DIR,
@@ -34,13 +34,11 @@ TESTS = Path(__file__).resolve().parent
 SANITIZERS = ("thread", "address")
 
 
-def _unavailable(sanitizer: str | None) -> str | None:
-    """Why the shim (with ``sanitizer``, or none) cannot be built here, or None."""
-    if shutil.which("g++") is None:
-        return "g++ is not installed: cannot build the CPU shim of the CUDA kernels"
-    if sanitizer is not None and sanitizer_runtime(sanitizer) is None:
-        return f"g++ has no {sanitizer} sanitizer runtime: sanitizer check skipped"
-    return None
+def require_sanitizer(sanitizer: str) -> None:
+    """Skip the test where the shim cannot be built with ``sanitizer``."""
+    require_gxx()
+    if sanitizer_runtime(sanitizer) is None:
+        pytest.skip(f"g++ has no {sanitizer} sanitizer runtime: sanitizer check skipped")
 
 
 def run_cases(library: Path, sanitizer: str) -> subprocess.CompletedProcess:
@@ -56,8 +54,7 @@ def report(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("sanitizer", SANITIZERS)
 def test_every_kernel_runs_clean_under_the_sanitizer(sanitizer, tmp_path):
-    if reason := _unavailable(sanitizer):
-        pytest.skip(reason)
+    require_sanitizer(sanitizer)
     result = run_cases(build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer), sanitizer)
     assert result.returncode == 0, report(result)
     assert "launches of 13 kernels" in result.stdout, report(result)
@@ -90,8 +87,7 @@ def planted(tmp_path: Path, name: str, text: str, replacement: str) -> Path:
 
 @pytest.mark.parametrize(("sanitizer", "name", "text", "replacement", "message"), PLANTED)
 def test_the_sanitizer_reports_a_planted_bug(sanitizer, name, text, replacement, message, tmp_path):
-    if reason := _unavailable(sanitizer):
-        pytest.skip(reason)
+    require_sanitizer(sanitizer)
     cuda_dir = planted(tmp_path, name, text, replacement)
     result = run_cases(build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer, cuda_dir), sanitizer)
     assert result.returncode != 0, report(result)
@@ -99,8 +95,7 @@ def test_the_sanitizer_reports_a_planted_bug(sanitizer, name, text, replacement,
 
 
 def test_a_barrier_that_some_threads_skip_fails_the_launch(tmp_path):
-    if reason := _unavailable(None):
-        pytest.skip(reason)
+    require_gxx()
     # thread x = 0 of each block skips the per-cell message kernel's barrier
     skip = "    if (threadIdx.x != 0) __syncthreads();\n"
     cuda_dir = planted(tmp_path, "message.cu", "    __syncthreads();\n", skip)

@@ -204,7 +204,7 @@ def gpu_class_block_shim(request):
     ("message_kernel", "fuse", "blur"),
     [("per-cell", False, 2), ("split", False, 1), ("tiled", False, 1), ("per-cell", True, 3)],
 )
-def test_gpu_class_blocks_and_blocks(gpu_class_block_shim, message_kernel, fuse, blur):
+def test_gpu_class_blocks_and_block_shapes(gpu_class_block_shim, message_kernel, fuse, blur):
     """Each message kernel and the fused iterations at the GPU's class blocks and block shapes."""
     shim = gpu_class_block_shim
     config = dataclasses.replace(LaunchConfig(), message_kernel=message_kernel, fuse_message=fuse)

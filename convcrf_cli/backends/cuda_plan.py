@@ -167,12 +167,16 @@ def tiled_message_grid(batch: int, coarse_h: int, coarse_w: int, config: LaunchC
     return (-(-coarse_w // (TILE_CELLS * threads_x)), -(-coarse_h // threads_y), batch)
 
 
+def images_per_launch(classes: int, filter_size: int) -> int:
+    """Most images one launch of every kernel takes: the message grids stack the class chunks
+    of every image along z (at most ``classes``), the kernel-gradient grid its window rows
+    (``filter_size``), and a grid has at most :data:`MAX_GRID_YZ` blocks there."""
+    return MAX_GRID_YZ // max(classes, filter_size)
+
+
 def launch_slices(batch: int, classes: int, filter_size: int) -> list[slice]:
-    """The images of a batch in launches small enough for CUDA's grids: the message grids
-    stack the class chunks of every image along z (at most ``classes``), the kernel-gradient
-    grid its window rows (``filter_size``), and a grid has at most :data:`MAX_GRID_YZ` blocks
-    there."""
-    step = MAX_GRID_YZ // max(classes, filter_size)
+    """The images of a batch in launches of at most :func:`images_per_launch` images."""
+    step = images_per_launch(classes, filter_size)
     return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
 
 
@@ -272,7 +276,7 @@ class MeanFieldPlan:
 
     def _check_grids(self) -> None:
         """DeviceError where a grid has more than :data:`MAX_GRID_YZ` blocks along y or z."""
-        if len(launch_slices(self.batch, self.classes, self.params.filter_size)) > 1:
+        if self.batch > images_per_launch(self.classes, self.params.filter_size):
             raise DeviceError(
                 f"{self.batch} images of {self.classes} classes exceed one launch of the CUDA "
                 "kernels; refine them in smaller batches"
