@@ -2,9 +2,10 @@
 
 5-iteration inference on device-resident inputs, timed with CUDA events: warm-up, then the
 median of many runs. "ours" is the backend as `refine` calls it (CuPy arrays in, a new scores
-array out, the plan looked up in its cache); "launches" issues the kernels alone (`run_plan`
-with a plan and buffers of its own). At 500×375 both measure the host's launch rate as much as
-the GPU.
+array out, the plan looked up in its cache), with the launch variant it chose by timing them
+in the warm-up ("plan"; `convcrf_cli/backends/cuda_tune.py`); "launches" issues that plan's
+kernels alone (`run_plan` with a plan and buffers of its own). At 500×375 both measure the
+host's launch rate as much as the GPU.
 Compared with a PyTorch im2col ConvCRF (the original implementation's method: materialise the
 C·k²·h·w unfolded buffer) on the same GPU, and with the bandwidth floor: the bytes any
 implementation must move over the measured device-copy bandwidth.
@@ -24,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import cupy
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import im2col_baseline  # noqa: E402
 
-from convcrf_cli.backends import cuda, cuda_plan  # noqa: E402
+from convcrf_cli.backends import cuda, cuda_plan, cuda_tune  # noqa: E402
 from convcrf_cli.grid import coarse_size  # noqa: E402
 from convcrf_cli.params import CRFParams  # noqa: E402
 
@@ -153,15 +156,17 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the im2col baseline")
     args = parser.parse_args()
 
+    # a cache of its own: the launch variants are timed in this run, not read from an earlier one
+    os.environ["CONVCRF_CACHE_DIR"] = tempfile.mkdtemp(prefix="convcrf-bench-")
     backend = cuda.CUDABackend(0)
     bandwidth = copy_bandwidth()
     print(f"device: {backend.describe()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"torch {torch.__version__}; median of {args.repeats} runs after warm-up, CUDA events\n")
     print(
-        "| case | ours (ms) | launches (ms) | im2col torch (ms) | speed-up | floor (ms) "
+        "| case | plan | ours (ms) | launches (ms) | im2col torch (ms) | speed-up | floor (ms) "
         "| ours / floor |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     config = backend.launch_config()
     message_rows, variant_rows = [], []
@@ -169,14 +174,16 @@ def main() -> None:
         params = CRFParams(filter_size=k, blur=blur, iterations=5)
         image = cupy.asarray(rng.uniform(0, 255, (1, FEATURES, height, width)), dtype=cupy.float32)
         logits = cupy.asarray(rng.normal(0, 2, (1, classes, height, width)), dtype=cupy.float32)
-        plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, config)
+        ours = time_gpu_ms(functools.partial(backend.run, image, logits, params), args.repeats)
+        chosen = backend.tunings[-1].chosen  # tuned in the warm-up of "ours"
+        tuned = cuda_tune.variant_config(config, chosen)
+        plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, tuned)
         launcher = cuda.module_launcher(0, plan.class_block)
         scores = cupy.empty_like(logits)
         run = functools.partial(
             cuda_plan.run_plan, plan, image, logits, scores, launcher, cupy.empty
         )
         launches = time_gpu_ms(run, args.repeats)
-        ours = time_gpu_ms(functools.partial(backend.run, image, logits, params), args.repeats)
         baseline = float("nan")
         if not args.no_baseline:
             tensors = (torch.from_dlpack(image), torch.from_dlpack(logits), params)
@@ -189,12 +196,15 @@ def main() -> None:
             torch.cuda.empty_cache()
         floor = floor_bytes(height, width, classes, params) / bandwidth * 1e3
         print(
-            f"| {label} | {ours:.3f} | {launches:.3f} | {baseline:.2f} | {baseline / ours:.0f}x | "
-            f"{floor:.3f} | {ours / floor:.1f}x |"
+            f"| {label} | {chosen} | {ours:.3f} | {launches:.3f} | {baseline:.2f} | "
+            f"{baseline / ours:.0f}x | {floor:.3f} | {ours / floor:.1f}x |"
         )
         message_rows.append((label, message_kernels_ms(image, logits, params, config)))
         variant_rows.append((label, inference_variants_ms(image, logits, params, config, 20)))
 
+    print("\nThe backend's choice of launch plan, timed in each case's warm-up:")
+    for tuning in backend.tunings:
+        print(f"- {tuning.describe()}")
     print_against(variant_rows, "default", ("variant", "launches (ms)", "max diff of scores"), 3)
     print_against(message_rows, "per-cell", ("message kernel", "GPU ms per launch", "max diff"), 4)
 

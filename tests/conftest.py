@@ -1,5 +1,6 @@
 """Shared test configuration: make ``tests/`` importable (for ``reference``), skip GPU tests
-where CuPy or a CUDA device is missing, and build the CPU shim of the CUDA kernels once."""
+where CuPy or a CUDA device is missing, keep the CUDA tuning cache of each test in its own
+temporary directory, and build the CPU shim of the CUDA kernels once."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def private_tuning_cache(tmp_path_factory, monkeypatch):
+    """``CONVCRF_CACHE_DIR`` in a fresh directory: no test reads or writes the user's cache."""
+    monkeypatch.setenv("CONVCRF_CACHE_DIR", str(tmp_path_factory.mktemp("convcrf_cache")))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ run unchanged on the real kernels and are checked against the float64 reference.
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,10 +16,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import require_gxx
+from PIL import Image
 from test_cuda_shim import assert_matches_reference, random_inputs
 
 from convcrf_cli import refine
-from convcrf_cli.backends import cuda_plan, select_backend
+from convcrf_cli.backends import cuda, cuda_plan, select_backend
+from convcrf_cli.backends.cuda_tune import TuningCache
 from convcrf_cli.params import CRFParams
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -59,10 +63,84 @@ def test_batch_beyond_one_grid_takes_several_launches(fake_cupy, monkeypatch):
     monkeypatch.setattr(cuda_plan, "MAX_GRID_YZ", 12)
     params = CRFParams(filter_size=3, blur=2, iterations=2)
     image, logits = random_inputs(3, 5, 10, 12, 5, 3)
-    backend = select_backend("cuda")
+    backend = select_backend("cuda", tune=False)
     scores = backend.run(np.ascontiguousarray(image.transpose(0, 3, 1, 2)), logits, params)
     assert fake_cupy.launches.count("convcrf_init") == 3
     assert_matches_reference(scores, image, logits, params)
+
+
+TUNE_PARAMS = CRFParams(filter_size=5, blur=2, iterations=2)
+
+
+def tune_inputs():
+    image, logits = random_inputs(5, 2, 14, 18, 4, 3)
+    return np.ascontiguousarray(image.transpose(0, 3, 1, 2)), logits, image
+
+
+def test_tuning_times_every_variant_then_keeps_its_choice(fake_cupy):
+    image_nfhw, logits, image = tune_inputs()
+    backend = select_backend("cuda")
+    scores = backend.run(image_nfhw, logits, TUNE_PARAMS)
+    assert_matches_reference(scores, image, logits, TUNE_PARAMS)
+    [tuning] = backend.tunings
+    # blur 2 on a small device: the default is "per-cell"; split, tiled, fused are timed too
+    assert list(tuning.times_ms) == ["per-cell", "split", "tiled", "fused"]
+    assert tuning.rejected == {} and not tuning.from_cache
+    assert tuning.times_ms[tuning.chosen] == min(tuning.times_ms.values())
+    # each variant: one untimed and at least 3 timed runs (one convcrf_init each)
+    assert fake_cupy.launches.count("convcrf_init") >= 4 * 4
+    assert "convcrf_message_split" in fake_cupy.launches
+    assert "convcrf_step_fused" in fake_cupy.launches
+    cache = json.loads((Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json").read_text())
+    assert list(cache.values()) == [tuning.chosen]
+    fake_cupy.launches.clear()
+    again = backend.run(image_nfhw, logits, TUNE_PARAMS)  # remembered: one run, no timing
+    assert fake_cupy.launches.count("convcrf_init") == 1 and len(backend.tunings) == 1
+    np.testing.assert_allclose(again, scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", ["split", "fused"])
+def test_a_cached_choice_is_launched_without_timing(fake_cupy, cached):
+    image_nfhw, logits, image = tune_inputs()
+    config = cuda._device_launch_config(0)
+    plan = cuda._cached_plan(image_nfhw.shape, logits.shape, TUNE_PARAMS, config)
+    TuningCache().put(cuda._tuning_key(0, plan), cached)  # as a process before this one left it
+    backend = select_backend("cuda")
+    scores = backend.run(image_nfhw, logits, TUNE_PARAMS)
+    assert_matches_reference(scores, image, logits, TUNE_PARAMS)
+    assert [t.describe() for t in backend.tunings] == [
+        f"CUDA launch plan for 2x4x14x18 k=5 blur 2: {cached} (tuned earlier, cached)"
+    ]
+    assert fake_cupy.launches.count("convcrf_pool_features") == 1
+    chosen = {"split": "convcrf_message_split", "fused": "convcrf_step_fused"}[cached]
+    assert chosen in fake_cupy.launches and "convcrf_message" not in fake_cupy.launches
+
+
+def test_no_tuning_runs_the_default_plan_once(fake_cupy):
+    image_nfhw, logits, image = tune_inputs()
+    backend = select_backend("cuda", tune=False)
+    assert_matches_reference(
+        backend.run(image_nfhw, logits, TUNE_PARAMS), image, logits, TUNE_PARAMS
+    )
+    assert fake_cupy.launches.count("convcrf_init") == 1 and backend.tunings == []
+    assert "convcrf_message" in fake_cupy.launches
+    assert not any(Path(os.environ["CONVCRF_CACHE_DIR"]).iterdir())
+
+
+@pytest.mark.parametrize("tune_flag", ["--tune", "--no-tune"])
+def test_refine_reports_the_tuning_with_verbose(fake_cupy, tmp_path, tune_flag):
+    from convcrf_cli.cli import main
+
+    image, logits = random_inputs(6, 1, 12, 16, 3, 3)
+    Image.fromarray(np.clip(image[0], 0, 255).astype(np.uint8)).save(tmp_path / "image.png")
+    np.save(tmp_path / "unary.npy", logits[0])
+    args = ["refine", str(tmp_path / "image.png"), str(tmp_path / "unary.npy")]
+    args += ["-o", str(tmp_path / "labels.png"), "--device", "cuda", "--blur", "2", "-v"]
+    result = CliRunner().invoke(main, [*args, tune_flag])
+    assert result.exit_code == 0, result.output
+    tuned = "convcrf: CUDA launch plan for 1x3x12x16 k=9 blur 2: "
+    assert (tuned in result.output) == (tune_flag == "--tune")
+    assert np.asarray(Image.open(tmp_path / "labels.png")).shape == (12, 16)
 
 
 def test_refine_on_cuda_equals_refine_on_cpu(fake_cupy):
@@ -86,8 +164,9 @@ def test_info_reports_the_device_and_auto_takes_it(fake_cupy):
 
 def test_gpu_benchmark_script_runs_and_prints_its_tables(fake_cupy, monkeypatch, capsys):
     """bench/bench_gpu.py as on a GPU, on two small cases, each timing one run (the shim's
-    times mean nothing): after each case's row of the main table, its rows of the inference
-    variants and of the message kernels, each equal to the default's numbers to 1e-4."""
+    times mean nothing): each case's row of the main table with the launch variant the backend
+    chose, its tuning line, and its rows of the inference variants and of the message kernels,
+    each equal to the default's numbers to 1e-4."""
     monkeypatch.syspath_prepend(str(BENCH))
     sys.modules.pop("bench_gpu", None)
     bench_gpu = importlib.import_module("bench_gpu")
@@ -99,11 +178,15 @@ def test_gpu_benchmark_script_runs_and_prints_its_tables(fake_cupy, monkeypatch,
         monkeypatch.setattr(bench_gpu, "CASES", cases)
         monkeypatch.setattr(bench_gpu, "copy_bandwidth", lambda: 1e12)
         monkeypatch.setattr(bench_gpu, "time_gpu_ms", lambda fn, *args: _once_ms(fn))
+        monkeypatch.setattr(cuda, "median_ms", lambda timed_run: timed_run())
         monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--repeats", "1", "--no-baseline"])
         bench_gpu.main()
     finally:
         sys.modules.pop("bench_gpu", None)
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()]
+    output = capsys.readouterr().out
+    for case in ("1x5x30x40 k=5 blur 2", "1x3x30x40 k=3 blur 1"):
+        assert f"- CUDA launch plan for {case}: " in output
+    rows = [line.split(" | ") for line in output.splitlines()]
     names = {label: [] for label, *_ in cases}
     for row in rows:
         label = row[0].lstrip("| ")
@@ -111,6 +194,7 @@ def test_gpu_benchmark_script_runs_and_prints_its_tables(fake_cupy, monkeypatch,
             names[label].append(row[1])
         if label in names and len(row) == 5:  # comparison rows: time, ratio, largest difference
             assert float(row[4].rstrip(" |")) <= 1e-4, row
+    assert all(names[label][0] in ("per-cell", "split", "tiled", "fused") for label in names)
     assert names["40x30 C=5 blur 2 k=5"][1:] == [
         *("default", "split message", "tiled message", "fused iterations"),
         *("per-cell", "split", "tiled"),

@@ -35,8 +35,9 @@ def parse_device(device: str) -> tuple[str, int]:
     raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
 
 
-def select_backend(device: str = "auto") -> Backend:
-    """Return the backend for ``device``; ``auto`` is CUDA when usable, else the CPU."""
+def select_backend(device: str = "auto", tune: bool = True) -> Backend:
+    """Return the backend for ``device``; ``auto`` is CUDA when usable, else the CPU.
+    ``tune``: the CUDA backend times its launch variants per batch shape (``CUDABackend``)."""
     kind, index = parse_device(device)
     if kind == "cpu":
         from convcrf_cli.backends.cpu import CPUBackend
@@ -49,7 +50,7 @@ def select_backend(device: str = "auto") -> Backend:
     else:
         reason = cuda_unavailable_reason(index)
         if reason is None:
-            return CUDABackend(index)
+            return CUDABackend(index, tune=tune)
     if kind == "auto":
         from convcrf_cli.backends.cpu import CPUBackend
 

@@ -29,6 +29,17 @@ from convcrf_cli.backends.cuda_plan import (
     launch_slices,
     run_plan,
 )
+from convcrf_cli.backends.cuda_tune import (
+    Tuning,
+    TuningCache,
+    cache_key,
+    candidate_plans,
+    describe_case,
+    median_ms,
+    tune,
+    variant_config,
+    variant_name,
+)
 from convcrf_cli.params import CRFParams
 
 KERNEL_FILES = ("features.cu", "message.cu", "fullres.cu", "fused.cu")
@@ -172,6 +183,25 @@ def _cached_plan(image_shape, logits_shape, params: CRFParams, config: LaunchCon
     return MeanFieldPlan.create(image_shape, logits_shape, params, config)
 
 
+@functools.cache
+def _device_name(index: int) -> str:
+    """``"<name> sm_<major><minor>"`` of device ``cuda:index``, queried once per process."""
+    props = _import_cupy().cuda.runtime.getDeviceProperties(index)
+    name = props["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    return f"{name} sm_{props['major']}{props['minor']}"
+
+
+@functools.lru_cache(maxsize=64)
+def _tuning_key(index: int, plan: MeanFieldPlan) -> str:
+    """:func:`cache_key` of a default plan on device ``cuda:index``."""
+    return cache_key(_device_name(index), kernel_source(), plan, plan.config)
+
+
+_tuned_variants: dict[str, str] = {}
+"""The launch variant chosen per :func:`cache_key` in this process."""
+
+
 class _CuPyLauncher:
     """``launch`` of :func:`run_plan` on a compiled RawModule (current device and stream)."""
 
@@ -214,14 +244,18 @@ class CUDABackend:
 
     name = "cuda"
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, index: int = 0, tune: bool = True) -> None:
+        """``tune``: at the first batch of each shape, time the launch variants
+        (:mod:`convcrf_cli.backends.cuda_tune`) and keep the fastest, remembered in this
+        process and in the :class:`TuningCache`; else always the default launch plan."""
         self.index = index
+        self.tune = tune
         self.cupy = _import_cupy()
+        self.tunings: list[Tuning] = []
+        """What this backend chose (timed or read from the cache), one per batch shape."""
 
     def describe(self) -> str:
-        props = self.cupy.cuda.runtime.getDeviceProperties(self.index)
-        name = props["name"]
-        name = name.decode() if isinstance(name, bytes) else name
+        name = _device_name(self.index).rsplit(" sm_", 1)[0]
         return f"cuda:{self.index} ({name}, CuPy {self.cupy.__version__})"
 
     def launch_config(self) -> LaunchConfig:
@@ -242,11 +276,65 @@ class CUDABackend:
                 n, c = logits_d.shape[:2]
                 config = self.launch_config()
                 for part in launch_slices(n, c, params.filter_size):
-                    image_p, logits_p = image_d[part], logits_d[part]
+                    image_p, logits_p, scores_p = image_d[part], logits_d[part], scores[part]
                     plan = _cached_plan(image_p.shape, logits_p.shape, params, config)
+                    if self.tune:
+                        plan = self._tuned_plan(plan, image_p, logits_p, scores_p)
+                        if plan is None:  # tuning ran the default plan last: scores are in
+                            continue
                     launcher = module_launcher(self.index, plan.class_block)
-                    run_plan(plan, image_p, logits_p, scores[part], launcher, cupy.empty)
+                    run_plan(plan, image_p, logits_p, scores_p, launcher, cupy.empty)
         return self._like(scores, kind)
+
+    def _tuned_plan(self, default: MeanFieldPlan, image, logits, scores):
+        """The plan of the variant chosen for ``default``'s shape: remembered in this process,
+        cached on disk, or timed now on these inputs; None when it was timed now and the
+        default won (its scores are then in ``scores`` already)."""
+        key = _tuning_key(self.index, default)
+        name = _tuned_variants.get(key)
+        if name is None:
+            cache = TuningCache()
+            name = cache.get(key)
+            if name is None:
+                best, tuning = self._time_variants(default, image, logits, scores)
+                self.tunings.append(tuning)
+                _tuned_variants[key] = tuning.chosen
+                cache.put(key, tuning.chosen)
+                return None if best is default else best
+            self.tunings.append(Tuning(describe_case(default), name, from_cache=True))
+            _tuned_variants[key] = name
+        if name == variant_name(default):
+            return default
+        shapes = (tuple(image.shape), tuple(logits.shape))
+        return _cached_plan(*shapes, default.params, variant_config(default.config, name))
+
+    def _time_variants(self, default: MeanFieldPlan, image, logits, scores):
+        """:func:`tune` over the candidate plans on these inputs; the default plan writes
+        ``scores`` (the output), every other candidate a buffer of its own."""
+        cupy = self.cupy
+        plans = candidate_plans(
+            image.shape, logits.shape, default.params, default.config, plan_for=_cached_plan
+        )
+
+        def measure(plan: MeanFieldPlan):
+            out = scores if plan is default else cupy.empty(logits.shape, dtype=cupy.float32)
+            launcher = module_launcher(self.index, plan.class_block)
+
+            def timed_run() -> float:
+                start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+                start.record()
+                run_plan(plan, image, logits, out, launcher, cupy.empty)
+                stop.record()
+                stop.synchronize()
+                return cupy.cuda.get_elapsed_time(start, stop)
+
+            return median_ms(timed_run), out
+
+        def difference(candidate, reference) -> float:
+            scale = max(1.0, float(cupy.abs(reference).max()))
+            return float(cupy.abs(candidate - reference).max()) / scale
+
+        return tune(plans, measure, difference)
 
     def _stream(self, kind: str):
         """Torch's current stream for torch CUDA inputs (ordered after the work that made

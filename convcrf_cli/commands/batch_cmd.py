@@ -37,7 +37,9 @@ from convcrf_cli.commands.common import (
     fail,
     output_format_options,
     params_from_options,
+    report_tunings,
     reports_errors,
+    tune_option,
     unary_options,
     unary_options_from,
 )
@@ -149,6 +151,7 @@ class ReaderClosed(Exception):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @unary_options
 @device_option(DEVICE_HELP)
+@tune_option
 @click.option("-v", "--verbose", is_flag=True, help="Report the device and every item.")
 @crf_options
 @reports_errors
@@ -170,6 +173,7 @@ def batch_command(
     shard: str | None,
     quiet: bool,
     device: str,
+    tune: bool,
     verbose: bool,
     **options: object,
 ) -> None:
@@ -204,7 +208,7 @@ def batch_command(
         check_output_file(report_file)
     if shard is not None:
         items = batch_items.select_shard(items, *batch_items.parse_shard(shard))
-    backend = select_backend(device)
+    backend = select_backend(device, tune=tune)
     settings = BatchSettings(
         jobs=jobs,
         batch_size=batch_size or (GPU_BATCH_SIZE if backend.name == "cuda" else 1),
@@ -254,6 +258,8 @@ def batch_command(
         except ReaderClosed:
             stopped = ("stdout: the reader closed the pipe", 1)
     wall = time.perf_counter() - start
+    if verbose:
+        report_tunings(backend)
     if report_file is not None:
         _write_report(report_file, reports, pairing)
     if not quiet:

@@ -170,6 +170,23 @@ def device_option(help_text: str) -> Callable:
 DEVICE_HELP = "auto (CUDA if usable, else the CPU), cpu, cuda or cuda:N."
 
 
+def tune_option(func: Callable) -> Callable:
+    """``--tune/--no-tune`` (default on): the CUDA backend's choice of launch variant."""
+    return click.option(
+        "--tune/--no-tune",
+        default=True,
+        show_default=True,
+        help="On CUDA, time the kernel variants on the first image of each size and use the "
+        "fastest (remembered in ~/.cache/convcrf); --no-tune always uses the default.",
+    )(func)
+
+
+def report_tunings(backend: object) -> None:
+    """One stderr line per launch plan the CUDA backend chose (none for the CPU)."""
+    for tuning in getattr(backend, "tunings", ()):
+        echo_err(f"convcrf: {tuning.describe()}")
+
+
 def output_format_options(func: Callable) -> Callable:
     """Add ``--alpha`` (overlay opacity) and ``--probs-dtype``."""
     func = click.option(

@@ -15,7 +15,9 @@ from convcrf_cli.commands.common import (
     echo_err,
     output_format_options,
     params_from_options,
+    report_tunings,
     reports_errors,
+    tune_option,
     unary_options,
     unary_options_from,
 )
@@ -48,6 +50,7 @@ from convcrf_cli.pipeline import ItemResult, describe_backend, refine_item
 @output_format_options
 @unary_options
 @device_option(DEVICE_HELP)
+@tune_option
 @click.option("-v", "--verbose", is_flag=True, help="Report device, input details and timing.")
 @crf_options
 @reports_errors
@@ -58,6 +61,7 @@ def refine_command(
     overlay: str | None,
     probs: str | None,
     device: str,
+    tune: bool,
     verbose: bool,
     **options: object,
 ) -> None:
@@ -80,7 +84,7 @@ def refine_command(
         raise BadInputError(None, "-o - writes a PNG to stdout, which is a terminal; redirect it")
     params = params_from_options(options)
     unary = unary_options_from(options)
-    backend = select_backend(device)
+    backend = select_backend(device, tune=tune)
     if verbose:
         fallback = getattr(backend, "fallback_reason", None)
         echo_err(
@@ -98,6 +102,7 @@ def refine_command(
     for warning in result.warnings:
         echo_err(f"convcrf: warning: {warning}")
     if verbose:
+        report_tunings(backend)
         _report(result)
 
 

@@ -165,7 +165,8 @@ cuda = types.SimpleNamespace(
 @contextlib.contextmanager
 def installed() -> Iterator[types.ModuleType]:
     """This module as ``cupy`` while the context lasts, with the CUDA backend's per-process
-    caches (compiled modules, device attributes, plans) emptied on entry and on exit."""
+    caches (compiled modules, device attributes, plans, tuned variants) emptied on entry and
+    on exit."""
     from convcrf_cli.backends import cuda as backend
 
     caches = [
@@ -174,10 +175,12 @@ def installed() -> Iterator[types.ModuleType]:
         backend._device_launch_config,
         backend._cached_plan,
         backend.module_launcher,
+        backend._device_name,
+        backend._tuning_key,
+        backend._tuned_variants,
     ]
     previous = sys.modules.get("cupy")
-    for cache in caches:
-        cache.cache_clear()
+    _clear(caches)
     launches.clear()
     sys.modules["cupy"] = sys.modules[__name__]
     try:
@@ -187,5 +190,9 @@ def installed() -> Iterator[types.ModuleType]:
             del sys.modules["cupy"]
         else:
             sys.modules["cupy"] = previous
-        for cache in caches:
-            cache.cache_clear()
+        _clear(caches)
+
+
+def _clear(caches: list) -> None:
+    for cache in caches:
+        (cache.clear if isinstance(cache, dict) else cache.cache_clear)()

@@ -1,0 +1,196 @@
+"""Choosing the fastest launch plan on the device itself (no CuPy here).
+
+Which message kernel is fastest, and whether fused iterations pay, depends on the GPU and the
+batch shape. :func:`tune` times each candidate plan of :func:`candidate_plans` on the inputs of
+the first call with that shape and keeps the fastest whose scores agree with the default
+plan's; :class:`TuningCache` keeps the choice on disk, so that later processes on the same
+device and shape skip the timing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from convcrf_cli.atomic import atomic_write_bytes
+from convcrf_cli.backends import DeviceError
+from convcrf_cli.backends.cuda_plan import MESSAGE_KERNELS, LaunchConfig, MeanFieldPlan
+from convcrf_cli.params import CRFParams
+
+TOLERANCE = 1e-3
+"""Largest difference of a candidate's scores from the default plan's, relative to
+``max(1, max |scores|)``; float32 variants agree to about 1e-6 of that."""
+BUDGET_MS = 20.0
+"""GPU time to spend timing each candidate (at least 3 runs, at most 15)."""
+CACHE_ENTRIES = 512
+"""Most choices the cache file keeps (the oldest are dropped)."""
+CACHE_FILE = "cuda_tuning.json"
+
+
+def variant_name(plan: MeanFieldPlan) -> str:
+    """ "fused", or the message kernel of :data:`MESSAGE_KERNELS` the plan launches."""
+    return "fused" if plan.fused else plan.message_kernel
+
+
+def variant_config(config: LaunchConfig, name: str) -> LaunchConfig:
+    """``config`` set to launch variant ``name`` (of :func:`variant_name`)."""
+    if name == "fused":
+        return dataclasses.replace(config, fuse_message=True)
+    if name not in MESSAGE_KERNELS:
+        raise ValueError(f"unknown launch variant {name!r}")
+    return dataclasses.replace(config, message_kernel=name, fuse_message=False)
+
+
+def candidate_plans(
+    image_shape: Sequence[int],
+    logits_shape: Sequence[int],
+    params: CRFParams,
+    config: LaunchConfig,
+    plan_for: Callable[..., MeanFieldPlan] = MeanFieldPlan.create,
+) -> list[MeanFieldPlan]:
+    """The distinct plans of ``config`` (first) and of every message kernel and fused
+    iterations, for ``image [N,F,H,W]`` and ``logits [N,C,H,W]``; variants that do not fit
+    this shape (their plans fall back to another kernel, or raise DeviceError) are left out.
+    ``plan_for(image_shape, logits_shape, params, config)`` makes a plan (the backend passes
+    its cached :meth:`MeanFieldPlan.create`)."""
+    plans: dict[str, MeanFieldPlan] = {}
+    configs = [config] + [variant_config(config, name) for name in (*MESSAGE_KERNELS, "fused")]
+    for index, candidate in enumerate(configs):
+        try:
+            plan = plan_for(tuple(image_shape), tuple(logits_shape), params, candidate)
+        except DeviceError:
+            if index == 0:
+                raise
+            continue
+        plans.setdefault(variant_name(plan), plan)
+    return list(plans.values())
+
+
+@dataclasses.dataclass
+class Tuning:
+    """What :func:`tune` measured for one batch shape, or what the cache held for it."""
+
+    case: str
+    """The batch shape and parameters, for people: ``"1x21x375x500 k=7 blur 4"``."""
+    chosen: str
+    times_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Median milliseconds of one inference per variant (empty when read from the cache)."""
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Why a variant was not considered: its scores differ, or it failed to launch."""
+    from_cache: bool = False
+
+    def describe(self) -> str:
+        """One line: the choice and what it was chosen over."""
+        if self.from_cache:
+            return f"CUDA launch plan for {self.case}: {self.chosen} (tuned earlier, cached)"
+        times = ", ".join(f"{name} {ms:.3f} ms" for name, ms in self.times_ms.items())
+        text = f"CUDA launch plan for {self.case}: {self.chosen} (timed: {times})"
+        for name, reason in self.rejected.items():
+            text += f"; {name} left out: {reason}"
+        return text
+
+
+def describe_case(plan: MeanFieldPlan) -> str:
+    """:attr:`Tuning.case` of a plan."""
+    shape = "x".join(str(v) for v in (plan.batch, plan.classes, plan.height, plan.width))
+    return f"{shape} k={plan.params.filter_size} blur {plan.blur}"
+
+
+def tune(
+    plans: Sequence[MeanFieldPlan],
+    measure: Callable[[MeanFieldPlan], tuple[float, Any]],
+    difference: Callable[[Any, Any], float],
+) -> tuple[MeanFieldPlan, Tuning]:
+    """The fastest of ``plans`` whose scores agree with those of ``plans[0]`` (the default).
+
+    ``measure(plan)`` runs the plan and returns (median milliseconds, scores);
+    ``difference(scores, reference)`` is the largest difference relative to
+    ``max(1, max |reference|)``. A candidate that raises, or differs by more than
+    :data:`TOLERANCE`, is left out (its reason is in :attr:`Tuning.rejected`); the default's
+    own errors are raised.
+    """
+    reference_ms, reference = measure(plans[0])
+    tuning = Tuning(describe_case(plans[0]), variant_name(plans[0]))
+    tuning.times_ms[tuning.chosen] = reference_ms
+    best, best_ms = plans[0], reference_ms
+    for plan in plans[1:]:
+        name = variant_name(plan)
+        try:
+            ms, scores = measure(plan)
+        except Exception as exc:  # a launch the device refuses: keep the default
+            tuning.rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            continue
+        off_by = difference(scores, reference)
+        del scores
+        if not off_by <= TOLERANCE:
+            tuning.rejected[name] = f"scores differ from {variant_name(plans[0])}'s by {off_by:.2e}"
+            continue
+        tuning.times_ms[name] = ms
+        if ms < best_ms:
+            best, best_ms = plan, ms
+    tuning.chosen = variant_name(best)
+    return best, tuning
+
+
+def median_ms(timed_run: Callable[[], float]) -> float:
+    """Median of ``timed_run()`` (milliseconds of one run) over as many runs as fit in
+    :data:`BUDGET_MS`, at least 3 and at most 15, after one untimed run."""
+    timed_run()
+    first = timed_run()
+    repeats = int(min(15, max(3, BUDGET_MS / max(first, 1e-3))))
+    return statistics.median([first] + [timed_run() for _ in range(repeats - 1)])
+
+
+def cache_directory() -> Path:
+    """``$CONVCRF_CACHE_DIR``, else ``$XDG_CACHE_HOME/convcrf``, else ``~/.cache/convcrf``."""
+    if os.environ.get("CONVCRF_CACHE_DIR"):
+        return Path(os.environ["CONVCRF_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "convcrf"
+
+
+def cache_key(device: str, kernel_source: str, plan: MeanFieldPlan, base: LaunchConfig) -> str:
+    """What a choice depends on: the device, the kernel source, the shapes, the parameters and
+    the launch configuration it was tuned from."""
+    source = hashlib.sha256(kernel_source.encode()).hexdigest()[:16]
+    shapes = (plan.batch, plan.features, plan.classes, plan.height, plan.width)
+    return f"{device}|{source}|{shapes}|{plan.params!r}|{base!r}"
+
+
+class TuningCache:
+    """Variant names by :func:`cache_key`, in the JSON file ``directory/cuda_tuning.json``.
+
+    A file that cannot be read counts as empty, one that cannot be written is left as it is:
+    the cache only saves time.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.path = (directory or cache_directory()) / CACHE_FILE
+
+    def get(self, key: str) -> str | None:
+        name = self._load().get(key)
+        return name if name in (*MESSAGE_KERNELS, "fused") else None
+
+    def put(self, key: str, name: str) -> None:
+        entries = self._load()
+        entries.pop(key, None)
+        entries[key] = name
+        kept = dict(list(entries.items())[-CACHE_ENTRIES:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps(kept, indent=1).encode())
+        except OSError:
+            pass
+
+    def _load(self) -> dict[str, str]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
