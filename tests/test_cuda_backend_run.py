@@ -159,6 +159,8 @@ def test_info_reports_the_device_and_auto_takes_it(fake_cupy):
     assert "cuda devices: 1" in result.output
     assert "cuda:0: C++ shim of the CUDA kernels" in result.output
     assert "(kernels load)" in result.output
+    cache = Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json"
+    assert f"tuned launch plans: 0 in {cache} (delete it to time them again)" in result.output
     assert "--device auto uses: cuda:0 (C++ shim of the CUDA kernels" in result.output
 
 

@@ -165,7 +165,7 @@ def test_cache_round_trip_and_what_it_ignores(tmp_path):
     assert cache.get("a") is None
     cache.put("a", "split")
     cache.put("b", "fused")
-    assert TuningCache(tmp_path / "new").get("a") == "split"
+    assert TuningCache(tmp_path / "new").get("a") == "split" and len(cache) == 2
     assert json.loads(cache.path.read_text()) == {"a": "split", "b": "fused"}
     cache.path.write_text(json.dumps({"a": "fastest", "b": ["tiled"]}))
     assert cache.get("a") is None and cache.get("b") is None

@@ -131,7 +131,7 @@ def test_backend_returns_the_kind_it_was_given():
     image, logits = random_inputs(2, 2, 30, 41, 4, 3)
     image_nfhw = image.transpose(0, 3, 1, 2)
     expected = refine_on_gpu(image, logits, params)
-    backend = cuda.CUDABackend(0)
+    backend = cuda.CUDABackend(0, tune=False)  # the default plan, as refine_on_gpu
 
     out_numpy = backend.run(image_nfhw, logits, params)
     assert isinstance(out_numpy, np.ndarray)
@@ -144,6 +144,26 @@ def test_backend_returns_the_kind_it_was_given():
         out_torch = backend.run(image_t, torch.from_numpy(logits).cuda(), params)
         assert isinstance(out_torch, torch.Tensor) and out_torch.is_cuda
         np.testing.assert_allclose(out_torch.cpu().numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_gpu_tuning_times_every_variant_and_they_agree():
+    """At 500x375 (C=21, blur 4, k=7) every launch variant runs on the device, none is left
+    out for differing from the default plan, and the chosen one matches the reference."""
+    params = CRFParams(filter_size=7, blur=4, iterations=5)
+    image, logits = random_inputs(5, 1, 375, 500, 21, 3)
+    image_nfhw = np.ascontiguousarray(image.transpose(0, 3, 1, 2))
+    backend = cuda.CUDABackend(0)
+    scores = backend.run(image_nfhw, logits, params)
+    [tuning] = backend.tunings
+    print(tuning.describe())
+    assert tuning.rejected == {}
+    assert list(tuning.times_ms) == ["per-cell", "split", "tiled", "fused"]
+    untuned = cuda.CUDABackend(0, tune=False).run(image_nfhw, logits, params)
+    np.testing.assert_allclose(scores, untuned, rtol=0, atol=1e-4)
+    again = cuda.CUDABackend(0)  # the choice is remembered: no second timing
+    np.testing.assert_array_equal(again.run(image_nfhw, logits, params), scores)
+    assert again.tunings == []
+    assert_matches_reference(scores, image, logits, params)
 
 
 def test_refine_selects_cuda_and_batches():

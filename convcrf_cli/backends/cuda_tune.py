@@ -173,6 +173,9 @@ class TuningCache:
     def __init__(self, directory: Path | None = None) -> None:
         self.path = (directory or cache_directory()) / CACHE_FILE
 
+    def __len__(self) -> int:
+        return len(self._load())
+
     def get(self, key: str) -> str | None:
         name = self._load().get(key)
         return name if name in (*MESSAGE_KERNELS, "fused") else None

@@ -7,6 +7,7 @@ import platform
 import click
 
 from convcrf_cli import __version__
+from convcrf_cli.backends.cuda_tune import TuningCache
 from convcrf_cli.commands.common import reports_errors
 
 
@@ -39,6 +40,8 @@ def _cupy_lines() -> list[str]:
             f"  cuda:{index}: {name}, compute {props['major']}.{props['minor']}, "
             f"{props['totalGlobalMem'] / 2**30:.1f} GiB ({status})"
         )
+    cache = TuningCache()
+    lines.append(f"tuned launch plans: {len(cache)} in {cache.path} (delete it to time them again)")
     return lines
 
 
