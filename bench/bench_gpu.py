@@ -106,7 +106,7 @@ def message_kernels_ms(image, logits, params: CRFParams, config) -> dict[str, tu
         plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, variant)
         if plan.message_kernel != name:
             continue  # the kernel does not fit this case
-        launcher = cuda.module_launcher(0, plan.class_block)
+        launcher = cuda.plan_launcher(0, plan)
         message = cupy.full(pooled.shape, cupy.nan, cupy.float32)
         launch = functools.partial(launcher, *plan.message_launch(feat, pooled, message))
         results[name] = (time_gpu_ms(launch, 30, 3, 20), message)
@@ -128,7 +128,7 @@ def inference_variants_ms(image, logits, params: CRFParams, config, repeats: int
         if name == "fused iterations" and not plan.fused:
             continue
         scores = cupy.empty_like(logits)
-        launcher = cuda.module_launcher(0, plan.class_block)
+        launcher = cuda.plan_launcher(0, plan)
         run = functools.partial(
             cuda_plan.run_plan, plan, image, logits, scores, launcher, cupy.empty
         )
@@ -178,7 +178,7 @@ def main() -> None:
         chosen = backend.tunings[-1].chosen  # tuned in the warm-up of "ours"
         tuned = cuda_tune.variant_config(config, chosen)
         plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, tuned)
-        launcher = cuda.module_launcher(0, plan.class_block)
+        launcher = cuda.plan_launcher(0, plan)
         scores = cupy.empty_like(logits)
         run = functools.partial(
             cuda_plan.run_plan, plan, image, logits, scores, launcher, cupy.empty

@@ -66,7 +66,7 @@ for kernel, fuse, blur in (("split", False, 1), ("tiled", False, 1), ("per-cell"
     plan = cuda_plan.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
     assert (plan.message_kernel, plan.fused) == (kernel, fuse)
     scores_d = cupy.empty_like(logits_d)
-    launcher = cuda.module_launcher(0, plan.class_block)
+    launcher = cuda.plan_launcher(0, plan)
     cuda_plan.run_plan(plan, image_d, logits_d, scores_d, launcher, cupy.empty)
     assert bool(cupy.isfinite(scores_d).all())
 import torch, torch.nn.functional as F

@@ -59,7 +59,7 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
 
     def runner(config: cuda_plan.LaunchConfig):
         plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, config)
-        launcher = RecordingLauncher(cuda._compiled_module(0, plan.class_block))
+        launcher = RecordingLauncher(cuda._compiled_module(0, *plan.module))
         return (
             plan,
             launcher,

@@ -2,9 +2,9 @@
 
 Each message kernel depends only on its block shape (per-cell: ``cell_block``, split:
 ``split_cells``, tiled: ``message_threads``) and the classes per chunk; the init, step and
-final passes only on the pool block. Each is timed alone (GPU ms per launch, 20 back-to-back
-launches between CUDA events, median of 15) for 500×375 C=21 blur 4, k ∈ {5,7,11,13}, and for
-2048×2048 C=21 blur 1 k=7.
+final passes only on the pool block and the score group (classes loaded at once). Each is
+timed alone (GPU ms per launch, 20 back-to-back launches between CUDA events, median of 15) for
+500×375 C=21 blur 4, k ∈ {5,7,11,13}, and for 2048×2048 C=21 blur 1 k=7.
 
     python3 bench/gpu_tune.py
 """
@@ -12,6 +12,7 @@ launches between CUDA events, median of 15) for 500×375 C=21 blur 4, k ∈ {5,7
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import cupy
 import numpy as np
@@ -35,7 +36,7 @@ POOLS = ((256, 1024), (256, 512), (128, 512), (128, 256), (64, 256), (64, 128), 
 
 def kernel_times(image, logits, params, config, class_block=None) -> dict[str, float]:
     plan = cuda_plan.MeanFieldPlan.create(image.shape, logits.shape, params, config, class_block)
-    launcher = RecordingLauncher(cuda._compiled_module(0, plan.class_block))
+    launcher = RecordingLauncher(cuda._compiled_module(0, *plan.module))
     scores = cupy.empty_like(logits)
     cuda_plan.run_plan(plan, image, logits, scores, launcher, cupy.empty)
     times = {}
@@ -70,14 +71,16 @@ def main() -> None:
         for ms, text in sorted(rows)[:9]:
             print(f"{text}: {ms:.4f} ms")
         rows = []
-        for threads, box in POOLS:
-            config = dataclasses.replace(base, pool_threads=threads, pool_box_pixels=box)
+        for (threads, box), group in itertools.product(POOLS, cuda_plan.SCORE_GROUPS):
+            config = dataclasses.replace(
+                base, pool_threads=threads, pool_box_pixels=box, score_group=group
+            )
             ms = kernel_times(image, logits, params, config)
             total = ms["convcrf_init"] + 4 * ms["convcrf_step"] + ms["convcrf_final"]
             rows.append(
                 (
                     total,
-                    f"pool {threads} threads box {box}: init "
+                    f"pool {threads} threads box {box} score group {group}: init "
                     f"{ms['convcrf_init']:.4f} step {ms['convcrf_step']:.4f} final "
                     f"{ms['convcrf_final']:.4f}",
                 )

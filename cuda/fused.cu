@@ -106,6 +106,6 @@ extern "C" __global__ void convcrf_step_fused(
         if (y < 0 || y >= height || x < 0 || x >= width) continue;
         const PixelScore score = pixel_score(args, n, y, x, true);
         float* out = scores + (long long)n * num_classes * plane + (long long)y * width + x;
-        for (int c = 0; c < num_classes; ++c) out[c * plane] = score(c);
+        store_scores(score, num_classes, out, plane);
     }
 }

@@ -21,8 +21,16 @@ def test_kernel_source_defines_every_kernel():
     assert sorted(defined) == sorted(cuda.KERNEL_NAMES)
 
 
-def test_compile_options_set_the_class_block():
-    assert cuda.compile_options(11) == ("-std=c++17", "-DCONVCRF_CLASS_BLOCK=11")
+def test_compile_options_set_the_class_block_and_score_group():
+    assert cuda.compile_options(11) == (
+        "-std=c++17",
+        "-DCONVCRF_CLASS_BLOCK=11",
+        "-DCONVCRF_SCORE_GROUP=1",
+    )
+    assert cuda.compile_options(16, 8)[1:] == (
+        "-DCONVCRF_CLASS_BLOCK=16",
+        "-DCONVCRF_SCORE_GROUP=8",
+    )
 
 
 def test_class_block_fills_shared_memory_and_balances_chunks():

@@ -21,7 +21,7 @@ from test_cuda_shim import assert_matches_reference, random_inputs
 
 from convcrf_cli import refine
 from convcrf_cli.backends import cuda, cuda_plan, select_backend
-from convcrf_cli.backends.cuda_tune import TuningCache
+from convcrf_cli.backends.cuda_tune import TuningCache, is_variant
 from convcrf_cli.params import CRFParams
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -83,12 +83,16 @@ def test_tuning_times_every_variant_then_keeps_its_choice(fake_cupy):
     scores = backend.run(image_nfhw, logits, TUNE_PARAMS)
     assert_matches_reference(scores, image, logits, TUNE_PARAMS)
     [tuning] = backend.tunings
-    # blur 2 on a small device: the default is "per-cell"; split, tiled, fused are timed too
-    assert list(tuning.times_ms) == ["per-cell", "split", "tiled", "fused"]
+    # blur 2 on a small device: the default is "per-cell"; split, tiled, fused are timed too,
+    # then the fastest of them with 4 and 8 classes per group of loads
+    names = list(tuning.times_ms)
+    assert names[:4] == ["per-cell", "split", "tiled", "fused"]
+    fastest = min(names[:4], key=tuning.times_ms.get)
+    assert names[4:] == [f"{fastest}:g4", f"{fastest}:g8"]
     assert tuning.rejected == {} and not tuning.from_cache
     assert tuning.times_ms[tuning.chosen] == min(tuning.times_ms.values())
     # each variant: one untimed and at least 3 timed runs (one convcrf_init each)
-    assert fake_cupy.launches.count("convcrf_init") >= 4 * 4
+    assert fake_cupy.launches.count("convcrf_init") >= 6 * 4
     assert "convcrf_message_split" in fake_cupy.launches
     assert "convcrf_step_fused" in fake_cupy.launches
     cache = json.loads((Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json").read_text())
@@ -99,7 +103,7 @@ def test_tuning_times_every_variant_then_keeps_its_choice(fake_cupy):
     np.testing.assert_allclose(again, scores, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cached", ["split", "fused"])
+@pytest.mark.parametrize("cached", ["split", "fused:g8"])
 def test_a_cached_choice_is_launched_without_timing(fake_cupy, cached):
     image_nfhw, logits, image = tune_inputs()
     config = cuda._device_launch_config(0)
@@ -112,8 +116,10 @@ def test_a_cached_choice_is_launched_without_timing(fake_cupy, cached):
         f"CUDA launch plan for 2x4x14x18 k=5 blur 2: {cached} (tuned earlier, cached)"
     ]
     assert fake_cupy.launches.count("convcrf_pool_features") == 1
-    chosen = {"split": "convcrf_message_split", "fused": "convcrf_step_fused"}[cached]
+    chosen = {"split": "convcrf_message_split", "fused:g8": "convcrf_step_fused"}[cached]
     assert chosen in fake_cupy.launches and "convcrf_message" not in fake_cupy.launches
+    # the module launched is compiled with the variant's score group
+    assert fake_cupy.compiled[-1] == (plan.class_block, {"split": 1, "fused:g8": 8}[cached])
 
 
 def test_no_tuning_runs_the_default_plan_once(fake_cupy):
@@ -196,7 +202,7 @@ def test_gpu_benchmark_script_runs_and_prints_its_tables(fake_cupy, monkeypatch,
             names[label].append(row[1])
         if label in names and len(row) == 5:  # comparison rows: time, ratio, largest difference
             assert float(row[4].rstrip(" |")) <= 1e-4, row
-    assert all(names[label][0] in ("per-cell", "split", "tiled", "fused") for label in names)
+    assert all(is_variant(names[label][0]) for label in names)
     assert names["40x30 C=5 blur 2 k=5"][1:] == [
         *("default", "split message", "tiled message", "fused iterations"),
         *("per-cell", "split", "tiled"),

@@ -24,12 +24,14 @@ def test_kernel_sources_exist():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_nvcc_compiles(source, arch, tmp_path):
-    # The largest class block the backend uses, so register arrays are sized as on the GPU.
+    # Class block and score group larger than the backend's, so register arrays are at least
+    # as large as on the GPU (the register test below compiles the backend's own options).
     command = [
         NVCC,
         "-cubin",
         f"-arch={arch}",
         "-DCONVCRF_CLASS_BLOCK=32",
+        "-DCONVCRF_SCORE_GROUP=8",
         "-Werror",
         "all-warnings",
         str(source),
@@ -99,14 +101,15 @@ def _largest_blocks() -> dict[str, int]:
     return largest
 
 
-def _registers(arch: str, class_block: int, tmp_path: Path) -> dict[str, int]:
+def _registers(arch: str, module: tuple[int, int], tmp_path: Path) -> dict[str, int]:
     """Registers per thread of every kernel of the module as the backend compiles it (the
-    concatenated sources), from ptxas's resource usage."""
+    concatenated sources, ``module`` = (class block, score group)), from ptxas's resource
+    usage."""
     from convcrf_cli.backends.cuda import compile_options, kernel_source
 
     source = tmp_path / "convcrf.cu"
     source.write_text(kernel_source())
-    command = [NVCC, "-cubin", f"-arch={arch}", *compile_options(class_block), "--resource-usage"]
+    command = [NVCC, "-cubin", f"-arch={arch}", *compile_options(*module), "--resource-usage"]
     command += [str(source), "-o", str(tmp_path / "convcrf.cubin")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -116,13 +119,13 @@ def _registers(arch: str, class_block: int, tmp_path: Path) -> dict[str, int]:
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: register check skipped")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-@pytest.mark.parametrize("class_block", [1, 11, 16])
-def test_every_kernel_fits_the_registers_of_its_largest_block(arch, class_block, tmp_path):
+@pytest.mark.parametrize("module", [(1, 1), (11, 1), (16, 1), (11, 8), (16, 8)], ids=str)
+def test_every_kernel_fits_the_registers_of_its_largest_block(arch, module, tmp_path):
     # A block needing more registers than the multiprocessor has fails to launch ("too many
     # resources requested") only on a GPU; this catches it from the compiler's numbers.
     from convcrf_cli.backends.cuda import KERNEL_NAMES
 
-    registers = _registers(arch, class_block, tmp_path)
+    registers = _registers(arch, module, tmp_path)
     largest = _largest_blocks()
     assert set(registers) == set(KERNEL_NAMES) == set(largest)
     too_many = {

@@ -68,8 +68,8 @@ PLANTED = [
     (
         "address",
         "fullres.cu",
-        "for (int c = 0; c < num_classes; ++c) out[c * plane] = score(c);",
-        "for (int c = 0; c <= num_classes; ++c) out[c * plane] = score(c);",
+        "if (first + g < num_classes) out[(first + g) * plane] = z[g];",
+        "if (first + g < num_classes) out[(first + g + 1) * plane] = z[g];",
         "AddressSanitizer: heap-buffer-overflow",
     ),
 ]

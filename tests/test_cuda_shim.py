@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import reference
-from conftest import shim_launcher
+from conftest import SHIM_CLASS_BLOCK, shim_launcher
 from cuda_shim.cases import SMALL
 
 from convcrf_cli.backends.cuda_plan import MAX_CLASS_BLOCK, LaunchConfig, MeanFieldPlan, run_plan
@@ -213,6 +213,46 @@ def test_gpu_class_blocks_and_block_shapes(gpu_class_block_shim, message_kernel,
     scores, plan = refine_with_shim(shim, image, logits, params, config)
     assert (plan.message_kernel, plan.fused, plan.num_chunks) == (message_kernel, fuse, 2)
     assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.fixture(scope="module", params=[4, 8])
+def score_group_shim(request):
+    """The shim compiled with the full-resolution passes loading 4 or 8 classes at once."""
+    return shim_launcher(SHIM_CLASS_BLOCK, request.param)
+
+
+CHUNKED = dataclasses.replace(
+    SMALL, shared_memory=4096, cell_block=(4, 4), message_kernel="per-cell"
+)
+"""Too little shared memory to keep each pixel's scores: they are computed again per round."""
+
+
+@pytest.mark.parametrize(
+    ("config", "fuse", "blur", "classes", "init"),
+    [
+        (SMALL, False, 3, 21, "softmax"),  # z kept in shared memory; 21 = 8 + 8 + 5
+        (SMALL, True, 3, 21, "log"),  # fused iterations, their final scores
+        (CHUNKED, False, 2, 21, "softmax"),  # rounds of classes, groups within each round
+        (SMALL, False, 1, 21, "log"),  # blur 1, z kept
+        (CHUNKED, False, 1, 21, "softmax"),  # blur 1, z computed twice
+        (SMALL, False, 4, 2, "softmax"),  # fewer classes than a group
+    ],
+)
+def test_score_groups_match_reference_and_one_class_at_a_time(
+    score_group_shim, shim, config, fuse, blur, classes, init
+):
+    """Loading several classes' scores before using them changes only the order of the
+    softmax sums: the reference's numbers, and group 1's to rounding."""
+    params = CRFParams(filter_size=5, blur=blur, init=init, iterations=3)
+    image, logits = random_inputs(classes + blur, 2, 17, 22, classes, 3)
+    config = dataclasses.replace(config, fuse_message=fuse)
+    scores, plan = refine_with_shim(score_group_shim, image, logits, params, config)
+    assert plan.fused == fuse
+    if config is CHUNKED:
+        assert 0 <= plan.chunk_classes < classes
+    assert_matches_reference(scores, image, logits, params)
+    one_at_a_time, _ = refine_with_shim(shim, image, logits, params, config)
+    np.testing.assert_allclose(scores, one_at_a_time, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("message_kernel", MESSAGE_KERNELS)

@@ -4,6 +4,7 @@ timed runs, and the cache file. No device and no shim: timings and scores are gi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,7 +16,9 @@ from convcrf_cli.backends.cuda_tune import (
     TuningCache,
     cache_key,
     candidate_plans,
+    is_variant,
     median_ms,
+    score_group_plans,
     tune,
     variant_config,
     variant_name,
@@ -69,8 +72,23 @@ def test_variant_config_reproduces_each_candidate():
     for plan in candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG):
         config = variant_config(CONFIG, variant_name(plan))
         assert launches(MeanFieldPlan.create(IMAGE, LOGITS, PARAMS, config)) == launches(plan)
-    with pytest.raises(ValueError, match="unknown launch variant"):
-        variant_config(CONFIG, "fastest")
+    for name in ("fastest", "split:g3", "split:gx", "fused:"):
+        with pytest.raises(ValueError, match="unknown launch variant"):
+            variant_config(CONFIG, name)
+
+
+def test_score_group_variants_are_named_and_made():
+    plan = candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG)[1]  # split
+    others = score_group_plans(plan)
+    assert [variant_name(other) for other in others] == ["split:g4", "split:g8"]
+    assert [other.module for other in others] == [(plan.class_block, 4), (plan.class_block, 8)]
+    assert launches(others[1]) == launches(plan)  # the same launches, another module
+    eight = variant_config(CONFIG, "fused:g8")
+    assert (eight.fuse_message, eight.score_group) == (True, 8)
+    assert variant_name(MeanFieldPlan.create(IMAGE, LOGITS, PARAMS, eight)) == "fused:g8"
+    assert is_variant("tiled:g4") and not is_variant("tiled:g2") and not is_variant(["split"])
+    with pytest.raises(ValueError, match="score_group must be one of"):
+        MeanFieldPlan.create(IMAGE, LOGITS, PARAMS, dataclasses.replace(CONFIG, score_group=3))
 
 
 def fake_measure(times_ms: dict, scores: dict, calls: list):
@@ -100,6 +118,22 @@ def test_tune_keeps_the_fastest_variant_whose_scores_agree():
     line = tuning.describe()
     assert line.startswith("CUDA launch plan for 1x21x375x500 k=7 blur 4: split (timed: ")
     assert "per-cell 0.400 ms" in line and "fused left out: scores differ" in line
+
+
+def test_tune_then_tries_the_fastest_at_other_score_groups():
+    plans = candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG)
+    reference = np.linspace(-8, 8, 50, dtype=np.float32)
+    times = {"per-cell": 0.40, "split": 0.21, "tiled": 0.35, "fused": 0.30}
+    times |= {"split:g4": 0.15, "split:g8": 0.17}
+    calls: list[str] = []
+    best, tuning = tune(
+        plans,
+        fake_measure(times, {"per-cell": reference}, calls),
+        relative_difference,
+        score_group_plans,
+    )
+    assert calls == ["per-cell", "split", "tiled", "fused", "split:g4", "split:g8"]
+    assert variant_name(best) == tuning.chosen == "split:g4" and best.module[1] == 4
 
 
 def test_tune_keeps_the_default_when_it_is_fastest_or_the_others_fail():

@@ -36,6 +36,7 @@ from convcrf_cli.backends.cuda_tune import (
     candidate_plans,
     describe_case,
     median_ms,
+    score_group_plans,
     tune,
     variant_config,
     variant_name,
@@ -70,9 +71,14 @@ def kernel_source() -> str:
     return "\n".join((root / name).read_text() for name in KERNEL_FILES)
 
 
-def compile_options(class_block: int) -> tuple[str, ...]:
-    """NVRTC options of the module with ``class_block`` classes per message chunk."""
-    return ("-std=c++17", f"-DCONVCRF_CLASS_BLOCK={class_block}")
+def compile_options(class_block: int, score_group: int = 1) -> tuple[str, ...]:
+    """NVRTC options of the module with ``class_block`` classes per message chunk and
+    ``score_group`` classes per group of loads in the full-resolution passes."""
+    return (
+        "-std=c++17",
+        f"-DCONVCRF_CLASS_BLOCK={class_block}",
+        f"-DCONVCRF_SCORE_GROUP={score_group}",
+    )
 
 
 def nvrtc_check(arch: str = "compute_80", class_block: int = 8) -> str | None:
@@ -155,11 +161,12 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
 
 
 @functools.cache
-def _compiled_module(device_index: int, class_block: int):
-    """The RawModule for one device and class block, compiled once per process."""
+def _compiled_module(device_index: int, class_block: int, score_group: int = 1):
+    """The RawModule for one device, class block and score group, compiled once per process."""
     cupy = _import_cupy()
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(), options=compile_options(class_block))
+        options = compile_options(class_block, score_group)
+        module = cupy.RawModule(code=kernel_source(), options=options)
         module.compile()
     return module
 
@@ -222,9 +229,14 @@ class _CuPyLauncher:
 
 
 @functools.cache
-def module_launcher(device_index: int, class_block: int) -> _CuPyLauncher:
+def module_launcher(device_index: int, class_block: int, score_group: int = 1) -> _CuPyLauncher:
     """The launcher of :func:`_compiled_module`, made once (it keeps the kernel handles)."""
-    return _CuPyLauncher(_compiled_module(device_index, class_block))
+    return _CuPyLauncher(_compiled_module(device_index, class_block, score_group))
+
+
+def plan_launcher(device_index: int, plan: MeanFieldPlan) -> _CuPyLauncher:
+    """:func:`module_launcher` of the module ``plan`` launches."""
+    return module_launcher(device_index, *plan.module)
 
 
 def array_kind(array: Any) -> str:
@@ -282,7 +294,7 @@ class CUDABackend:
                         plan = self._tuned_plan(plan, image_p, logits_p, scores_p)
                         if plan is None:  # tuning ran the default plan last: scores are in
                             continue
-                    launcher = module_launcher(self.index, plan.class_block)
+                    launcher = plan_launcher(self.index, plan)
                     run_plan(plan, image_p, logits_p, scores_p, launcher, cupy.empty)
         return self._like(scores, kind)
 
@@ -318,7 +330,7 @@ class CUDABackend:
 
         def measure(plan: MeanFieldPlan):
             out = scores if plan is default else cupy.empty(logits.shape, dtype=cupy.float32)
-            launcher = module_launcher(self.index, plan.class_block)
+            launcher = plan_launcher(self.index, plan)
 
             def timed_run() -> float:
                 start, stop = cupy.cuda.Event(), cupy.cuda.Event()
@@ -334,7 +346,10 @@ class CUDABackend:
             scale = max(1.0, float(cupy.abs(reference).max()))
             return float(cupy.abs(candidate - reference).max()) / scale
 
-        return tune(plans, measure, difference)
+        def other_groups(plan: MeanFieldPlan) -> list[MeanFieldPlan]:
+            return score_group_plans(plan, plan_for=_cached_plan)
+
+        return tune(plans, measure, difference, other_groups)
 
     def _stream(self, kind: str):
         """Torch's current stream for torch CUDA inputs (ordered after the work that made

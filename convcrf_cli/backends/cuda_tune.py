@@ -1,10 +1,11 @@
 """Choosing the fastest launch plan on the device itself (no CuPy here).
 
-Which message kernel is fastest, and whether fused iterations pay, depends on the GPU and the
-batch shape. :func:`tune` times each candidate plan of :func:`candidate_plans` on the inputs of
-the first call with that shape and keeps the fastest whose scores agree with the default
-plan's; :class:`TuningCache` keeps the choice on disk, so that later processes on the same
-device and shape skip the timing.
+Which message kernel is fastest, whether fused iterations pay, and how many classes' scores a
+thread should load at once, depends on the GPU and the batch shape. :func:`tune` times each
+candidate plan of :func:`candidate_plans`, then the fastest at the other score groups
+(:func:`score_group_plans`), on the inputs of the first call with that shape, and keeps the
+fastest whose scores agree with the default plan's; :class:`TuningCache` keeps the choice on
+disk, so that later processes on the same device and shape skip the timing.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from typing import Any
 
 from convcrf_cli.atomic import atomic_write_bytes
 from convcrf_cli.backends import DeviceError
-from convcrf_cli.backends.cuda_plan import MESSAGE_KERNELS, LaunchConfig, MeanFieldPlan
+from convcrf_cli.backends.cuda_plan import (
+    MESSAGE_KERNELS,
+    SCORE_GROUPS,
+    LaunchConfig,
+    MeanFieldPlan,
+)
 from convcrf_cli.params import CRFParams
 
 TOLERANCE = 1e-3
 """Largest difference of a candidate's scores from the default plan's, relative to
-``max(1, max |scores|)``; float32 variants agree to about 1e-6 of that."""
+``max(1, max |scores|)``; the variants differ only in float32 rounding, far below it."""
 BUDGET_MS = 20.0
 """GPU time to spend timing each candidate (at least 3 runs, at most 15)."""
 CACHE_ENTRIES = 512
@@ -34,17 +40,36 @@ CACHE_FILE = "cuda_tuning.json"
 
 
 def variant_name(plan: MeanFieldPlan) -> str:
-    """ "fused", or the message kernel of :data:`MESSAGE_KERNELS` the plan launches."""
-    return "fused" if plan.fused else plan.message_kernel
+    """ "fused" or the message kernel of :data:`MESSAGE_KERNELS` the plan launches, with
+    ":g<N>" where its score group (:data:`SCORE_GROUPS`) is not 1: "split:g8"."""
+    name = "fused" if plan.fused else plan.message_kernel
+    group = plan.config.score_group
+    return name if group == 1 else f"{name}:g{group}"
 
 
 def variant_config(config: LaunchConfig, name: str) -> LaunchConfig:
     """``config`` set to launch variant ``name`` (of :func:`variant_name`)."""
-    if name == "fused":
-        return dataclasses.replace(config, fuse_message=True)
-    if name not in MESSAGE_KERNELS:
+    kernel, marker, group = name.partition(":g")
+    if not marker:
+        score_group = 1
+    else:
+        score_group = int(group) if group.isdigit() else 0  # 0: not a score group
+    if kernel not in (*MESSAGE_KERNELS, "fused") or score_group not in SCORE_GROUPS:
         raise ValueError(f"unknown launch variant {name!r}")
-    return dataclasses.replace(config, message_kernel=name, fuse_message=False)
+    if kernel == "fused":
+        return dataclasses.replace(config, fuse_message=True, score_group=score_group)
+    return dataclasses.replace(
+        config, message_kernel=kernel, fuse_message=False, score_group=score_group
+    )
+
+
+def is_variant(name: object) -> bool:
+    """Whether ``name`` is a name :func:`variant_name` gives."""
+    try:
+        variant_config(LaunchConfig(), name)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def candidate_plans(
@@ -60,7 +85,9 @@ def candidate_plans(
     ``plan_for(image_shape, logits_shape, params, config)`` makes a plan (the backend passes
     its cached :meth:`MeanFieldPlan.create`)."""
     plans: dict[str, MeanFieldPlan] = {}
-    configs = [config] + [variant_config(config, name) for name in (*MESSAGE_KERNELS, "fused")]
+    group = "" if config.score_group == 1 else f":g{config.score_group}"
+    names = [f"{name}{group}" for name in (*MESSAGE_KERNELS, "fused")]
+    configs = [config] + [variant_config(config, name) for name in names]
     for index, candidate in enumerate(configs):
         try:
             plan = plan_for(tuple(image_shape), tuple(logits_shape), params, candidate)
@@ -70,6 +97,21 @@ def candidate_plans(
             continue
         plans.setdefault(variant_name(plan), plan)
     return list(plans.values())
+
+
+def score_group_plans(
+    plan: MeanFieldPlan, plan_for: Callable[..., MeanFieldPlan] = MeanFieldPlan.create
+) -> list[MeanFieldPlan]:
+    """``plan`` at each other score group of :data:`SCORE_GROUPS` (``plan_for`` as in
+    :func:`candidate_plans`)."""
+    image_shape = (plan.batch, plan.features, plan.height, plan.width)
+    logits_shape = (plan.batch, plan.classes, plan.height, plan.width)
+    configs = [
+        dataclasses.replace(plan.config, score_group=group)
+        for group in SCORE_GROUPS
+        if group != plan.config.score_group
+    ]
+    return [plan_for(image_shape, logits_shape, plan.params, config) for config in configs]
 
 
 @dataclasses.dataclass
@@ -106,8 +148,11 @@ def tune(
     plans: Sequence[MeanFieldPlan],
     measure: Callable[[MeanFieldPlan], tuple[float, Any]],
     difference: Callable[[Any, Any], float],
+    refinements: Callable[[MeanFieldPlan], Sequence[MeanFieldPlan]] | None = None,
 ) -> tuple[MeanFieldPlan, Tuning]:
-    """The fastest of ``plans`` whose scores agree with those of ``plans[0]`` (the default).
+    """The fastest of ``plans`` and then of ``refinements(fastest)`` (the backend's: the
+    fastest at the other score groups) whose scores agree with those of ``plans[0]`` (the
+    default).
 
     ``measure(plan)`` runs the plan and returns (median milliseconds, scores);
     ``difference(scores, reference)`` is the largest difference relative to
@@ -119,21 +164,28 @@ def tune(
     tuning = Tuning(describe_case(plans[0]), variant_name(plans[0]))
     tuning.times_ms[tuning.chosen] = reference_ms
     best, best_ms = plans[0], reference_ms
-    for plan in plans[1:]:
+
+    def consider(plan: MeanFieldPlan) -> None:
+        nonlocal best, best_ms
         name = variant_name(plan)
         try:
             ms, scores = measure(plan)
         except Exception as exc:  # a launch the device refuses: keep the default
             tuning.rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            continue
+            return
         off_by = difference(scores, reference)
         del scores
         if not off_by <= TOLERANCE:
             tuning.rejected[name] = f"scores differ from {variant_name(plans[0])}'s by {off_by:.2e}"
-            continue
+            return
         tuning.times_ms[name] = ms
         if ms < best_ms:
             best, best_ms = plan, ms
+
+    for plan in plans[1:]:
+        consider(plan)
+    for plan in refinements(best) if refinements is not None else ():
+        consider(plan)
     tuning.chosen = variant_name(best)
     return best, tuning
 
@@ -178,7 +230,7 @@ class TuningCache:
 
     def get(self, key: str) -> str | None:
         name = self._load().get(key)
-        return name if name in (*MESSAGE_KERNELS, "fused") else None
+        return name if is_variant(name) else None
 
     def put(self, key: str, name: str) -> None:
         entries = self._load()

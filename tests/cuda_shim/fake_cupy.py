@@ -29,6 +29,8 @@ nan = np.nan
 BUILD_DIR = Path(__file__).resolve().parents[1] / "_build" / "fake_cupy"
 launches: list[str] = []
 """The name of every kernel launched, in order (emptied by :func:`installed`)."""
+compiled: list[tuple[int, int]] = []
+"""(class block, score group) of every RawModule compiled, in order (emptied likewise)."""
 ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 64 * 1024, "MultiProcessorCount": 4}
 """Device attributes the backend reads (a small device: 4 multiprocessors)."""
 
@@ -95,25 +97,28 @@ class _Kernel:
 
 
 class RawModule:
-    """The kernel source built into the shim with the ``-DCONVCRF_CLASS_BLOCK`` of ``options``
-    (the source itself is the repository's ``cuda/``, which the backend read)."""
+    """The kernel source built into the shim with the ``-DCONVCRF_CLASS_BLOCK`` and
+    ``-DCONVCRF_SCORE_GROUP`` of ``options`` (the source itself is the repository's ``cuda/``,
+    which the backend read)."""
 
     def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
-        match = re.search(r"-DCONVCRF_CLASS_BLOCK=(\d+)", " ".join(options))
-        self.class_block = int(match.group(1))
+        defines = dict(re.findall(r"-D(CONVCRF_\w+)=(\d+)", " ".join(options)))
+        self.class_block = int(defines["CONVCRF_CLASS_BLOCK"])
+        self.score_group = int(defines["CONVCRF_SCORE_GROUP"])
         self.shim: ShimLauncher | None = None
 
     def compile(self) -> None:
-        self.shim = _shim(self.class_block)
+        self.shim = _shim(self.class_block, self.score_group)
+        compiled.append((self.class_block, self.score_group))
 
     def get_function(self, name: str) -> _Kernel:
         return _Kernel(self.shim, name)
 
 
 @functools.cache
-def _shim(class_block: int) -> ShimLauncher:
-    """The shim built once per class block for the whole test session."""
-    return ShimLauncher(build_shim(BUILD_DIR, class_block))
+def _shim(class_block: int, score_group: int) -> ShimLauncher:
+    """The shim built once per class block and score group for the whole test session."""
+    return ShimLauncher(build_shim(BUILD_DIR, class_block, score_group=score_group))
 
 
 class _Event:
@@ -182,6 +187,7 @@ def installed() -> Iterator[types.ModuleType]:
     previous = sys.modules.get("cupy")
     _clear(caches)
     launches.clear()
+    compiled.clear()
     sys.modules["cupy"] = sys.modules[__name__]
     try:
         yield sys.modules[__name__]
