@@ -240,7 +240,7 @@ class _Run:
         item by item so that one bad item does not fail its neighbours."""
         start = time.perf_counter()
         try:
-            scores = refine_prepared([p for _, p in group], self.params, self.backend)
+            refined = refine_prepared([p for _, p in group], self.params, self.backend)
         except ITEM_ERRORS as exc:
             self.stats.crf_seconds += time.perf_counter() - start
             if len(group) > 1:
@@ -252,9 +252,9 @@ class _Run:
             return
         elapsed = time.perf_counter() - start
         self.stats.crf_seconds += elapsed
-        for (item, prepared), item_scores in zip(group, scores, strict=True):
+        for (item, prepared), item_refined in zip(group, refined, strict=True):
             future = pool.submit(
-                write_item, prepared, item_scores, elapsed / len(group), self.device
+                write_item, prepared, item_refined, elapsed / len(group), self.device
             )
             self.writes.append((item, future))
 

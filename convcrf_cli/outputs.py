@@ -128,13 +128,17 @@ def prepare_directories(spec: OutputSpec) -> None:
 
 
 def write_outputs(
-    spec: OutputSpec, image: np.ndarray, scores: np.ndarray, labels: np.ndarray, layout: str
+    spec: OutputSpec,
+    image: np.ndarray,
+    scores: np.ndarray | None,
+    labels: np.ndarray,
+    layout: str,
 ) -> list[str]:
     """Write every output ``spec`` names, all or none; return their paths (``"-"`` for stdout).
 
     image: ``[H,W,F]`` (for the overlay). scores: the refined ``[C,H,W] float32`` scores, whose
-    softmax over classes is written as the probabilities, in ``layout``. labels: ``[H,W]``
-    class ids (the argmax of ``scores``).
+    softmax over classes is written as the probabilities, in ``layout`` (may be None when
+    ``spec`` writes no probabilities). labels: ``[H,W]`` class ids (the argmax of the scores).
     The files are written under temporary names and renamed once all were written (and the
     PNG went to stdout); if anything fails, none is left. A failing rename removes the
     outputs already renamed.

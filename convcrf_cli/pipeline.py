@@ -120,9 +120,9 @@ def refine_item(
         stdin=stdin,
     )
     crf_start = time.perf_counter()
-    scores = refine_prepared([prepared], params, backend)[0]
+    refined = refine_prepared([prepared], params, backend)[0]
     crf_seconds = time.perf_counter() - crf_start
-    return write_item(prepared, scores, crf_seconds, describe_backend(backend))
+    return write_item(prepared, refined, crf_seconds, describe_backend(backend))
 
 
 def prepare_item(
@@ -189,36 +189,71 @@ def prepare_item(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Refined:
+    """The CRF's result for one item, as far as its outputs need it.
+
+    scores: ``[C,H,W] float32`` refined scores; None where the labels came from the device and
+        no probabilities are written (the scores then stay on the device).
+    labels, unary_labels: ``[H,W] int32`` argmax of the refined scores and of the unary,
+        computed on the device (CUDA backend), or None: :func:`write_item` takes them from
+        ``scores`` and the unary on the host.
+    """
+
+    scores: np.ndarray | None
+    labels: np.ndarray | None = None
+    unary_labels: np.ndarray | None = None
+
+
 def refine_prepared(
     items: list[PreparedItem], params: CRFParams, backend: Backend
-) -> list[np.ndarray]:
+) -> list[Refined]:
     """Run the CRF on items of one :attr:`PreparedItem.group_key` in one batched call.
 
-    Returns each item's refined scores, ``[C,H,W] float32``.
+    On a backend with device arrays (``to_device``, the CUDA backend) the labels are taken on
+    the device, and only they (and the scores of items that write probabilities) are copied
+    back; elsewhere each item gets its scores, ``[C,H,W] float32``.
     """
     if len({item.group_key for item in items}) != 1:
         raise ValueError("refine_prepared needs items of one size, channel and class count")
-    if len(items) == 1:
-        return [as_numpy(refine(items[0].image.pixels, items[0].unary.logits, params, backend))]
-    pixels = np.stack([item.image.pixels for item in items])
-    logits = np.stack([item.unary.logits for item in items])
-    return list(as_numpy(refine(pixels, logits, params, backend)))
+    if len(items) == 1:  # views, no copy
+        pixels, logits = items[0].image.pixels[None], items[0].unary.logits[None]
+    else:
+        pixels = np.stack([item.image.pixels for item in items])
+        logits = np.stack([item.unary.logits for item in items])
+    to_device = getattr(backend, "to_device", None)
+    if to_device is None:
+        return [Refined(scores) for scores in as_numpy(refine(pixels, logits, params, backend))]
+    logits_d = to_device(logits)
+    scores_d = refine(to_device(pixels), logits_d, params, backend)
+    labels = backend.class_argmax(scores_d)
+    unary_labels = backend.class_argmax(logits_d)
+    return [
+        Refined(
+            as_numpy(scores_d[i]) if item.spec.probs is not None else None,
+            labels[i],
+            unary_labels[i],
+        )
+        for i, item in enumerate(items)
+    ]
 
 
 def write_item(
-    prepared: PreparedItem, scores: np.ndarray, crf_seconds: float, device: str
+    prepared: PreparedItem, refined: Refined, crf_seconds: float, device: str
 ) -> ItemResult:
-    """Write the outputs of one refined item; ``scores`` ``[C,H,W] float32``.
+    """Write the outputs of one refined item.
 
     crf_seconds: this item's share of the CRF time; device: where the CRF ran.
     """
     start = time.perf_counter()
     spec = prepared.spec
     pixels = prepared.image.pixels
-    labels = class_argmax(scores)
-    written = outputs.write_outputs(spec, pixels, scores, labels, prepared.unary.layout)
+    labels = refined.labels if refined.labels is not None else class_argmax(refined.scores)
+    written = outputs.write_outputs(spec, pixels, refined.scores, labels, prepared.unary.layout)
     classes = prepared.unary.num_classes
-    unary_labels = class_argmax(prepared.unary.logits)
+    unary_labels = refined.unary_labels
+    if unary_labels is None:
+        unary_labels = class_argmax(prepared.unary.logits)
     return ItemResult(
         image=prepared.image_path,
         unary=prepared.unary_name,

@@ -149,6 +149,74 @@ def test_refine_reports_the_tuning_with_verbose(fake_cupy, tmp_path, tune_flag):
     assert np.asarray(Image.open(tmp_path / "labels.png")).shape == (12, 16)
 
 
+def test_batch_on_cuda_takes_the_labels_on_the_device(fake_cupy, tmp_path):
+    """``convcrf batch --device cuda`` writes the CPU backend's labels, probabilities and
+    report, copying back only the labels, the unary's labels and the scores of the items that
+    write probabilities."""
+    from convcrf_cli.cli import main
+
+    runner = CliRunner()
+    data = tmp_path / "data"
+    assert runner.invoke(main, ["synth", str(data), "--count", "3", "--size", "20x26",
+                                "--classes", "4"]).exit_code == 0  # fmt: skip
+    reports = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / device
+        args = ["batch", str(data / "images"), str(data / "unaries"), "-o", str(out / "labels")]
+        args += ["--probs-dir", str(out / "probs"), "--report", str(out / "report.jsonl")]
+        args += ["--device", device, "--no-tune", "-k", "5", "--blur", "2", "--out-format", "npy"]
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+        reports[device] = {r["key"]: r for r in records if "key" in r}
+    names = sorted(p.name for p in (data / "unaries").glob("*.npy"))
+    assert len(names) == 3 and len(reports["cuda"]) == 3
+    for name in names:
+        cuda_labels = np.load(tmp_path / "cuda" / "labels" / name)
+        np.testing.assert_array_equal(cuda_labels, np.load(tmp_path / "cpu" / "labels" / name))
+        cuda_probs = np.load(tmp_path / "cuda" / "probs" / name)
+        np.testing.assert_allclose(cuda_probs, np.load(tmp_path / "cpu" / "probs" / name),
+                                   atol=1e-4)  # fmt: skip
+    for key, record in reports["cuda"].items():
+        for field in ("status", "changed_pixels", "histogram", "unary_histogram"):
+            assert record.get(field) == reports["cpu"][key].get(field), (key, field)
+    # three images in one launch: labels and unary labels [3,20,26] once each, scores per item
+    shapes = [shape for shape, _ in fake_cupy.transfers]
+    assert shapes.count((3, 20, 26)) == 2 and shapes.count((4, 20, 26)) == 3
+
+
+def test_class_argmax_takes_the_first_of_tied_classes(fake_cupy):
+    from convcrf_cli.pipeline import class_argmax
+
+    scores = np.random.default_rng(0).normal(size=(2, 6, 5, 7)).astype(np.float32)
+    top = scores[0].max(axis=0)
+    scores[0, 0] = top - 1
+    scores[0, 1] = scores[0, 4] = top  # tied maxima: class 1 wins
+    labels = select_backend("cuda").class_argmax(fake_cupy.asarray(scores))
+    assert labels.dtype == np.int32 and (labels[0] == 1).all()
+    np.testing.assert_array_equal(labels, np.stack([class_argmax(s) for s in scores]))
+
+
+def test_refine_on_cuda_copies_scores_back_only_for_probabilities(fake_cupy, tmp_path):
+    from convcrf_cli.cli import main
+
+    image, logits = random_inputs(8, 1, 18, 21, 5, 3)
+    Image.fromarray(np.clip(image[0], 0, 255).astype(np.uint8)).save(tmp_path / "image.png")
+    np.save(tmp_path / "unary.npy", logits[0])
+    args = ["refine", str(tmp_path / "image.png"), str(tmp_path / "unary.npy"), "--blur", "2"]
+    args += ["--unary-type", "logit", "--device", "cuda", "--no-tune", "-o"]
+    for extra, copies in (([], 0), (["--probs", str(tmp_path / "probs.npy")], 1)):
+        fake_cupy.transfers.clear()
+        result = CliRunner().invoke(main, [*args, str(tmp_path / "labels.npy"), *extra])
+        assert result.exit_code == 0, result.output
+        shapes = [shape for shape, _ in fake_cupy.transfers]
+        assert shapes.count((1, 18, 21)) == 2  # the refined and the unary labels, int32
+        assert shapes.count((5, 18, 21)) == copies  # the scores, only for the probabilities
+    labels = np.load(tmp_path / "labels.npy")
+    probs = np.load(tmp_path / "probs.npy")
+    np.testing.assert_array_equal(labels, probs.argmax(0))
+
+
 def test_refine_on_cuda_equals_refine_on_cpu(fake_cupy):
     params = CRFParams(filter_size=5, blur=3, iterations=4)
     image, logits = random_inputs(4, 1, 20, 23, 4, 3)

@@ -167,6 +167,21 @@ def test_gpu_tuning_times_every_variant_and_they_agree():
     assert_matches_reference(scores, image, logits, params)
 
 
+def test_class_argmax_on_the_device_equals_the_host():
+    import cupy
+
+    from convcrf_cli.pipeline import class_argmax
+
+    scores = np.random.default_rng(0).normal(size=(3, 21, 37, 45)).astype(np.float32)
+    top = scores[0].max(axis=0)
+    scores[0, :3] = top - 1
+    scores[0, 3] = scores[0, 7] = top  # tied maxima: the first class wins
+    labels = cuda.CUDABackend(0).class_argmax(cupy.asarray(scores))
+    assert labels.dtype == np.int32 and labels.shape == (3, 37, 45)
+    assert (labels[0] == 3).all()
+    np.testing.assert_array_equal(labels, np.stack([class_argmax(s) for s in scores]))
+
+
 def test_refine_selects_cuda_and_batches():
     from convcrf_cli.core import refine
 

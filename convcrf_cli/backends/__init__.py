@@ -60,10 +60,10 @@ def select_backend(device: str = "auto", tune: bool = True) -> Backend:
 
 def as_numpy(array) -> np.ndarray:
     """Host copy of a NumPy array, CPU torch tensor or device array."""
-    if isinstance(array, np.ndarray):
-        return array
     if hasattr(array, "get"):  # CuPy
         return array.get()
+    if isinstance(array, np.ndarray):
+        return array
     if hasattr(array, "detach"):  # torch
         return array.detach().cpu().numpy()
     return np.asarray(array)

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from convcrf_cli.backends import DeviceError
 from convcrf_cli.backends.cuda_plan import (
     DEFAULT_SHARED_MEMORY,
@@ -282,8 +284,8 @@ class CUDABackend:
         kind = array_kind(logits)
         with cupy.cuda.Device(self.index):
             with self._stream(kind):
-                image_d = self._to_device(image)
-                logits_d = self._to_device(logits)
+                image_d = self.to_device(image)
+                logits_d = self.to_device(logits)
                 scores = cupy.empty(logits_d.shape, dtype=cupy.float32)
                 n, c = logits_d.shape[:2]
                 config = self.launch_config()
@@ -361,8 +363,13 @@ class CUDABackend:
             return self.cupy.cuda.ExternalStream(handle, self.index)
         return self.cupy.cuda.get_current_stream()
 
-    def _to_device(self, array):
-        """C-contiguous float32 CuPy array on this device."""
+    def class_argmax(self, array) -> np.ndarray:
+        """Labels ``[N,H,W] int32`` on the host: the argmax over classes (first on ties) of a
+        device array ``[N,C,H,W]``, taken on the device (only the labels are copied)."""
+        return array.argmax(axis=1).astype(np.int32).get()
+
+    def to_device(self, array):
+        """C-contiguous float32 CuPy array on this device (no copy for one already)."""
         cupy = self.cupy
         kind = array_kind(array)
         if kind == "torch-cuda":

@@ -29,6 +29,8 @@ nan = np.nan
 BUILD_DIR = Path(__file__).resolve().parents[1] / "_build" / "fake_cupy"
 launches: list[str] = []
 """The name of every kernel launched, in order (emptied by :func:`installed`)."""
+transfers: list[tuple[tuple[int, ...], str]] = []
+"""(shape, dtype) of every array copied to the host with ``get`` (emptied likewise)."""
 compiled: list[tuple[int, int]] = []
 """(class block, score group) of every RawModule compiled, in order (emptied likewise)."""
 ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 64 * 1024, "MultiProcessorCount": 4}
@@ -41,6 +43,7 @@ class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
     __module__ = "cupy"
 
     def get(self) -> np.ndarray:
+        transfers.append((self.shape, str(self.dtype)))
         return np.array(self, copy=True).view(np.ndarray)
 
     @property
@@ -187,6 +190,7 @@ def installed() -> Iterator[types.ModuleType]:
     previous = sys.modules.get("cupy")
     _clear(caches)
     launches.clear()
+    transfers.clear()
     compiled.clear()
     sys.modules["cupy"] = sys.modules[__name__]
     try:
