@@ -7,8 +7,10 @@ One batch of N same-sized images is refined by one launch of each kernel:
 * per iteration ``convcrf_message`` (``P`` -> coarse message ``M``), then ``convcrf_step``
   (``P = pool(softmax((u-w)·L + w·crop(up(M))))``) or, last, ``convcrf_final`` (the scores).
 
-The launch logic is :mod:`convcrf_cli.backends.cuda_plan` (no CuPy there); this module compiles
-the kernels, loads them on a device and launches the plan with CuPy.
+The launch logic is :mod:`convcrf_cli.backends.cuda_plan` and the choice among its variants
+(message kernels, fused iterations, score groups) :mod:`convcrf_cli.backends.cuda_tune` (no
+CuPy in either); this module compiles the kernels, loads them on a device, times the variants
+at the first batch of each shape and launches the chosen plan with CuPy.
 """
 
 from __future__ import annotations
