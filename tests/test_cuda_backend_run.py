@@ -101,6 +101,13 @@ def test_tuning_times_every_variant_then_keeps_its_choice(fake_cupy):
     again = backend.run(image_nfhw, logits, TUNE_PARAMS)  # remembered: one run, no timing
     assert fake_cupy.launches.count("convcrf_init") == 1 and len(backend.tunings) == 1
     np.testing.assert_allclose(again, scores, rtol=1e-5, atol=1e-5)
+    # a batch of about the same size (2x14x19 against 2x14x18 pixels) takes the same choice
+    fake_cupy.launches.clear()
+    wider_image, wider_logits = random_inputs(6, 2, 14, 19, 4, 3)
+    wider = backend.run(np.ascontiguousarray(wider_image.transpose(0, 3, 1, 2)), wider_logits,
+                        TUNE_PARAMS)  # fmt: skip
+    assert fake_cupy.launches.count("convcrf_init") == 1 and len(backend.tunings) == 1
+    assert_matches_reference(wider, wider_image, wider_logits, TUNE_PARAMS)
 
 
 @pytest.mark.parametrize("cached", ["split", "fused:g8"])

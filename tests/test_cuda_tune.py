@@ -194,6 +194,20 @@ def test_cache_key_names_everything_a_choice_depends_on():
     assert key == cache_key("H100 sm_90", "source", plan, CONFIG)
 
 
+def test_batches_of_about_the_same_size_share_a_choice():
+    def key(batch, height, width, classes=21):
+        plan = MeanFieldPlan.create(
+            (batch, 3, height, width), (batch, classes, height, width), PARAMS, CONFIG
+        )
+        return cache_key("H100 sm_90", "source", plan, CONFIG)
+
+    # 500x375 (187500 pixels): 2·log2 = 35.03; the class holds 2·log2 in [34.5, 35.5)
+    assert key(1, 375, 500) == key(1, 333, 500) == key(1, 375, 580) == key(1, 400, 500)
+    assert key(1, 375, 500) != key(1, 300, 500)  # 2·log2 = 34.4: the next class down
+    assert key(1, 375, 500) != key(2, 375, 500)  # twice the pixels: two classes up
+    assert key(1, 375, 500) != key(1, 375, 500, classes=20)
+
+
 def test_cache_round_trip_and_what_it_ignores(tmp_path):
     cache = TuningCache(tmp_path / "new")
     assert cache.get("a") is None

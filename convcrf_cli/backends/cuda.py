@@ -10,7 +10,7 @@ One batch of N same-sized images is refined by one launch of each kernel:
 The launch logic is :mod:`convcrf_cli.backends.cuda_plan` and the choice among its variants
 (message kernels, fused iterations, score groups) :mod:`convcrf_cli.backends.cuda_tune` (no
 CuPy in either); this module compiles the kernels, loads them on a device, times the variants
-at the first batch of each shape and launches the chosen plan with CuPy.
+at the first batch of each size class and launches the chosen plan with CuPy.
 """
 
 from __future__ import annotations
@@ -261,14 +261,14 @@ class CUDABackend:
     name = "cuda"
 
     def __init__(self, index: int = 0, tune: bool = True) -> None:
-        """``tune``: at the first batch of each shape, time the launch variants
+        """``tune``: at the first batch of each size class, time the launch variants
         (:mod:`convcrf_cli.backends.cuda_tune`) and keep the fastest, remembered in this
         process and in the :class:`TuningCache`; else always the default launch plan."""
         self.index = index
         self.tune = tune
         self.cupy = _import_cupy()
         self.tunings: list[Tuning] = []
-        """What this backend chose (timed or read from the cache), one per batch shape."""
+        """What this backend chose (timed, or read from the cache), one per size class."""
 
     def describe(self) -> str:
         name = _device_name(self.index).rsplit(" sm_", 1)[0]

@@ -1,7 +1,7 @@
 """Choosing the fastest launch plan on the device itself (no CuPy here).
 
 Which message kernel is fastest, whether fused iterations pay, and how many classes' scores a
-thread should load at once, depends on the GPU and the batch shape. :func:`tune` times each
+thread should load at once, depends on the GPU and the batch's size. :func:`tune` times each
 candidate plan of :func:`candidate_plans`, then the fastest at the other score groups
 (:func:`score_group_plans`), on the inputs of the first call with that shape, and keeps the
 fastest whose scores agree with the default plan's; :class:`TuningCache` keeps the choice on
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -116,10 +117,10 @@ def score_group_plans(
 
 @dataclasses.dataclass
 class Tuning:
-    """What :func:`tune` measured for one batch shape, or what the cache held for it."""
+    """What :func:`tune` measured for one size class, or what the cache held for it."""
 
     case: str
-    """The batch shape and parameters, for people: ``"1x21x375x500 k=7 blur 4"``."""
+    """The batch shape it was timed on and parameters, for people: ``"1x21x375x500 k=7 blur 4"``."""
     chosen: str
     times_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     """Median milliseconds of one inference per variant (empty when read from the cache)."""
@@ -207,12 +208,19 @@ def cache_directory() -> Path:
     return Path(base) / "convcrf"
 
 
+def size_class(plan: MeanFieldPlan) -> int:
+    """The batch's pixel count N·H·W on a scale of half octaves (``round(2·log2(N·H·W))``):
+    batches within about a factor √2 of each other share a choice, so that a dataset of many
+    image sizes is not timed once per size."""
+    return round(2 * math.log2(plan.batch * plan.height * plan.width))
+
+
 def cache_key(device: str, kernel_source: str, plan: MeanFieldPlan, base: LaunchConfig) -> str:
-    """What a choice depends on: the device, the kernel source, the shapes, the parameters and
-    the launch configuration it was tuned from."""
+    """What a choice depends on: the device, the kernel source, the :func:`size_class`, the
+    image channels and classes, the parameters and the launch configuration it was tuned from."""
     source = hashlib.sha256(kernel_source.encode()).hexdigest()[:16]
-    shapes = (plan.batch, plan.features, plan.classes, plan.height, plan.width)
-    return f"{device}|{source}|{shapes}|{plan.params!r}|{base!r}"
+    shape = (size_class(plan), plan.features, plan.classes)
+    return f"{device}|{source}|{shape}|{plan.params!r}|{base!r}"
 
 
 class TuningCache:

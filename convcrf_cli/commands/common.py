@@ -176,7 +176,7 @@ def tune_option(func: Callable) -> Callable:
         "--tune/--no-tune",
         default=True,
         show_default=True,
-        help="On CUDA, time the kernel variants on the first image of each size and use the "
+        help="On CUDA, time the kernel variants on the first image of each size class and use the "
         "fastest (remembered in ~/.cache/convcrf); --no-tune always uses the default.",
     )(func)
 
