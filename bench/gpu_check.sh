@@ -56,10 +56,14 @@ for blur, k, init in ((2, 5, "log"), (1, 3, "softmax"), (4, 11, "softmax")):
     scores = refine(image, logits, params, device=default_plan)
     assert np.isfinite(scores).all()
 import dataclasses, cupy
-# the kernels "auto" does not take at this size: split and tiled messages, fused iterations
-for kernel, fuse, blur in (("split", False, 1), ("tiled", False, 1), ("per-cell", True, 3)):
+# the kernels "auto" does not take at this size: split and tiled messages, fused iterations,
+# and the full-resolution passes loading 8 classes at once
+variants = (("split", False, 1, 1), ("tiled", False, 1, 1), ("per-cell", True, 3, 1),
+            ("per-cell", False, 2, 8), ("per-cell", True, 3, 8))
+for kernel, fuse, blur, group in variants:
     config = cuda.CUDABackend(0).launch_config()
-    config = dataclasses.replace(config, message_kernel=kernel, fuse_message=fuse)
+    config = dataclasses.replace(config, message_kernel=kernel, fuse_message=fuse,
+                                 score_group=group)
     image_d = cupy.asarray(image.transpose(0, 3, 1, 2).copy())
     logits_d = cupy.asarray(logits)
     params = CRFParams(filter_size=7, blur=blur, iterations=2)
