@@ -129,6 +129,44 @@ def test_a_cached_choice_is_launched_without_timing(fake_cupy, cached):
     assert fake_cupy.compiled[-1] == (plan.class_block, {"split": 1, "fused:g8": 8}[cached])
 
 
+def _failing_split_launches(fake_cupy, monkeypatch) -> None:
+    """Launches of convcrf_message_split raise, as a launch the device refuses."""
+    launch = fake_cupy._Kernel.__call__
+
+    def refuse_split(kernel, *args, **kwargs):
+        if kernel.name == "convcrf_message_split":
+            raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED: unspecified launch failure")
+        return launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fake_cupy._Kernel, "__call__", refuse_split)
+
+
+def test_a_variant_that_fails_to_launch_is_left_out(fake_cupy, monkeypatch):
+    _failing_split_launches(fake_cupy, monkeypatch)
+    image_nfhw, logits, image = tune_inputs()
+    backend = select_backend("cuda")
+    scores = backend.run(image_nfhw, logits, TUNE_PARAMS)
+    assert_matches_reference(scores, image, logits, TUNE_PARAMS)
+    [tuning] = backend.tunings
+    assert tuning.rejected == {"split": "RuntimeError: CUDA_ERROR_LAUNCH_FAILED: unspecified "
+                               "launch failure"}  # fmt: skip
+    assert "split" not in tuning.times_ms and tuning.chosen != "split"
+
+
+def test_a_variant_that_breaks_the_device_stops_with_the_way_out(fake_cupy, monkeypatch):
+    from convcrf_cli.backends import DeviceError
+
+    _failing_split_launches(fake_cupy, monkeypatch)
+
+    def broken():
+        raise RuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+    monkeypatch.setattr(fake_cupy.cuda.runtime, "deviceSynchronize", broken)
+    image_nfhw, logits, _ = tune_inputs()
+    with pytest.raises(DeviceError, match=r"variant split failed .* unusable .* --no-tune"):
+        select_backend("cuda").run(image_nfhw, logits, TUNE_PARAMS)
+
+
 def test_no_tuning_runs_the_default_plan_once(fake_cupy):
     image_nfhw, logits, image = tune_inputs()
     backend = select_backend("cuda", tune=False)

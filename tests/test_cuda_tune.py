@@ -151,6 +151,13 @@ def test_tune_keeps_the_default_when_it_is_fastest_or_the_others_fail():
     assert list(tuning.times_ms) == ["per-cell", "tiled"]
 
 
+def test_tune_raises_a_candidates_device_error():
+    plans = candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG)
+    times = {"per-cell": 0.3, "split": DeviceError("cuda:0 unusable"), "tiled": 0.2}
+    with pytest.raises(DeviceError, match="cuda:0 unusable"):
+        tune(plans, fake_measure(times, {"per-cell": np.ones(3)}, []), relative_difference)
+
+
 def test_tune_raises_the_default_plans_error():
     plans = candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG)
     times = {"per-cell": RuntimeError("out of memory")}

@@ -344,7 +344,12 @@ class CUDABackend:
                 stop.synchronize()
                 return cupy.cuda.get_elapsed_time(start, stop)
 
-            return median_ms(timed_run), out
+            try:
+                return median_ms(timed_run), out
+            except Exception as exc:
+                if plan is not default:
+                    self._check_device_after(variant_name(plan), exc)
+                raise
 
         def difference(candidate, reference) -> float:
             scale = max(1.0, float(cupy.abs(reference).max()))
@@ -354,6 +359,19 @@ class CUDABackend:
             return score_group_plans(plan, plan_for=_cached_plan)
 
         return tune(plans, measure, difference, other_groups)
+
+    def _check_device_after(self, variant: str, failure: Exception) -> None:
+        """DeviceError when the device no longer works after launch variant ``variant``
+        failed with ``failure`` (an error CUDA keeps, such as an illegal address): the
+        process cannot go on, and the user can run again without tuning."""
+        try:
+            self.cupy.cuda.runtime.deviceSynchronize()
+        except Exception as exc:
+            raise DeviceError(
+                f"the CUDA launch variant {variant} failed ({str(failure).splitlines()[0]}) "
+                f"and left cuda:{self.index} unusable ({str(exc).splitlines()[0]}); run again "
+                "with --no-tune (CUDABackend(tune=False)) and please report it"
+            ) from failure
 
     def _stream(self, kind: str):
         """Torch's current stream for torch CUDA inputs (ordered after the work that made

@@ -159,7 +159,7 @@ def tune(
     ``difference(scores, reference)`` is the largest difference relative to
     ``max(1, max |reference|)``. A candidate that raises, or differs by more than
     :data:`TOLERANCE`, is left out (its reason is in :attr:`Tuning.rejected`); the default's
-    own errors are raised.
+    own errors, and a candidate's DeviceError (the device cannot go on), are raised.
     """
     reference_ms, reference = measure(plans[0])
     tuning = Tuning(describe_case(plans[0]), variant_name(plans[0]))
@@ -171,6 +171,8 @@ def tune(
         name = variant_name(plan)
         try:
             ms, scores = measure(plan)
+        except DeviceError:  # the device is unusable now: nothing more can run
+            raise
         except Exception as exc:  # a launch the device refuses: keep the default
             tuning.rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             return

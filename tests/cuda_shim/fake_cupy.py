@@ -160,6 +160,7 @@ cuda = types.SimpleNamespace(
     get_current_stream=contextlib.nullcontext,
     runtime=types.SimpleNamespace(
         getDeviceCount=lambda: 1,
+        deviceSynchronize=lambda: None,  # launches run synchronously in the shim
         getDeviceProperties=lambda index: {
             "name": b"C++ shim of the CUDA kernels",
             "major": 0,
