@@ -63,7 +63,7 @@ variants = (("split", False, 1, 1), ("tiled", False, 1, 1), ("per-cell", True, 3
 for kernel, fuse, blur, group in variants:
     config = cuda.CUDABackend(0).launch_config()
     config = dataclasses.replace(config, message_kernel=kernel, fuse_message=fuse,
-                                 score_group=group)
+                                 load_group=group)
     image_d = cupy.asarray(image.transpose(0, 3, 1, 2).copy())
     logits_d = cupy.asarray(logits)
     params = CRFParams(filter_size=7, blur=blur, iterations=2)

@@ -2,7 +2,7 @@
 
 Each message kernel depends only on its block shape (per-cell: ``cell_block``, split:
 ``split_cells``, tiled: ``message_threads``) and the classes per chunk; the init, step and
-final passes only on the pool block and the score group (classes loaded at once). Each is
+final passes only on the pool block and the load group (values loaded at once). Each is
 timed alone (GPU ms per launch, 20 back-to-back launches between CUDA events, median of 15) for
 500×375 C=21 blur 4, k ∈ {5,7,11,13}, and for 2048×2048 C=21 blur 1 k=7.
 
@@ -71,16 +71,16 @@ def main() -> None:
         for ms, text in sorted(rows)[:9]:
             print(f"{text}: {ms:.4f} ms")
         rows = []
-        for (threads, box), group in itertools.product(POOLS, cuda_plan.SCORE_GROUPS):
+        for (threads, box), group in itertools.product(POOLS, cuda_plan.LOAD_GROUPS):
             config = dataclasses.replace(
-                base, pool_threads=threads, pool_box_pixels=box, score_group=group
+                base, pool_threads=threads, pool_box_pixels=box, load_group=group
             )
             ms = kernel_times(image, logits, params, config)
             total = ms["convcrf_init"] + 4 * ms["convcrf_step"] + ms["convcrf_final"]
             rows.append(
                 (
                     total,
-                    f"pool {threads} threads box {box} score group {group}: init "
+                    f"pool {threads} threads box {box} load group {group}: init "
                     f"{ms['convcrf_init']:.4f} step {ms['convcrf_step']:.4f} final "
                     f"{ms['convcrf_final']:.4f}",
                 )

@@ -25,9 +25,10 @@
 // The bilinear upsampling (half-pixel centres, source clamped to [0, n-1]) of the coarse message
 // M and the crop by (pad_y, pad_x) are computed on the fly from the pixel coordinates.
 //
-// A thread loads the logits and message taps of CONVCRF_SCORE_GROUP classes of its pixel (1, 4
-// or 8, a compile-time option of the module; the backend times them) before it uses or stores
-// any of them: more loads in flight per thread, for more registers.
+// A thread loads the logits and message taps of CONVCRF_LOAD_GROUP classes of its pixel (1, 4
+// or 8, a compile-time option of the module, which also groups the loads that stage the
+// message tiles; the backend times them) before it uses or stores any of them: more loads in
+// flight per thread, for more registers.
 
 #ifndef CONVCRF_FULLRES_CU
 #define CONVCRF_FULLRES_CU
@@ -114,33 +115,34 @@ __device__ inline PixelScore pixel_score(const ScoreArgs& args, int n, int y, in
     return score;
 }
 
-#ifndef CONVCRF_SCORE_GROUP
-#define CONVCRF_SCORE_GROUP 1  // classes whose scores a thread loads before it uses or stores any
+#ifndef CONVCRF_LOAD_GROUP
+#define CONVCRF_LOAD_GROUP 1  // classes whose scores a thread loads before it uses or stores any
+                              // (staged tile values in message.cu)
 #endif
 
-// z of classes first .. first + CONVCRF_SCORE_GROUP - 1 below `stop` into z[] (the others are
+// z of classes first .. first + CONVCRF_LOAD_GROUP - 1 below `stop` into z[] (the others are
 // left as they are). Every load of the group is issued before any store: a store between two
 // classes' loads (to shared memory, or to an output the compiler cannot tell from the inputs)
 // would make each class wait for the one before, one memory latency per class.
-__device__ inline void score_group(const PixelScore& score, int first, int stop,
-                                   float (&z)[CONVCRF_SCORE_GROUP]) {
+__device__ inline void load_scores(const PixelScore& score, int first, int stop,
+                                   float (&z)[CONVCRF_LOAD_GROUP]) {
 #pragma unroll
-    for (int g = 0; g < CONVCRF_SCORE_GROUP; ++g) {
+    for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
         if (first + g < stop) z[g] = score(first + g);
     }
 }
 
 // Softmax statistics of z over classes: max and sum of exp(z - max), in one pass over groups
-// of CONVCRF_SCORE_GROUP classes. With `store`, z of class c is also written to
+// of CONVCRF_LOAD_GROUP classes. With `store`, z of class c is also written to
 // store[c * stride].
 __device__ inline void softmax_stats(const PixelScore& score, int num_classes, float& max_z,
                                      float& sum_exp, float* store = nullptr, int stride = 0) {
-    for (int first = 0; first < num_classes; first += CONVCRF_SCORE_GROUP) {
-        float z[CONVCRF_SCORE_GROUP];
-        score_group(score, first, num_classes, z);
+    for (int first = 0; first < num_classes; first += CONVCRF_LOAD_GROUP) {
+        float z[CONVCRF_LOAD_GROUP];
+        load_scores(score, first, num_classes, z);
         float group_max = z[0];
 #pragma unroll
-        for (int g = 1; g < CONVCRF_SCORE_GROUP; ++g) {
+        for (int g = 1; g < CONVCRF_LOAD_GROUP; ++g) {
             if (first + g < num_classes) group_max = fmaxf(group_max, z[g]);
         }
         if (first == 0) {
@@ -151,7 +153,7 @@ __device__ inline void softmax_stats(const PixelScore& score, int num_classes, f
             max_z = group_max;
         }
 #pragma unroll
-        for (int g = 0; g < CONVCRF_SCORE_GROUP; ++g) {
+        for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
             if (first + g >= num_classes) continue;
             sum_exp += expf(z[g] - max_z);
             if (store != nullptr) store[(first + g) * stride] = z[g];
@@ -162,11 +164,11 @@ __device__ inline void softmax_stats(const PixelScore& score, int num_classes, f
 // Every class's z of one pixel to out[c * plane] (the final scores), a group at a time.
 __device__ inline void store_scores(const PixelScore& score, int num_classes, float* out,
                                     long long plane) {
-    for (int first = 0; first < num_classes; first += CONVCRF_SCORE_GROUP) {
-        float z[CONVCRF_SCORE_GROUP];
-        score_group(score, first, num_classes, z);
+    for (int first = 0; first < num_classes; first += CONVCRF_LOAD_GROUP) {
+        float z[CONVCRF_LOAD_GROUP];
+        load_scores(score, first, num_classes, z);
 #pragma unroll
-        for (int g = 0; g < CONVCRF_SCORE_GROUP; ++g) {
+        for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
             if (first + g < num_classes) out[(first + g) * plane] = z[g];
         }
     }
@@ -208,18 +210,18 @@ __device__ void pool_q(const ScoreArgs& args, float* work, float* __restrict__ l
             const float shift = log_output ? lse : max_z;
             const float scale = 1.0f / sum_exp;
             float* q = pooled_n + (long long)y * args.width + x;
-            for (int first = 0; first < num_classes; first += CONVCRF_SCORE_GROUP) {
-                float z[CONVCRF_SCORE_GROUP];
+            for (int first = 0; first < num_classes; first += CONVCRF_LOAD_GROUP) {
+                float z[CONVCRF_LOAD_GROUP];
                 if (keep_z) {
 #pragma unroll
-                    for (int g = 0; g < CONVCRF_SCORE_GROUP; ++g) {
+                    for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
                         if (first + g < num_classes) z[g] = kept[(first + g) * box];
                     }
                 } else {
-                    score_group(score, first, num_classes, z);
+                    load_scores(score, first, num_classes, z);
                 }
 #pragma unroll
-                for (int g = 0; g < CONVCRF_SCORE_GROUP; ++g) {
+                for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
                     if (first + g < num_classes)
                         q[(first + g) * plane] = q_value(z[g], shift, scale, log_output);
                 }
@@ -265,11 +267,11 @@ __device__ void pool_q(const ScoreArgs& args, float* work, float* __restrict__ l
                 continue;
             }
             const PixelScore score = pixel_score(args, n, y, x, with_message);
-            for (int first = 0; first < count; first += CONVCRF_SCORE_GROUP) {
-                float z[CONVCRF_SCORE_GROUP];
-                score_group(score, c0 + first, c0 + count, z);
+            for (int first = 0; first < count; first += CONVCRF_LOAD_GROUP) {
+                float z[CONVCRF_LOAD_GROUP];
+                load_scores(score, c0 + first, c0 + count, z);
 #pragma unroll
-                for (int g = 0; g < CONVCRF_SCORE_GROUP; ++g) {
+                for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
                     if (first + g < count)
                         chunk[(first + g) * box + p] = q_value(z[g], shift[p], scale[p], log_output);
                 }

@@ -25,11 +25,18 @@
 #define CONVCRF_CLASS_BLOCK 8
 #endif
 
+#ifndef CONVCRF_LOAD_GROUP
+#define CONVCRF_LOAD_GROUP 1  // values a thread loads before it stores any (as in fullres.cu)
+#endif
+
 // Stage channels 0..num_feat-1 of the features and `class_channels` classes c0.. of P (zero
 // past num_classes or outside the grid) for the tile_h x tile_w cells from (origin_y,
 // origin_x) into `tile`, channel-major, area = tile_h * tile_w floats per channel. quarter 0:
 // row-major; else each row de-interleaved, tile column t at (t % 4) * quarter + t / 4
 // (tile_w = 4 * quarter).
+// Each thread loads CONVCRF_LOAD_GROUP values (num_threads apart, so a warp's loads stay
+// coalesced) before it stores any: a store between two loads would make each wait for the one
+// before, one memory latency per value.
 __device__ inline void stage_message_tile(float* tile, const float* feat_n, const float* pooled_n,
                                           int num_feat, int c0, int class_channels,
                                           int num_classes, int coarse_h, int coarse_w,
@@ -38,24 +45,36 @@ __device__ inline void stage_message_tile(float* tile, const float* feat_n, cons
     const long long plane = (long long)coarse_h * coarse_w;
     const int area = tile_h * tile_w;
     const int staged = (num_feat + class_channels) * area;
-    for (int i = tid; i < staged; i += num_threads) {
-        const int channel = i / area;
-        const int rest = i - channel * area;
-        const int ty = rest / tile_w;
-        const int col = rest - ty * tile_w;
-        const int gy = origin_y + ty;
-        const int gx = origin_x + col;
-        float value = 0.0f;
-        if (gy >= 0 && gy < coarse_h && gx >= 0 && gx < coarse_w) {
-            const long long cell = (long long)gy * coarse_w + gx;
-            if (channel < num_feat) {
-                value = feat_n[channel * plane + cell];
-            } else if (c0 + channel - num_feat < num_classes) {
-                value = pooled_n[(c0 + channel - num_feat) * plane + cell];
+    for (int first = tid; first < staged; first += CONVCRF_LOAD_GROUP * num_threads) {
+        float value[CONVCRF_LOAD_GROUP];
+        int target[CONVCRF_LOAD_GROUP];
+#pragma unroll
+        for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
+            const int i = first + g * num_threads;
+            value[g] = 0.0f;
+            target[g] = -1;
+            if (i >= staged) continue;
+            const int channel = i / area;
+            const int rest = i - channel * area;
+            const int ty = rest / tile_w;
+            const int col = rest - ty * tile_w;
+            const int gy = origin_y + ty;
+            const int gx = origin_x + col;
+            if (gy >= 0 && gy < coarse_h && gx >= 0 && gx < coarse_w) {
+                const long long cell = (long long)gy * coarse_w + gx;
+                if (channel < num_feat) {
+                    value[g] = feat_n[channel * plane + cell];
+                } else if (c0 + channel - num_feat < num_classes) {
+                    value[g] = pooled_n[(c0 + channel - num_feat) * plane + cell];
+                }
             }
+            const int column = quarter ? (col & 3) * quarter + (col >> 2) : col;
+            target[g] = channel * area + ty * tile_w + column;
         }
-        const int column = quarter ? (col & 3) * quarter + (col >> 2) : col;
-        tile[channel * area + ty * tile_w + column] = value;
+#pragma unroll
+        for (int g = 0; g < CONVCRF_LOAD_GROUP; ++g) {
+            if (target[g] >= 0) tile[target[g]] = value[g];
+        }
     }
 }
 

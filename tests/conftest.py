@@ -58,14 +58,14 @@ def require_gxx() -> None:
         pytest.skip("g++ is not installed: cannot build the CPU shim of the CUDA kernels")
 
 
-def shim_launcher(class_block: int, score_group: int = 1):
+def shim_launcher(class_block: int, load_group: int = 1):
     """The ``cuda/*.cu`` kernels built for the CPU (``tests/cuda_shim``) with ``class_block``
-    classes per chunk and ``score_group`` classes per group of loads, as a ``launch``; skips
+    classes per chunk and loads in groups of ``load_group``, as a ``launch``; skips
     the test where g++ is missing."""
     from cuda_shim.launcher import ShimLauncher, build_shim
 
     require_gxx()
-    return ShimLauncher(build_shim(SHIM_BUILD_DIR, class_block, score_group=score_group))
+    return ShimLauncher(build_shim(SHIM_BUILD_DIR, class_block, load_group=load_group))
 
 
 @pytest.fixture(scope="session")

@@ -21,15 +21,15 @@ def test_kernel_source_defines_every_kernel():
     assert sorted(defined) == sorted(cuda.KERNEL_NAMES)
 
 
-def test_compile_options_set_the_class_block_and_score_group():
+def test_compile_options_set_the_class_block_and_load_group():
     assert cuda.compile_options(11) == (
         "-std=c++17",
         "-DCONVCRF_CLASS_BLOCK=11",
-        "-DCONVCRF_SCORE_GROUP=1",
+        "-DCONVCRF_LOAD_GROUP=1",
     )
     assert cuda.compile_options(16, 8)[1:] == (
         "-DCONVCRF_CLASS_BLOCK=16",
-        "-DCONVCRF_SCORE_GROUP=8",
+        "-DCONVCRF_LOAD_GROUP=8",
     )
 
 

@@ -84,7 +84,7 @@ def test_tuning_times_every_variant_then_keeps_its_choice(fake_cupy):
     assert_matches_reference(scores, image, logits, TUNE_PARAMS)
     [tuning] = backend.tunings
     # blur 2 on a small device: the default is "per-cell"; split, tiled, fused are timed too,
-    # then the fastest of them with 4 and 8 classes per group of loads
+    # then the fastest of them with loads in groups of 4 and 8
     names = list(tuning.times_ms)
     assert names[:4] == ["per-cell", "split", "tiled", "fused"]
     fastest = min(names[:4], key=tuning.times_ms.get)
@@ -125,7 +125,7 @@ def test_a_cached_choice_is_launched_without_timing(fake_cupy, cached):
     assert fake_cupy.launches.count("convcrf_pool_features") == 1
     chosen = {"split": "convcrf_message_split", "fused:g8": "convcrf_step_fused"}[cached]
     assert chosen in fake_cupy.launches and "convcrf_message" not in fake_cupy.launches
-    # the module launched is compiled with the variant's score group
+    # the module launched is compiled with the variant's load group
     assert fake_cupy.compiled[-1] == (plan.class_block, {"split": 1, "fused:g8": 8}[cached])
 
 

@@ -24,14 +24,14 @@ def test_kernel_sources_exist():
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_nvcc_compiles(source, arch, tmp_path):
-    # Class block and score group larger than the backend's, so register arrays are at least
+    # Class block and load group larger than the backend's, so register arrays are at least
     # as large as on the GPU (the register test below compiles the backend's own options).
     command = [
         NVCC,
         "-cubin",
         f"-arch={arch}",
         "-DCONVCRF_CLASS_BLOCK=32",
-        "-DCONVCRF_SCORE_GROUP=8",
+        "-DCONVCRF_LOAD_GROUP=8",
         "-Werror",
         "all-warnings",
         str(source),
@@ -103,7 +103,7 @@ def _largest_blocks() -> dict[str, int]:
 
 def _registers(arch: str, module: tuple[int, int], tmp_path: Path) -> dict[str, int]:
     """Registers per thread of every kernel of the module as the backend compiles it (the
-    concatenated sources, ``module`` = (class block, score group)), from ptxas's resource
+    concatenated sources, ``module`` = (class block, load group)), from ptxas's resource
     usage."""
     from convcrf_cli.backends.cuda import compile_options, kernel_source
 

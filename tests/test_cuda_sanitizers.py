@@ -53,12 +53,13 @@ def report(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize(
-    ("sanitizer", "score_group"), [*((name, 1) for name in SANITIZERS), ("address", 8)]
+    ("sanitizer", "load_group"), [*((name, 1) for name in SANITIZERS), ("address", 8)]
 )
-def test_every_kernel_runs_clean_under_the_sanitizer(sanitizer, score_group, tmp_path):
-    # score group 8: the full-resolution passes hold 8 classes per thread, partly filled (5)
+def test_every_kernel_runs_clean_under_the_sanitizer(sanitizer, load_group, tmp_path):
+    # load group 8: 8 classes per thread in the full-resolution passes, partly filled (5),
+    # and the staging of the message tiles in groups of 8 values
     require_sanitizer(sanitizer)
-    library = build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer, score_group=score_group)
+    library = build_shim(tmp_path, SHIM_CLASS_BLOCK, sanitizer, load_group=load_group)
     result = run_cases(library, sanitizer)
     assert result.returncode == 0, report(result)
     assert "launches of 13 kernels" in result.stdout, report(result)

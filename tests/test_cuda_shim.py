@@ -216,9 +216,31 @@ def test_gpu_class_blocks_and_block_shapes(gpu_class_block_shim, message_kernel,
 
 
 @pytest.fixture(scope="module", params=[4, 8])
-def score_group_shim(request):
-    """The shim compiled with the full-resolution passes loading 4 or 8 classes at once."""
+def load_group_shim(request):
+    """The shim compiled with loads in groups of 4 or 8 (classes' scores, staged values)."""
     return shim_launcher(SHIM_CLASS_BLOCK, request.param)
+
+
+@pytest.mark.parametrize("message_kernel", MESSAGE_KERNELS)
+def test_load_groups_stage_the_same_message_tiles(load_group_shim, shim, message_kernel):
+    """Staging the message tiles in groups of loads moves the same values: the same message,
+    bit for bit (a partial last group, a halo outside the grid, 21 classes in chunks of 4)."""
+    params = CRFParams(filter_size=7, blur=1)
+    rng = np.random.default_rng(3)
+    n, classes, h, w = 2, 21, 13, 19
+    feat = rng.normal(0, 2, (n, 5, h, w)).astype(np.float32)
+    pooled = rng.random((n, classes, h, w), dtype=np.float32)
+    plan = MeanFieldPlan.create(
+        (n, 3, h, w), (n, classes, h, w), params, MESSAGE_KERNELS[message_kernel], class_block=4
+    )
+    assert plan.message_kernel == message_kernel
+    messages = []
+    for launch in (shim, load_group_shim):
+        message = np.full(pooled.shape, np.nan, np.float32)
+        launch(*plan.message_launch(feat, pooled, message))
+        messages.append(message)
+    assert np.isfinite(messages[0]).all()
+    np.testing.assert_array_equal(messages[1], messages[0])
 
 
 CHUNKED = dataclasses.replace(
@@ -238,15 +260,15 @@ CHUNKED = dataclasses.replace(
         (SMALL, False, 4, 2, "softmax"),  # fewer classes than a group
     ],
 )
-def test_score_groups_match_reference_and_one_class_at_a_time(
-    score_group_shim, shim, config, fuse, blur, classes, init
+def test_load_groups_match_reference_and_one_class_at_a_time(
+    load_group_shim, shim, config, fuse, blur, classes, init
 ):
     """Loading several classes' scores before using them changes only the order of the
     softmax sums: the reference's numbers, and group 1's to rounding."""
     params = CRFParams(filter_size=5, blur=blur, init=init, iterations=3)
     image, logits = random_inputs(classes + blur, 2, 17, 22, classes, 3)
     config = dataclasses.replace(config, fuse_message=fuse)
-    scores, plan = refine_with_shim(score_group_shim, image, logits, params, config)
+    scores, plan = refine_with_shim(load_group_shim, image, logits, params, config)
     assert plan.fused == fuse
     if config is CHUNKED:
         assert 0 <= plan.chunk_classes < classes

@@ -17,8 +17,8 @@ from convcrf_cli.backends.cuda_tune import (
     cache_key,
     candidate_plans,
     is_variant,
+    load_group_plans,
     median_ms,
-    score_group_plans,
     tune,
     variant_config,
     variant_name,
@@ -77,18 +77,18 @@ def test_variant_config_reproduces_each_candidate():
             variant_config(CONFIG, name)
 
 
-def test_score_group_variants_are_named_and_made():
+def test_load_group_variants_are_named_and_made():
     plan = candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG)[1]  # split
-    others = score_group_plans(plan)
+    others = load_group_plans(plan)
     assert [variant_name(other) for other in others] == ["split:g4", "split:g8"]
     assert [other.module for other in others] == [(plan.class_block, 4), (plan.class_block, 8)]
     assert launches(others[1]) == launches(plan)  # the same launches, another module
     eight = variant_config(CONFIG, "fused:g8")
-    assert (eight.fuse_message, eight.score_group) == (True, 8)
+    assert (eight.fuse_message, eight.load_group) == (True, 8)
     assert variant_name(MeanFieldPlan.create(IMAGE, LOGITS, PARAMS, eight)) == "fused:g8"
     assert is_variant("tiled:g4") and not is_variant("tiled:g2") and not is_variant(["split"])
-    with pytest.raises(ValueError, match="score_group must be one of"):
-        MeanFieldPlan.create(IMAGE, LOGITS, PARAMS, dataclasses.replace(CONFIG, score_group=3))
+    with pytest.raises(ValueError, match="load_group must be one of"):
+        MeanFieldPlan.create(IMAGE, LOGITS, PARAMS, dataclasses.replace(CONFIG, load_group=3))
 
 
 def fake_measure(times_ms: dict, scores: dict, calls: list):
@@ -120,7 +120,7 @@ def test_tune_keeps_the_fastest_variant_whose_scores_agree():
     assert "per-cell 0.400 ms" in line and "fused left out: scores differ" in line
 
 
-def test_tune_then_tries_the_fastest_at_other_score_groups():
+def test_tune_then_tries_the_fastest_at_other_load_groups():
     plans = candidate_plans(IMAGE, LOGITS, PARAMS, CONFIG)
     reference = np.linspace(-8, 8, 50, dtype=np.float32)
     times = {"per-cell": 0.40, "split": 0.21, "tiled": 0.35, "fused": 0.30}
@@ -130,7 +130,7 @@ def test_tune_then_tries_the_fastest_at_other_score_groups():
         plans,
         fake_measure(times, {"per-cell": reference}, calls),
         relative_difference,
-        score_group_plans,
+        load_group_plans,
     )
     assert calls == ["per-cell", "split", "tiled", "fused", "split:g4", "split:g8"]
     assert variant_name(best) == tuning.chosen == "split:g4" and best.module[1] == 4

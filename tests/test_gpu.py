@@ -25,11 +25,11 @@ from convcrf_cli.params import CRFParams
 pytestmark = pytest.mark.gpu
 
 
-def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False, score_group=1):
+def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False, load_group=1):
     """image [N,H,W,F], logits [N,C,H,W] (NumPy) -> scores [N,C,H,W] (NumPy), every buffer
     NaN-poisoned before the kernels run; ``message_kernel`` (of cuda_plan.MESSAGE_KERNELS)
     overrides the backend's choice of message kernel, ``fuse`` fuses the iterations,
-    ``score_group`` (of cuda_plan.SCORE_GROUPS) sets the module's group of loads."""
+    ``load_group`` (of cuda_plan.LOAD_GROUPS) sets the module's group of loads."""
     import cupy
 
     backend = cuda.CUDABackend(0)
@@ -38,7 +38,7 @@ def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False, score_
     config = backend.launch_config()
     if message_kernel is not None:
         config = dataclasses.replace(config, message_kernel=message_kernel)
-    config = dataclasses.replace(config, fuse_message=fuse, score_group=score_group)
+    config = dataclasses.replace(config, fuse_message=fuse, load_group=load_group)
     plan = cuda_plan.MeanFieldPlan.create(image_d.shape, logits_d.shape, params, config)
     assert message_kernel in (None, plan.message_kernel)
     assert plan.fused == fuse
@@ -89,17 +89,17 @@ def test_gpu_fused_iterations_match_reference(
     assert_matches_reference(scores, image, logits, params)
 
 
-@pytest.mark.parametrize("score_group", [4, 8])
+@pytest.mark.parametrize("load_group", [4, 8])
 @pytest.mark.parametrize(
     ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
 )
-def test_gpu_score_groups_match_reference(
-    score_group, height, width, classes, features, k, blur, init, n, its
+def test_gpu_load_groups_match_reference(
+    load_group, height, width, classes, features, k, blur, init, n, its
 ):
     params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
     image, logits = random_inputs(height * width + k, n, height, width, classes, features)
     for fuse in (False, True) if blur > 1 else (False,):
-        scores = refine_on_gpu(image, logits, params, fuse=fuse, score_group=score_group)
+        scores = refine_on_gpu(image, logits, params, fuse=fuse, load_group=load_group)
         assert_matches_reference(scores, image, logits, params)
 
 

@@ -8,7 +8,7 @@ One batch of N same-sized images is refined by one launch of each kernel:
   (``P = pool(softmax((u-w)·L + w·crop(up(M))))``) or, last, ``convcrf_final`` (the scores).
 
 The launch logic is :mod:`convcrf_cli.backends.cuda_plan` and the choice among its variants
-(message kernels, fused iterations, score groups) :mod:`convcrf_cli.backends.cuda_tune` (no
+(message kernels, fused iterations, load groups) :mod:`convcrf_cli.backends.cuda_tune` (no
 CuPy in either); this module compiles the kernels, loads them on a device, times the variants
 at the first batch of each size class and launches the chosen plan with CuPy.
 """
@@ -39,8 +39,8 @@ from convcrf_cli.backends.cuda_tune import (
     cache_key,
     candidate_plans,
     describe_case,
+    load_group_plans,
     median_ms,
-    score_group_plans,
     tune,
     variant_config,
     variant_name,
@@ -75,13 +75,13 @@ def kernel_source() -> str:
     return "\n".join((root / name).read_text() for name in KERNEL_FILES)
 
 
-def compile_options(class_block: int, score_group: int = 1) -> tuple[str, ...]:
+def compile_options(class_block: int, load_group: int = 1) -> tuple[str, ...]:
     """NVRTC options of the module with ``class_block`` classes per message chunk and
-    ``score_group`` classes per group of loads in the full-resolution passes."""
+    ``load_group`` values per group of loads (:data:`cuda_plan.LOAD_GROUPS`)."""
     return (
         "-std=c++17",
         f"-DCONVCRF_CLASS_BLOCK={class_block}",
-        f"-DCONVCRF_SCORE_GROUP={score_group}",
+        f"-DCONVCRF_LOAD_GROUP={load_group}",
     )
 
 
@@ -165,11 +165,11 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
 
 
 @functools.cache
-def _compiled_module(device_index: int, class_block: int, score_group: int = 1):
-    """The RawModule for one device, class block and score group, compiled once per process."""
+def _compiled_module(device_index: int, class_block: int, load_group: int = 1):
+    """The RawModule for one device, class block and load group, compiled once per process."""
     cupy = _import_cupy()
     with cupy.cuda.Device(device_index):
-        options = compile_options(class_block, score_group)
+        options = compile_options(class_block, load_group)
         module = cupy.RawModule(code=kernel_source(), options=options)
         module.compile()
     return module
@@ -233,9 +233,9 @@ class _CuPyLauncher:
 
 
 @functools.cache
-def module_launcher(device_index: int, class_block: int, score_group: int = 1) -> _CuPyLauncher:
+def module_launcher(device_index: int, class_block: int, load_group: int = 1) -> _CuPyLauncher:
     """The launcher of :func:`_compiled_module`, made once (it keeps the kernel handles)."""
-    return _CuPyLauncher(_compiled_module(device_index, class_block, score_group))
+    return _CuPyLauncher(_compiled_module(device_index, class_block, load_group))
 
 
 def plan_launcher(device_index: int, plan: MeanFieldPlan) -> _CuPyLauncher:
@@ -356,7 +356,7 @@ class CUDABackend:
             return float(cupy.abs(candidate - reference).max()) / scale
 
         def other_groups(plan: MeanFieldPlan) -> list[MeanFieldPlan]:
-            return score_group_plans(plan, plan_for=_cached_plan)
+            return load_group_plans(plan, plan_for=_cached_plan)
 
         return tune(plans, measure, difference, other_groups)
 

@@ -37,10 +37,11 @@ MAX_GRID_YZ = 65535
 """Most blocks a CUDA grid may have along y and along z."""
 TILE_CELLS = 4
 """Cells of a row each thread of ``convcrf_message_tiled`` computes (``CONVCRF_TILE_CELLS``)."""
-SCORE_GROUPS = (1, 4, 8)
-"""Classes whose scores a full-resolution thread loads before it uses any
-(``CONVCRF_SCORE_GROUP``): 1 is the kernels as first measured; more loads in flight per
-thread, but more registers."""
+LOAD_GROUPS = (1, 4, 8)
+"""Values a thread loads before it uses or stores any (``CONVCRF_LOAD_GROUP``): the scores of
+that many classes of a pixel in the full-resolution passes, that many values of the tile the
+message kernels stage. 1 is the kernels as first measured; more loads in flight per thread,
+but more registers."""
 MAX_TILED_FEATURES = 6
 """Most feature channels (2 positions + the image channels) ``convcrf_message_tiled`` holds in
 registers (``CONVCRF_MAX_FEATURES`` in ``cuda/message.cu``); more take ``convcrf_message``."""
@@ -69,7 +70,7 @@ class LaunchConfig:
     pool_box_width, pool_box_pixels: target width and size (pixels) of the box of pixels one
         init/step block pools at blur > 1 (whole coarse cells, so it may be larger).
     shared_memory: dynamic shared memory a block may use (bytes).
-    score_group: one of :data:`SCORE_GROUPS`, compiled into the module the plan launches.
+    load_group: one of :data:`LOAD_GROUPS`, compiled into the module the plan launches.
     """
 
     cell_block: tuple[int, int] = (16, 16)
@@ -83,7 +84,7 @@ class LaunchConfig:
     pool_box_width: int = 32
     pool_box_pixels: int = 256  # fastest on an H100 at 500×375 (bench/gpu_tune.py)
     shared_memory: int = DEFAULT_SHARED_MEMORY
-    score_group: int = 1
+    load_group: int = 1
 
 
 def class_block_for(
@@ -253,8 +254,8 @@ class MeanFieldPlan:
             class_block = class_block_for(c, f, k, config, kernel)
         elif _message_fit(f, k, config, kernel) < class_block:
             kernel = "per-cell"
-        if config.score_group not in SCORE_GROUPS:
-            raise ValueError(f"score_group must be one of {SCORE_GROUPS}, not {config.score_group}")
+        if config.load_group not in LOAD_GROUPS:
+            raise ValueError(f"load_group must be one of {LOAD_GROUPS}, not {config.load_group}")
         plan = cls(n, c, f, height, width, params, config, class_block, kernel)
         if plan.message_shared > config.shared_memory:
             raise DeviceError(
@@ -310,8 +311,8 @@ class MeanFieldPlan:
 
     @property
     def module(self) -> tuple[int, int]:
-        """``(CONVCRF_CLASS_BLOCK, CONVCRF_SCORE_GROUP)`` of the module the plan launches."""
-        return (self.class_block, self.config.score_group)
+        """``(CONVCRF_CLASS_BLOCK, CONVCRF_LOAD_GROUP)`` of the module the plan launches."""
+        return (self.class_block, self.config.load_group)
 
     @functools.cached_property
     def coarse_h(self) -> int:

@@ -1,11 +1,11 @@
 """Choosing the fastest launch plan on the device itself (no CuPy here).
 
-Which message kernel is fastest, whether fused iterations pay, and how many classes' scores a
-thread should load at once, depends on the GPU and the batch's size. :func:`tune` times each
-candidate plan of :func:`candidate_plans`, then the fastest at the other score groups
-(:func:`score_group_plans`), on the inputs of the first call with that shape, and keeps the
-fastest whose scores agree with the default plan's; :class:`TuningCache` keeps the choice on
-disk, so that later processes on the same device and shape skip the timing.
+Which message kernel is fastest, whether fused iterations pay, and how many values a thread
+should load at once (the load group) depends on the GPU and the batch's size. :func:`tune`
+times each candidate plan of :func:`candidate_plans`, then the fastest at the other load
+groups (:func:`load_group_plans`), on the inputs of the first call of a size class, and keeps
+the fastest whose scores agree with the default plan's; :class:`TuningCache` keeps the choice
+on disk, so that later processes on the same device skip the timing.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 from convcrf_cli.atomic import atomic_write_bytes
 from convcrf_cli.backends import DeviceError
 from convcrf_cli.backends.cuda_plan import (
+    LOAD_GROUPS,
     MESSAGE_KERNELS,
-    SCORE_GROUPS,
     LaunchConfig,
     MeanFieldPlan,
 )
@@ -42,9 +42,9 @@ CACHE_FILE = "cuda_tuning.json"
 
 def variant_name(plan: MeanFieldPlan) -> str:
     """ "fused" or the message kernel of :data:`MESSAGE_KERNELS` the plan launches, with
-    ":g<N>" where its score group (:data:`SCORE_GROUPS`) is not 1: "split:g8"."""
+    ":g<N>" where its load group (:data:`LOAD_GROUPS`) is not 1: "split:g8"."""
     name = "fused" if plan.fused else plan.message_kernel
-    group = plan.config.score_group
+    group = plan.config.load_group
     return name if group == 1 else f"{name}:g{group}"
 
 
@@ -52,15 +52,15 @@ def variant_config(config: LaunchConfig, name: str) -> LaunchConfig:
     """``config`` set to launch variant ``name`` (of :func:`variant_name`)."""
     kernel, marker, group = name.partition(":g")
     if not marker:
-        score_group = 1
+        load_group = 1
     else:
-        score_group = int(group) if group.isdigit() else 0  # 0: not a score group
-    if kernel not in (*MESSAGE_KERNELS, "fused") or score_group not in SCORE_GROUPS:
+        load_group = int(group) if group.isdigit() else 0  # 0: not a load group
+    if kernel not in (*MESSAGE_KERNELS, "fused") or load_group not in LOAD_GROUPS:
         raise ValueError(f"unknown launch variant {name!r}")
     if kernel == "fused":
-        return dataclasses.replace(config, fuse_message=True, score_group=score_group)
+        return dataclasses.replace(config, fuse_message=True, load_group=load_group)
     return dataclasses.replace(
-        config, message_kernel=kernel, fuse_message=False, score_group=score_group
+        config, message_kernel=kernel, fuse_message=False, load_group=load_group
     )
 
 
@@ -86,7 +86,7 @@ def candidate_plans(
     ``plan_for(image_shape, logits_shape, params, config)`` makes a plan (the backend passes
     its cached :meth:`MeanFieldPlan.create`)."""
     plans: dict[str, MeanFieldPlan] = {}
-    group = "" if config.score_group == 1 else f":g{config.score_group}"
+    group = "" if config.load_group == 1 else f":g{config.load_group}"
     names = [f"{name}{group}" for name in (*MESSAGE_KERNELS, "fused")]
     configs = [config] + [variant_config(config, name) for name in names]
     for index, candidate in enumerate(configs):
@@ -100,17 +100,17 @@ def candidate_plans(
     return list(plans.values())
 
 
-def score_group_plans(
+def load_group_plans(
     plan: MeanFieldPlan, plan_for: Callable[..., MeanFieldPlan] = MeanFieldPlan.create
 ) -> list[MeanFieldPlan]:
-    """``plan`` at each other score group of :data:`SCORE_GROUPS` (``plan_for`` as in
+    """``plan`` at each other load group of :data:`LOAD_GROUPS` (``plan_for`` as in
     :func:`candidate_plans`)."""
     image_shape = (plan.batch, plan.features, plan.height, plan.width)
     logits_shape = (plan.batch, plan.classes, plan.height, plan.width)
     configs = [
-        dataclasses.replace(plan.config, score_group=group)
-        for group in SCORE_GROUPS
-        if group != plan.config.score_group
+        dataclasses.replace(plan.config, load_group=group)
+        for group in LOAD_GROUPS
+        if group != plan.config.load_group
     ]
     return [plan_for(image_shape, logits_shape, plan.params, config) for config in configs]
 
@@ -152,7 +152,7 @@ def tune(
     refinements: Callable[[MeanFieldPlan], Sequence[MeanFieldPlan]] | None = None,
 ) -> tuple[MeanFieldPlan, Tuning]:
     """The fastest of ``plans`` and then of ``refinements(fastest)`` (the backend's: the
-    fastest at the other score groups) whose scores agree with those of ``plans[0]`` (the
+    fastest at the other load groups) whose scores agree with those of ``plans[0]`` (the
     default).
 
     ``measure(plan)`` runs the plan and returns (median milliseconds, scores);

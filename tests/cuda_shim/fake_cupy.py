@@ -32,7 +32,7 @@ launches: list[str] = []
 transfers: list[tuple[tuple[int, ...], str]] = []
 """(shape, dtype) of every array copied to the host with ``get`` (emptied likewise)."""
 compiled: list[tuple[int, int]] = []
-"""(class block, score group) of every RawModule compiled, in order (emptied likewise)."""
+"""(class block, load group) of every RawModule compiled, in order (emptied likewise)."""
 ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 64 * 1024, "MultiProcessorCount": 4}
 """Device attributes the backend reads (a small device: 4 multiprocessors)."""
 
@@ -101,27 +101,27 @@ class _Kernel:
 
 class RawModule:
     """The kernel source built into the shim with the ``-DCONVCRF_CLASS_BLOCK`` and
-    ``-DCONVCRF_SCORE_GROUP`` of ``options`` (the source itself is the repository's ``cuda/``,
+    ``-DCONVCRF_LOAD_GROUP`` of ``options`` (the source itself is the repository's ``cuda/``,
     which the backend read)."""
 
     def __init__(self, code: str, options: tuple[str, ...] = ()) -> None:
         defines = dict(re.findall(r"-D(CONVCRF_\w+)=(\d+)", " ".join(options)))
         self.class_block = int(defines["CONVCRF_CLASS_BLOCK"])
-        self.score_group = int(defines["CONVCRF_SCORE_GROUP"])
+        self.load_group = int(defines["CONVCRF_LOAD_GROUP"])
         self.shim: ShimLauncher | None = None
 
     def compile(self) -> None:
-        self.shim = _shim(self.class_block, self.score_group)
-        compiled.append((self.class_block, self.score_group))
+        self.shim = _shim(self.class_block, self.load_group)
+        compiled.append((self.class_block, self.load_group))
 
     def get_function(self, name: str) -> _Kernel:
         return _Kernel(self.shim, name)
 
 
 @functools.cache
-def _shim(class_block: int, score_group: int) -> ShimLauncher:
-    """The shim built once per class block and score group for the whole test session."""
-    return ShimLauncher(build_shim(BUILD_DIR, class_block, score_group=score_group))
+def _shim(class_block: int, load_group: int) -> ShimLauncher:
+    """The shim built once per class block and load group for the whole test session."""
+    return ShimLauncher(build_shim(BUILD_DIR, class_block, load_group=load_group))
 
 
 class _Event:

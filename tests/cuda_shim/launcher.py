@@ -44,15 +44,13 @@ def build_shim(
     class_block: int,
     sanitizer: str | None = None,
     cuda_dir: Path = CUDA_DIR,
-    score_group: int = 1,
+    load_group: int = 1,
 ) -> Path:
     """Compile the kernels of ``cuda_dir`` for the CPU with ``CONVCRF_CLASS_BLOCK=class_block``
-    and ``CONVCRF_SCORE_GROUP=score_group``, with ``sanitizer`` (a key of :data:`SANITIZERS`)
+    and ``CONVCRF_LOAD_GROUP=load_group``, with ``sanitizer`` (a key of :data:`SANITIZERS`)
     or none; returns the .so."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = (f"_g{score_group}" if score_group != 1 else "") + (
-        f"_{sanitizer}" if sanitizer else ""
-    )
+    suffix = (f"_g{load_group}" if load_group != 1 else "") + (f"_{sanitizer}" if sanitizer else "")
     library = out_dir / f"convcrf_shim_cb{class_block}{suffix}.so"
     flags = SANITIZERS[sanitizer][0] if sanitizer else ()
     command = [
@@ -61,7 +59,7 @@ def build_shim(
         *flags,
         f"-I{cuda_dir}",
         f"-DCONVCRF_CLASS_BLOCK={class_block}",
-        f"-DCONVCRF_SCORE_GROUP={score_group}",
+        f"-DCONVCRF_LOAD_GROUP={load_group}",
         str(SHIM_DIR / "kernels_driver.cpp"),
         "-o",
         str(library),
