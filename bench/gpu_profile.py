@@ -111,8 +111,7 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
 
 
 def main() -> None:
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    print(f"device: {props['name'].decode()}; CuPy {cupy.__version__}")
+    print(f"device: {cuda.CUDABackend(0).describe()}")
     for case in CASES:
         profile(*case)
 

@@ -52,17 +52,20 @@ def refine_on_gpu(image, logits, params, message_kernel=None, fuse=False, load_g
     return scores.get()
 
 
-@pytest.mark.parametrize("message_kernel", cuda_plan.MESSAGE_KERNELS)
-@pytest.mark.parametrize(
-    ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
-)
-def test_gpu_matches_reference(
-    message_kernel, height, width, classes, features, k, blur, init, n, its
-):
+def assert_case_matches_reference(case, **variant) -> None:
+    """One case of tests/test_cuda_shim.py's CASES on the GPU (:func:`refine_on_gpu` with
+    ``variant``) against the float64 reference."""
+    height, width, classes, features, k, blur, init, n, its = case
     params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
     image, logits = random_inputs(height * width + k, n, height, width, classes, features)
-    scores = refine_on_gpu(image, logits, params, message_kernel)
+    scores = refine_on_gpu(image, logits, params, **variant)
     assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.mark.parametrize("message_kernel", cuda_plan.MESSAGE_KERNELS)
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_matches_reference(message_kernel, case):
+    assert_case_matches_reference(case, message_kernel=message_kernel)
 
 
 @pytest.mark.parametrize("message_kernel", cuda_plan.MESSAGE_KERNELS)
@@ -77,30 +80,17 @@ def test_gpu_pascal_size_batch(message_kernel, k):
 
 
 @pytest.mark.parametrize(
-    ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"),
-    [case for case in CASES if case[5] > 1] + [(75, 100, 21, 3, 13, 4, "log", 2, 5)],
+    "case", [case for case in CASES if case[5] > 1] + [(75, 100, 21, 3, 13, 4, "log", 2, 5)]
 )
-def test_gpu_fused_iterations_match_reference(
-    height, width, classes, features, k, blur, init, n, its
-):
-    params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
-    image, logits = random_inputs(height * width + k, n, height, width, classes, features)
-    scores = refine_on_gpu(image, logits, params, fuse=True)
-    assert_matches_reference(scores, image, logits, params)
+def test_gpu_fused_iterations_match_reference(case):
+    assert_case_matches_reference(case, fuse=True)
 
 
 @pytest.mark.parametrize("load_group", [4, 8])
-@pytest.mark.parametrize(
-    ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"), CASES
-)
-def test_gpu_load_groups_match_reference(
-    load_group, height, width, classes, features, k, blur, init, n, its
-):
-    params = CRFParams(filter_size=k, blur=blur, init=init, iterations=its)
-    image, logits = random_inputs(height * width + k, n, height, width, classes, features)
-    for fuse in (False, True) if blur > 1 else (False,):
-        scores = refine_on_gpu(image, logits, params, fuse=fuse, load_group=load_group)
-        assert_matches_reference(scores, image, logits, params)
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_load_groups_match_reference(load_group, case):
+    for fuse in (False, True) if case[5] > 1 else (False,):
+        assert_case_matches_reference(case, fuse=fuse, load_group=load_group)
 
 
 def test_gpu_many_classes():

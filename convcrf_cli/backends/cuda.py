@@ -195,18 +195,22 @@ def _cached_plan(image_shape, logits_shape, params: CRFParams, config: LaunchCon
 
 
 @functools.cache
-def _device_name(index: int) -> str:
-    """``"<name> sm_<major><minor>"`` of device ``cuda:index``, queried once per process."""
-    props = _import_cupy().cuda.runtime.getDeviceProperties(index)
-    name = props["name"]
-    name = name.decode() if isinstance(name, bytes) else name
-    return f"{name} sm_{props['major']}{props['minor']}"
+def device_properties(index: int) -> dict[str, Any]:
+    """CuPy's properties of device ``cuda:index`` with ``name`` as ``str``, queried once per
+    process."""
+    props = dict(_import_cupy().cuda.runtime.getDeviceProperties(index))
+    if isinstance(props["name"], bytes):
+        props["name"] = props["name"].decode()
+    return props
 
 
 @functools.lru_cache(maxsize=64)
 def _tuning_key(index: int, plan: MeanFieldPlan) -> str:
-    """:func:`cache_key` of a default plan on device ``cuda:index``."""
-    return cache_key(_device_name(index), kernel_source(), plan, plan.config)
+    """:func:`cache_key` of a default plan on device ``cuda:index`` (named with its compute
+    capability)."""
+    props = device_properties(index)
+    device = f"{props['name']} sm_{props['major']}{props['minor']}"
+    return cache_key(device, kernel_source(), plan, plan.config)
 
 
 _tuned_variants: dict[str, str] = {}
@@ -271,7 +275,7 @@ class CUDABackend:
         """What this backend chose (timed, or read from the cache), one per size class."""
 
     def describe(self) -> str:
-        name = _device_name(self.index).rsplit(" sm_", 1)[0]
+        name = device_properties(self.index)["name"]
         return f"cuda:{self.index} ({name}, CuPy {self.cupy.__version__})"
 
     def launch_config(self) -> LaunchConfig:

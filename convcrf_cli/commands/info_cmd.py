@@ -32,8 +32,8 @@ def _cupy_lines() -> list[str]:
         return lines
     lines.append(f"cuda devices: {count}")
     for index in range(count):
-        props = cupy.cuda.runtime.getDeviceProperties(index)
-        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        props = cuda.device_properties(index)
+        name = props["name"]
         reason = cuda.cuda_unavailable_reason(index)
         status = "kernels load" if reason is None else f"unusable: {reason}"
         lines.append(

@@ -184,7 +184,7 @@ def installed() -> Iterator[types.ModuleType]:
         backend._device_launch_config,
         backend._cached_plan,
         backend.module_launcher,
-        backend._device_name,
+        backend.device_properties,
         backend._tuning_key,
         backend._tuned_variants,
     ]
