@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Everything a session with a GPU runs, in one call: install the package (a real, non-editable
-# install, so the .cu sources must come from package data), print the environment, run
-# `pytest -m gpu`, the benchmark (early, so that a run cut short still has it), compute-sanitizer
+# Everything a session with a GPU runs, in one call, most wanted first: install the package (a
+# real, non-editable install, so the .cu sources must come from package data), print the
+# environment, the benchmark, `pytest -m gpu`, the per-kernel profile, compute-sanitizer
 # (memcheck, racecheck, synccheck) on small runs, a batch on the GPU against the CPU, and the
-# training step and `convcrf fit` on the GPU. Logs go to $OUT when set (the device tool), else to bench/gpu_logs/.
+# training step and `convcrf fit` on the GPU. Each step has a time limit of its own (a hang costs
+# that step, not the rest); logs go to $OUT when set (the device tool), else to bench/gpu_logs/,
+# and each finished step adds a line (exit status, seconds, last line of output) to summary.txt
+# there, which is printed again at the end.
 # Usage: bash bench/gpu_check.sh      (PYTHON=... to choose the interpreter; default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-bench/gpu_logs}"
 PY="${PYTHON:-python3}"
 mkdir -p "$LOG"
+SUMMARY="$LOG/summary.txt"
+: >"$SUMMARY"
 # The repository's cuda/ directory would hide NVIDIA's `cuda` package (CuPy imports
 # cuda.pathfinder) if the working directory were on sys.path.
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
@@ -18,31 +23,37 @@ export CONVCRF_CACHE_DIR="$(mktemp -d)"
 SITE="$(mktemp -d)"
 status=0
 
-echo "== install"
-if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" . \
-    >"$LOG/install.log" 2>&1; then
-    cat "$LOG/install.log"
-    exit 1
-fi
+# step NAME SECONDS LOGFILE COMMAND...: run COMMAND (stdin passed on) for at most SECONDS, its
+# output to LOGFILE and the terminal; record the outcome in the summary
+step() {
+    local name=$1 limit=$2 log=$3 started=$SECONDS
+    shift 3
+    echo "== $name (at most ${limit} s)"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]} last
+    last="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c 1-100)"
+    [ "$rc" -eq 124 ] && last="TIME LIMIT; last output: $last"
+    printf '%-36s exit %3d %4d s  %s\n' "$name" "$rc" $((SECONDS - started)) "$last" \
+        | tee -a "$SUMMARY"
+    [ "$rc" -eq 0 ] || status=1
+    return "$rc"
+}
+
+step install 120 "$LOG/install.log" "$PY" -m pip install -q --no-deps --no-build-isolation \
+    --no-index --target "$SITE" . || exit 1
 export PYTHONPATH="$SITE"
-ls "$SITE/convcrf_cli/cuda" | tee -a "$LOG/install.log"
+ls "$SITE/convcrf_cli/cuda"
 
-echo "== environment"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$PY" -m convcrf_cli info; } \
-    2>&1 | tee "$LOG/info.log"
+step environment 120 "$LOG/info.log" bash -c \
+    'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; "$0" -m convcrf_cli info' \
+    "$PY"
 
-echo "== pytest -m gpu"
-"$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests 2>&1 | tee "$LOG/pytest_gpu.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-"$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_backend.py tests/test_cuda_shim.py \
-    tests/test_cuda_compile.py 2>&1 | tee "$LOG/pytest_cuda_cpu.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step benchmark 200 "$LOG/bench.md" "$PY" bench/bench_gpu.py
 
-echo "== benchmark"
-"$PY" bench/bench_gpu.py 2>&1 | tee "$LOG/bench.md"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+step "pytest -m gpu" 240 "$LOG/pytest_gpu.log" "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests
 
-echo "== compute-sanitizer"
+step "profile (time per kernel)" 120 "$LOG/profile.md" "$PY" bench/gpu_profile.py
+
 SMALL_RUN='
 import numpy as np
 from convcrf_cli import CRFParams, refine
@@ -84,25 +95,21 @@ print("small runs done (inference with each message kernel and fused, a training
 '
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck synccheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -c "$SMALL_RUN" \
-            >"$LOG/sanitizer_$tool.log" 2>&1
-        rc=$?
-        echo "compute-sanitizer $tool: exit $rc ($(tail -n 1 "$LOG/sanitizer_$tool.log"))"
-        [ "$rc" -eq 0 ] || status=1
+        step "compute-sanitizer $tool" 120 "$LOG/sanitizer_$tool.log" \
+            compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -c "$SMALL_RUN"
     done
 else
-    echo "compute-sanitizer not found: skipped" | tee "$LOG/sanitizer.log"
+    echo "compute-sanitizer not found: skipped" | tee -a "$SUMMARY"
 fi
 
-echo "== batch on the GPU (same-sized images share a launch) against the CPU"
 DATA="$(mktemp -d)"
 "$PY" -m convcrf_cli synth "$DATA" --count 24 --size 375x500 >/dev/null
 for device in cuda cpu; do
-    "$PY" -m convcrf_cli batch "$DATA/images" "$DATA/unaries" -o "$DATA/out_$device" \
-        --device "$device" --out-format npy -v --report "$DATA/$device.jsonl" 2>&1 | tail -n 2
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    step "batch --device $device" 120 "$LOG/batch_$device.log" "$PY" -m convcrf_cli batch \
+        "$DATA/images" "$DATA/unaries" -o "$DATA/out_$device" --device "$device" \
+        --out-format npy -v --report "$DATA/$device.jsonl"
 done
-"$PY" - "$DATA" <<'COMPARE' 2>&1 | tee "$LOG/batch_gpu.log"
+step "batch labels: GPU against CPU" 60 "$LOG/batch_gpu.log" "$PY" - "$DATA" <<'COMPARE'
 import sys, pathlib, numpy as np
 root = pathlib.Path(sys.argv[1])
 names = sorted(p.name for p in (root / "out_cuda").glob("*.npy"))
@@ -111,10 +118,8 @@ differing = [float((np.load(root / "out_cuda" / n) != np.load(root / "out_cpu" /
 print(f"{len(names)} label maps; largest share of pixels whose label differs: {max(differing):.2e}")
 sys.exit(0 if len(names) == 24 and max(differing) < 1e-3 else 1)
 COMPARE
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-echo "== learning on the GPU: the ConvCRF module's training step, and convcrf fit"
-"$PY" - <<'TRAIN' 2>&1 | tee "$LOG/train_gpu.log"
+step "training step on the GPU" 120 "$LOG/train_gpu.log" "$PY" - <<'TRAIN'
 import statistics, torch, torch.nn.functional as F
 from convcrf_cli import CRFParams, meanfield
 from convcrf_cli.torch import ConvCRF
@@ -147,12 +152,10 @@ for fused, name in ((None, "fused CUDA kernels"), (False, "PyTorch operations on
                              requires_grad=True), fused=fused).sum().backward()
     print(f"| {name} | {median_ms(step):.2f} |")
 TRAIN
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-started=$SECONDS
-"$PY" -m convcrf_cli fit "$DATA/images" "$DATA/unaries" "$DATA/labels" -o "$DATA/learned.json" \
-    --epochs 2 --device cuda 2>&1 | tee -a "$LOG/train_gpu.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-echo "convcrf fit --device cuda, 24 images, 2 epochs: $((SECONDS - started)) s" \
-    | tee -a "$LOG/train_gpu.log"
+step "convcrf fit --device cuda, 2 epochs" 120 "$LOG/fit_gpu.log" "$PY" -m convcrf_cli fit \
+    "$DATA/images" "$DATA/unaries" "$DATA/labels" -o "$DATA/learned.json" --epochs 2 --device cuda
 
+echo "== summary"
+cat "$SUMMARY"
+grep -m 1 -A 8 '^| case | plan' "$LOG/bench.md"
 exit "$status"

@@ -11,18 +11,29 @@ replayed (GPU time without launch gaps), and a sweep of launch configurations (g
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import cupy
 import numpy as np
-from bench_gpu import time_gpu_ms
 
-from convcrf_cli.backends import cuda, cuda_plan
-from convcrf_cli.params import CRFParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under PYTHONSAFEPATH=1
+
+from bench_gpu import time_gpu_ms  # noqa: E402
+
+from convcrf_cli.backends import cuda, cuda_plan  # noqa: E402
+from convcrf_cli.params import CRFParams  # noqa: E402
 
 CASES = [("500x375 blur 4 k=7", 375, 500, 4, 7), ("2048x2048 blur 1 k=7", 2048, 2048, 1, 7)]
 CLASSES, FEATURES = 21, 3
+CELL_BLOCKS = ((16, 16), (32, 8), (32, 4), (16, 8), (8, 8))
+POOLS = ((256, 1024), (128, 512), (256, 512), (512, 2048))
+"""The sweep: per-cell message blocks × (pool threads, pooling box pixels)."""
+HOST_RUNS = 30
+"""Inferences whose host time (to issue the launches) gives the median."""
 
 
 class RecordingLauncher:
@@ -83,7 +94,7 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
         ms = time_gpu_ms(lambda call=call: launcher.launch(*call), 30, 3, 20)
         print(f"| {name} | {count} | {ms:.4f} |")
     host = []
-    for _ in range(30):
+    for _ in range(HOST_RUNS):
         cupy.cuda.Device().synchronize()
         start = time.perf_counter()
         run()
@@ -96,18 +107,17 @@ def profile(label: str, height: int, width: int, blur: int, k: int) -> None:
 
     print("\n| cell_block | pixel_block | pool_threads | pool_box_pixels | graph ms |")
     print("|---|---|---:|---:|---:|")
-    for cell in ((16, 16), (32, 8), (32, 4), (16, 8), (8, 8)):
-        for pool_threads, box in ((256, 1024), (128, 512), (256, 512), (512, 2048)):
-            config = dataclasses.replace(
-                base, cell_block=cell, pool_threads=pool_threads, pool_box_pixels=box
-            )
-            try:
-                _, _, run = runner(config)
-                ms = graph_ms(run)
-            except Exception as exc:  # a configuration the device refuses
-                print(f"| {cell} | {config.pixel_block} | {pool_threads} | {box} | {exc} |")
-                continue
-            print(f"| {cell} | {config.pixel_block} | {pool_threads} | {box} | {ms:.4f} |")
+    for cell, (pool_threads, box) in itertools.product(CELL_BLOCKS, POOLS):
+        config = dataclasses.replace(
+            base, cell_block=cell, pool_threads=pool_threads, pool_box_pixels=box
+        )
+        try:
+            _, _, run = runner(config)
+            ms = graph_ms(run)
+        except Exception as exc:  # a configuration the device refuses
+            print(f"| {cell} | {config.pixel_block} | {pool_threads} | {box} | {exc} |")
+            continue
+        print(f"| {cell} | {config.pixel_block} | {pool_threads} | {box} | {ms:.4f} |")
 
 
 def main() -> None:

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
+from pathlib import Path
 
 import cupy
 import numpy as np
-from bench_gpu import time_gpu_ms
-from gpu_profile import RecordingLauncher
 
-from convcrf_cli.backends import cuda, cuda_plan
-from convcrf_cli.params import CRFParams
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under PYTHONSAFEPATH=1
+
+from bench_gpu import time_gpu_ms  # noqa: E402
+from gpu_profile import RecordingLauncher  # noqa: E402
+
+from convcrf_cli.backends import cuda, cuda_plan  # noqa: E402
+from convcrf_cli.params import CRFParams  # noqa: E402
 
 CASES = [(375, 500, 4, 5), (375, 500, 4, 7), (375, 500, 4, 11), (375, 500, 4, 13)]
 CASES += [(2048, 2048, 1, 7)]

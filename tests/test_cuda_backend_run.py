@@ -1,7 +1,8 @@
 """The CUDA backend's own Python code run end to end without a GPU: ``tests/cuda_shim/
 fake_cupy.py`` stands in for CuPy (NumPy arrays as device arrays, the C++ shim as the device),
-so ``CUDABackend.run``, ``refine(device="cuda")``, ``convcrf info`` and ``bench/bench_gpu.py``
-run unchanged on the real kernels and are checked against the float64 reference."""
+so ``CUDABackend.run``, ``refine(device="cuda")``, ``convcrf info``, ``bench/bench_gpu.py`` and
+``bench/gpu_profile.py`` run unchanged on the real kernels and are checked against the float64
+reference."""
 
 from __future__ import annotations
 
@@ -324,6 +325,38 @@ def test_gpu_benchmark_script_runs_and_prints_its_tables(fake_cupy, monkeypatch,
         *("default", "split message", "tiled message"),  # no fused iterations at blur 1
         *("per-cell", "split", "tiled"),
     ]
+
+
+def test_gpu_profile_script_runs_and_prints_each_kernel(fake_cupy, monkeypatch, capsys):
+    """bench/gpu_profile.py as on a GPU (one small case, a sweep of two configurations, one
+    run per timing): a row per kernel with its launches per inference, the host, event and
+    graph-replay times, and a row per configuration of the sweep."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("bench_gpu", "gpu_profile"):
+        sys.modules.pop(name, None)
+    gpu_profile = importlib.import_module("gpu_profile")
+    try:
+        monkeypatch.setattr(gpu_profile, "CASES", [("40x30 blur 2 k=5", 30, 40, 2, 5)])
+        monkeypatch.setattr(gpu_profile, "CELL_BLOCKS", ((16, 16), (8, 8)))
+        monkeypatch.setattr(gpu_profile, "POOLS", ((256, 256),))
+        monkeypatch.setattr(gpu_profile, "HOST_RUNS", 1)
+        monkeypatch.setattr(gpu_profile, "time_gpu_ms", lambda fn, *args: _once_ms(fn))
+        gpu_profile.main()
+    finally:
+        for name in ("bench_gpu", "gpu_profile"):
+            sys.modules.pop(name, None)
+    output = capsys.readouterr().out
+    rows = {
+        row[0]: row[1:] for row in (line.strip("| ").split(" | ") for line in output.splitlines())
+    }
+    launches = {"convcrf_pool_features": 1, "convcrf_init": 1, "convcrf_message": 5}
+    launches |= {"convcrf_step": 4, "convcrf_final": 1}
+    for kernel, count in launches.items():
+        assert rows[kernel][0] == str(count), (kernel, output)
+        assert float(rows[kernel][1]) > 0
+    assert "CUDA graph replay" in output
+    assert [row for row in rows if row in ("(16, 16)", "(8, 8)")] == ["(16, 16)", "(8, 8)"]
+    assert all(float(rows[cell][-1]) > 0 for cell in ("(16, 16)", "(8, 8)"))
 
 
 def _once_ms(fn) -> float:

@@ -5,8 +5,9 @@ as ``sys.modules["cupy"]`` (:func:`installed`), the CUDA backend's own Python co
 ``CUDABackend.run``, device selection, ``convcrf info``, the benchmark script — runs unchanged
 on the real ``cuda/*.cu`` kernels.
 
-Only what the backend and ``bench/bench_gpu.py`` use is provided; NumPy functions not defined
-here are taken from NumPy, their array results returned as :class:`ndarray`.
+Only what the backend, ``bench/bench_gpu.py`` and ``bench/gpu_profile.py`` use is provided
+(streams run launches at once; a captured graph replays what it recorded); NumPy functions
+not defined here are taken from NumPy, their array results returned as :class:`ndarray`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ class _Kernel:
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
         if shared_mem > self.max_dynamic_shared_size_bytes:
             raise RuntimeError(f"{self.name}: {shared_mem} bytes of shared memory not opted in")
+        if _capturing is not None:  # recorded for the graph, not run (as CUDA captures)
+            _capturing.append(functools.partial(self, grid, block, args, shared_mem))
+            return
         self.shim(self.name, grid, block, args, shared_mem)
         launches.append(self.name)
 
@@ -139,10 +143,53 @@ def _get_elapsed_time(start: _Event, stop: _Event) -> float:
     return (stop.seconds - start.seconds) * 1e3
 
 
+_capturing: list | None = None
+"""The launches a capturing :class:`_Stream` has recorded, or None when none captures."""
+
+
+class _Graph:
+    """A captured CUDA graph: ``launch`` runs the recorded launches again, in order."""
+
+    def __init__(self, recorded: list) -> None:
+        self.recorded = recorded
+
+    def launch(self, stream=None) -> None:
+        for launch in self.recorded:
+            launch()
+
+
+class _Stream:
+    """A stream (launches run synchronously in the shim) that can capture a graph."""
+
+    def __init__(self, non_blocking: bool = False) -> None:
+        self.non_blocking = non_blocking
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        """Launches run synchronously in the shim."""
+
+    def begin_capture(self) -> None:
+        global _capturing
+        _capturing = []
+
+    def end_capture(self) -> _Graph:
+        global _capturing
+        graph, _capturing = _Graph(_capturing), None
+        return graph
+
+
 class _Device:
     def __init__(self, index: int = 0) -> None:
         self.index = index
         self.attributes = dict(ATTRIBUTES)
+
+    def synchronize(self) -> None:
+        """Launches run synchronously in the shim."""
 
     def __enter__(self):
         if self.index != 0:
@@ -156,6 +203,7 @@ class _Device:
 cuda = types.SimpleNamespace(
     Device=_Device,
     Event=_Event,
+    Stream=_Stream,
     get_elapsed_time=_get_elapsed_time,
     get_current_stream=contextlib.nullcontext,
     runtime=types.SimpleNamespace(
@@ -188,8 +236,10 @@ def installed() -> Iterator[types.ModuleType]:
         backend._tuning_key,
         backend._tuned_variants,
     ]
+    global _capturing
     previous = sys.modules.get("cupy")
     _clear(caches)
+    _capturing = None
     launches.clear()
     transfers.clear()
     compiled.clear()
