@@ -1,9 +1,15 @@
 """Shared test configuration: make ``tests/`` importable (for ``reference``), skip GPU tests
 where CuPy or a CUDA device is missing, keep the CUDA tuning cache of each test in its own
-temporary directory, and build the CPU shim of the CUDA kernels once."""
+temporary directory, and build the CPU shim of the CUDA kernels once.
+
+With ``CONVCRF_GPU_TESTS_ON_SHIM=1`` (``make test-gpu-shim``) the NumPy stand-in for CuPy
+(``cuda_shim/fake_cupy.py``) is CuPy for the whole session, so the GPU tests that need CuPy
+but not torch on CUDA run on the C++ shim: their own code is checked before a device runs it.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +17,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("CONVCRF_GPU_TESTS_ON_SHIM") == "1":
+    from cuda_shim import fake_cupy
+
+    sys.modules["cupy"] = fake_cupy
 
 SHIM_BUILD_DIR = Path(__file__).parent / "_build"
 SHIM_CLASS_BLOCK = 4

@@ -34,8 +34,9 @@ transfers: list[tuple[tuple[int, ...], str]] = []
 """(shape, dtype) of every array copied to the host with ``get`` (emptied likewise)."""
 compiled: list[tuple[int, int]] = []
 """(class block, load group) of every RawModule compiled, in order (emptied likewise)."""
-ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 64 * 1024, "MultiProcessorCount": 4}
-"""Device attributes the backend reads (a small device: 4 multiprocessors)."""
+ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 227 * 1024, "MultiProcessorCount": 4}
+"""Device attributes the backend reads (a small device: 4 multiprocessors; Hopper's opt-in
+limit of shared memory per block)."""
 
 
 class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
