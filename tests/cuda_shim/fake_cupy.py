@@ -160,10 +160,11 @@ class _Graph:
 
 
 class _Stream:
-    """A stream (launches run synchronously in the shim) that can capture a graph."""
+    """A stream (launches run synchronously in the shim) that can capture a graph; CuPy's
+    ``non_blocking`` is accepted and means nothing here."""
 
     def __init__(self, non_blocking: bool = False) -> None:
-        self.non_blocking = non_blocking
+        del non_blocking
 
     def __enter__(self):
         return self
