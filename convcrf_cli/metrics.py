@@ -1,4 +1,4 @@
-"""Segmentation quality metrics: confusion matrix, mean IoU and pixel accuracy (NumPy).
+"""Segmentation quality metrics: confusion matrix and per-class IoU (NumPy).
 
 Predictions and labels are integer class maps of the same shape (any shape, e.g. ``[H,W]`` or
 ``[N,H,W]``). Label pixels equal to ``ignore_label`` are left out of every metric.
@@ -40,28 +40,3 @@ def iou_per_class(confusion: np.ndarray) -> np.ndarray:
     union = confusion.sum(axis=0) + confusion.sum(axis=1) - inter
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, inter / union, np.nan)
-
-
-def mean_iou(
-    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_label: int = 255
-) -> float:
-    """Mean over classes of intersection over union, in [0, 1].
-
-    Classes that appear in neither ``labels`` nor ``pred`` are left out of the mean (as in the
-    Pascal VOC evaluation when accumulated over a dataset).
-    """
-    confusion = confusion_matrix(pred, labels, num_classes, ignore_label)
-    if confusion.sum() == 0:
-        raise ValueError("no labelled pixels (all pixels are ignored)")
-    return float(np.nanmean(iou_per_class(confusion)))
-
-
-def pixel_accuracy(
-    pred: np.ndarray, labels: np.ndarray, num_classes: int, ignore_label: int = 255
-) -> float:
-    """Fraction of non-ignored pixels whose prediction equals the label, in [0, 1]."""
-    confusion = confusion_matrix(pred, labels, num_classes, ignore_label)
-    total = confusion.sum()
-    if total == 0:
-        raise ValueError("no labelled pixels (all pixels are ignored)")
-    return float(np.trace(confusion) / total)

@@ -57,8 +57,6 @@ class ItemResult:
     written: tuple[str, ...]
     image_hw: tuple[int, int]
     num_classes: int
-    layout: str
-    unary_kind: str
     unary_reason: str
     histogram: np.ndarray
     unary_histogram: np.ndarray
@@ -260,8 +258,6 @@ def write_item(
         written=tuple(written),
         image_hw=(pixels.shape[0], pixels.shape[1]),
         num_classes=classes,
-        layout=prepared.unary.layout,
-        unary_kind=prepared.unary.kind,
         unary_reason=prepared.unary.reason,
         histogram=np.bincount(labels.ravel(), minlength=classes),
         unary_histogram=np.bincount(unary_labels.ravel(), minlength=classes),
