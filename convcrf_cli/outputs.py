@@ -301,16 +301,21 @@ def _write_stdout(data: bytes) -> None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     except OSError as exc:
-        # Point stdout at /dev/null so that the interpreter's final flush stays quiet.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-        problem = (
-            "the reader closed the pipe before the PNG was written"
-            if isinstance(exc, BrokenPipeError)
-            else f"cannot write the PNG: {exc.strerror or exc}"
-        )
-        raise RuntimeFailure(f"stdout: {problem}") from exc
+        raise stdout_failure(exc, "the PNG") from exc
+
+
+def stdout_failure(exc: OSError, what: str) -> RuntimeFailure:
+    """The :class:`RuntimeFailure` for ``exc``, raised writing ``what`` to stdout; points
+    stdout at /dev/null first, so that the interpreter's final flush stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    problem = (
+        f"the reader closed the pipe before {what} was written"
+        if isinstance(exc, BrokenPipeError)
+        else f"cannot write {what}: {exc.strerror or exc}"
+    )
+    return RuntimeFailure(f"stdout: {problem}")
 
 
 def _write(

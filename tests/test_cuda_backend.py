@@ -4,7 +4,9 @@ options, block and chunk choices, launch geometry, input kinds, NVRTC, and the C
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +240,9 @@ def test_info_command_reports_versions_and_the_auto_device():
     assert f"torch: {torch.__version__}" in result.output
     expected = select_backend("auto").describe()
     assert f"--device auto uses: {expected}" in result.output
+    if "cupy: not usable" not in result.output:  # CuPy imports: the tuning cache is shown
+        cache = Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json"
+        assert f"tuned launch plans: 0 in {cache}" in result.output
 
 
 class _FakeKernel:

@@ -15,7 +15,7 @@ import click
 from convcrf_cli.backends import DeviceError
 from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError, ConvCRFError
-from convcrf_cli.outputs import PROBS_DTYPES
+from convcrf_cli.outputs import PROBS_DTYPES, stdout_failure
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
 from convcrf_cli.pipeline import UnaryOptions
 from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS, UNARY_TYPES
@@ -222,6 +222,15 @@ def check_output_file(path: Path) -> None:
         if existing != directory:
             problem = f"cannot be created: {existing} is not writable"
         raise BadInputError(path, f"directory {directory} {problem}")
+
+
+def echo_out(text: str, what: str, newline: bool = True) -> None:
+    """Write ``text`` (``what`` it is, for the error) to stdout, the command's output; a write
+    error (a full disk, a reader that closed the pipe) is a :class:`RuntimeFailure`."""
+    try:
+        click.echo(text, nl=newline)
+    except OSError as exc:
+        raise stdout_failure(exc, what) from exc
 
 
 def echo_err(message: str) -> None:

@@ -15,6 +15,7 @@ from convcrf_cli.commands.common import (
     crf_options,
     device_option,
     echo_err,
+    echo_out,
     params_from_options,
     reports_errors,
     unary_type_option,
@@ -285,10 +286,11 @@ def report(result: FitResult, output: Path, verbose: bool) -> None:
         why = "no held-out images"
         if result.val_names:
             why = "the held-out labels hold only the ignore label"
-        click.echo(f"learned parameters written to {output} ({why}: no mean IoU)")
+        echo_out(f"learned parameters written to {output} ({why}: no mean IoU)", "the summary")
         return
-    click.echo(
+    echo_out(
         f"held-out mIoU ({len(result.val_names)} images): unary {100 * result.miou_unary:.2f}, "
-        f"CRF before {100 * result.miou_before:.2f}, after {100 * result.miou_after:.2f}"
+        f"CRF before {100 * result.miou_before:.2f}, after {100 * result.miou_after:.2f}\n"
+        f"learned parameters written to {output}",
+        "the summary",
     )
-    click.echo(f"learned parameters written to {output}")

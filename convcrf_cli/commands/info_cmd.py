@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import platform
+from types import ModuleType
 
 import click
 
 from convcrf_cli import __version__
 from convcrf_cli.backends.cuda_tune import TuningCache
-from convcrf_cli.commands.common import reports_errors
+from convcrf_cli.commands.common import echo_out, reports_errors
 
 
 def _cupy_lines() -> list[str]:
@@ -25,12 +26,19 @@ def _cupy_lines() -> list[str]:
     lines.append("kernels compile (NVRTC, compute_80): " + ("yes" if problem is None else "no"))
     if problem is not None:
         lines.append(f"  {problem.splitlines()[0]}")
+    lines += _device_lines(cupy, cuda)
+    cache = TuningCache()
+    lines.append(f"tuned launch plans: {len(cache)} in {cache.path} (delete it to time them again)")
+    return lines
+
+
+def _device_lines(cupy: ModuleType, cuda: ModuleType) -> list[str]:
+    """The CUDA device count and one line per device (name, compute capability, memory)."""
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        lines.append(f"cuda devices: none ({type(exc).__name__}: {str(exc).splitlines()[0]})")
-        return lines
-    lines.append(f"cuda devices: {count}")
+        return [f"cuda devices: none ({type(exc).__name__}: {str(exc).splitlines()[0]})"]
+    lines = [f"cuda devices: {count}"]
     for index in range(count):
         props = cuda.device_properties(index)
         name = props["name"]
@@ -40,8 +48,6 @@ def _cupy_lines() -> list[str]:
             f"  cuda:{index}: {name}, compute {props['major']}.{props['minor']}, "
             f"{props['totalGlobalMem'] / 2**30:.1f} GiB ({status})"
         )
-    cache = TuningCache()
-    lines.append(f"tuned launch plans: {len(cache)} in {cache.path} (delete it to time them again)")
     return lines
 
 
@@ -64,4 +70,4 @@ def info_command() -> None:
     fallback = getattr(backend, "fallback_reason", None)
     if fallback:
         lines.append(f"  because: {fallback}")
-    click.echo("\n".join(lines))
+    echo_out("\n".join(lines), "the report")

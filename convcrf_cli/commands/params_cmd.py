@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from convcrf_cli.commands.common import crf_options, params_from_options, reports_errors
+from convcrf_cli.commands.common import crf_options, echo_out, params_from_options, reports_errors
 from convcrf_cli.params import PRESETS
 
 
@@ -21,4 +21,4 @@ from convcrf_cli.params import PRESETS
 def params_command(preset: str | None, **options) -> None:
     """Print CRF parameters as JSON (the format --params reads)."""
     params = params_from_options(options, PRESETS[preset] if preset else None)
-    click.echo(params.to_json(), nl=False)
+    echo_out(params.to_json(), "the parameters", newline=False)

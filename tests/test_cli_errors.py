@@ -1,0 +1,64 @@
+"""Errors every command reports the same way: Click's usage errors and failed writes to stdout
+as one ``convcrf: error: ...`` line on stderr with the documented exit status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from convcrf_cli.cli import main
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["refine", "a.png", "b.npy"], "Missing option '-o' / '--output'"),
+        (["refine", "a.png", "b.npy", "-o", "c.png", "--alpha", "2"], "'--alpha': 2.0"),
+        (["refine", "a.png", "b.npy", "-o", "c.png", "-k", "x"], "'-k'"),
+        (["refine", "--bogus"], "No such option '--bogus'"),
+        (["synth", "d", "--size", "48"], "HEIGHTxWIDTH"),
+        (["batch", "i", "u", "-o", "o", "--jobs", "0"], "'--jobs'"),
+        (["bogus"], "No such command 'bogus'"),
+    ],
+)
+def test_usage_errors_are_one_line(tmp_path, args, message):
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(main, args, prog_name="convcrf")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    command = "convcrf" if args[0] == "bogus" else f"convcrf {args[0]}"
+    assert lines[0].startswith("convcrf: error: ") and message in lines[0]
+    assert lines[0].endswith(f"(see '{command} --help')")
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_help_and_version_still_work():
+    help_text = CliRunner().invoke(main, ["refine", "--help"], prog_name="convcrf").stdout
+    assert help_text.startswith("Usage: convcrf refine")
+    assert CliRunner().invoke(main, ["--version"]).exit_code == 0
+    bare = CliRunner().invoke(main, [])
+    assert bare.exit_code in (0, 2) and "Commands:" in bare.output
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    ("command", "what"), [("params", "the parameters"), ("info", "the report")]
+)
+def test_a_full_stdout_is_one_line_and_status_1(command, what):
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "convcrf_cli", command],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            env={**os.environ, "PYTHONSAFEPATH": "1"},
+        )
+    assert done.returncode == 1
+    assert done.stderr.decode().splitlines() == [
+        f"convcrf: error: stdout: cannot write {what}: No space left on device"
+    ]
