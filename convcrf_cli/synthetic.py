@@ -92,8 +92,11 @@ def write_dataset(
 
     Files per sample NAME: ``images/NAME.png`` (RGB), ``unaries/NAME.npy`` (``[C,H,W]``
     float32 probabilities) and ``labels/NAME.png`` (palette PNG in Pascal VOC colours whose
-    pixel values are the class ids). Sample ``i`` depends only on ``(seed, i)``.
+    pixel values are the class ids). Sample ``i`` depends only on ``(seed, i)``. At least two
+    classes: a one-channel unary would be read as a foreground score (two classes).
     """
+    if num_classes < 2:
+        raise ValueError(f"a dataset needs at least 2 classes, got {num_classes}")
     out_dir = Path(out_dir)
     for sub in ("images", "unaries", "labels"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)

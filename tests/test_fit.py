@@ -225,6 +225,23 @@ def test_cli_fit_creates_missing_output_directory(dataset, tmp_path):
     assert CRFParams.from_dict(json.loads(learned.read_text())) is not None
 
 
+def test_cli_fit_warns_of_unaries_and_labels_without_an_image(dataset, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((dataset / "images").iterdir())[1:]:
+        (images / path.name).write_bytes(path.read_bytes())
+    learned = tmp_path / "learned.json"
+    run = _in_process(
+        "fit", images, dataset / "unaries", dataset / "labels", "-o", learned, "--epochs", "1"
+    )
+    assert run.exit_code == 0, run.stderr
+    unary, labels = dataset / "unaries" / "synth_00000.npy", dataset / "labels" / "synth_00000.png"
+    assert run.stderr.splitlines()[:2] == [
+        f"convcrf: warning: 1 unary file(s) without an image, not used: {unary}",
+        f"convcrf: warning: 1 label map file(s) without an image, not used: {labels}",
+    ]
+
+
 def test_cli_fit_refuses_uncreatable_output_directory_before_training(dataset, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

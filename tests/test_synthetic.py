@@ -116,3 +116,11 @@ def test_synth_command(tmp_path):
     bad = runner.invoke(main, ["synth", str(tmp_path / "e"), "--size", "30by20"])
     assert bad.exit_code == 2 and "HEIGHTxWIDTH" in bad.output
     assert not (tmp_path / "e").exists()
+    one_class = runner.invoke(main, ["synth", str(tmp_path / "f"), "--classes", "1"])
+    assert one_class.exit_code == 2 and "'--classes': 1 is not in the range 2<=x<=256" in (
+        one_class.output
+    )
+    assert not (tmp_path / "f").exists()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        write_dataset(tmp_path / "g", 1, 8, 8, 1, seed=0)
+    assert not (tmp_path / "g").exists()

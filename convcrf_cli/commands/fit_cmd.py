@@ -202,7 +202,8 @@ def _start_module(
 
 def pair_files(images: Path, unaries: Path, labels: Path) -> list[TrainingFiles]:
     """The files of every image, paired by relative path and stem (suffixes matched ignoring
-    case); an image without a unary or a label map is an error."""
+    case); an image without a unary or a label map is an error, a unary or label map without
+    an image a warning on stderr (it is not used)."""
     image_files = find_files(images, IMAGE_GLOBS)
     unary_files = find_files(unaries, UNARY_GLOBS)
     label_files = find_files(labels, LABEL_GLOBS)
@@ -215,6 +216,14 @@ def pair_files(images: Path, unaries: Path, labels: Path) -> list[TrainingFiles]
         ):
             if key not in files:
                 raise BadInputError(path, f"no {kind} named {key}.* in {directory}")
+    for files, kind in ((unary_files, "unary"), (label_files, "label map")):
+        unused = sorted(str(files[key]) for key in files.keys() - image_files.keys())
+        if unused:
+            shown = ", ".join(unused[:10]) + (", ..." if len(unused) > 10 else "")
+            echo_err(
+                f"convcrf: warning: {len(unused)} {kind} file(s) without an image, not used: "
+                f"{shown}"
+            )
     return [
         TrainingFiles(key, image_files[key], unary_files[key], label_files[key])
         for key in sorted(image_files)

@@ -37,10 +37,10 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 )
 @click.option(
     "--classes",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(2, 256),
     default=21,
     show_default=True,
-    help="Number of classes (label ids 0..C-1).",
+    help="Number of classes (label ids 0..C-1), 2 to 256.",
 )
 @click.option(
     "--seed",
