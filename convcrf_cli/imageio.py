@@ -208,12 +208,13 @@ def _pixels(path: str | Path, image: Image.Image, notes: list[str]) -> np.ndarra
         values = np.asarray(image)
         if mode == "F" and not np.isfinite(values).all():
             raise BadInputError(path, "image holds NaN or infinite values")
-        in_uint16 = mode != "F" and values.min() >= 0 and values.max() <= np.iinfo(np.uint16).max
+        low, high = values.min(), values.max()
+        in_uint16 = mode != "F" and low >= 0 and high <= np.iinfo(np.uint16).max
         values = values.astype(np.uint16 if in_uint16 else np.float32)
-        notes.append(
-            f"{'16-bit' if in_uint16 else 'floating-point'} grayscale values "
-            f"{values.min()}..{values.max()}: --col-schan is in these units"
-        )
+        kind = "floating-point" if mode == "F" else "16-bit"
+        if mode == "I" and image.format != "PNG":  # older Pillow opens 16-bit PNGs as "I"
+            kind = "32-bit integer"
+        notes.append(f"{kind} grayscale values {low}..{high}: --col-schan is in these units")
         return values[:, :, None]
     if mode in ("L", "LA", "La", "1"):
         return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]

@@ -320,6 +320,8 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
         return _parse(io.BytesIO(data), name, is_npz=data.startswith(_ZIP_MAGIC))
     path = Path(source)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise BadInputError(name, "is a directory, not a unary file")
     if suffix not in (".npy", ".npz"):
         raise BadInputError(
             name,
@@ -328,8 +330,6 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
         )
     if not path.exists():
         raise BadInputError(name, "no such file")
-    if path.is_dir():
-        raise BadInputError(name, "is a directory, not a unary file")
     try:
         with open(path, "rb") as handle:
             return _parse(handle, name, is_npz=suffix == ".npz")
@@ -339,6 +339,14 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
 
 def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
     kind = ".npz" if is_npz else ".npy"
+    magic = _ZIP_MAGIC if is_npz else _NPY_MAGIC
+    start = handle.read(len(magic))
+    if start != magic:
+        problem = (
+            "empty file" if not start else ("not a zip archive" if is_npz else "no NumPy header")
+        )
+        raise BadInputError(name, f"not a {kind} file ({problem})")
+    handle.seek(0)
     try:
         if not is_npz:
             return np.load(handle, allow_pickle=False)
@@ -355,7 +363,13 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
             )
     except BadInputError:
         raise
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, KeyError) as exc:
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise BadInputError(
+                name, f"{kind} holds Python objects, which are not loaded; save a numeric array"
+            ) from exc
+        raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
+    except (EOFError, OSError, zipfile.BadZipFile, KeyError) as exc:
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
 
 

@@ -186,6 +186,11 @@ def _bad_cases(tmp_path, image, probs):
     np.save(tmp_path / "good.npy", probs)
     data = (tmp_path / "good.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(data[: len(data) - 100])
+    (tmp_path / "text.npy").write_text("hello\n")
+    (tmp_path / "text.npz").write_text("hello\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "unaries").mkdir()
     nan = probs.copy()
     nan[1, 2, 3] = np.nan
     np.save(tmp_path / "nan.npy", nan)
@@ -208,10 +213,21 @@ def _bad_cases(tmp_path, image, probs):
     xbm = tmp_path.parent / "out" / "o.xbm"
     return [
         ("missing image", tmp_path / "nope.png", good, [], tmp_path / "nope.png", "no such file"),
+        ("image on stdin", "-", good, [], "-", "the image is read from a file, not stdin"),
         ("missing unary", img, tmp_path / "nope.npy", [], tmp_path / "nope.npy", "no such file"),
         ("unreadable image", tmp_path, good, [], tmp_path, "is a directory"),
         ("corrupt image", tmp_path / "corrupt.jpg", good, [], tmp_path / "corrupt.jpg", "corrupt"),
         ("truncated npy", img, tmp_path / "cut.npy", [], tmp_path / "cut.npy", "truncated"),
+        ("text as npy", img, tmp_path / "text.npy", [], tmp_path / "text.npy",
+         "not a .npy file (no NumPy header)"),
+        ("text as npz", img, tmp_path / "text.npz", [], tmp_path / "text.npz",
+         "not a .npz file (not a zip archive)"),
+        ("empty npy", img, tmp_path / "empty.npy", [], tmp_path / "empty.npy",
+         "not a .npy file (empty file)"),
+        ("object npy", img, tmp_path / "objects.npy", [], tmp_path / "objects.npy",
+         "holds Python objects"),
+        ("directory as unary", img, tmp_path / "unaries", [], tmp_path / "unaries",
+         "is a directory"),
         ("nan", img, tmp_path / "nan.npy", [], tmp_path / "nan.npy", "NaN"),
         ("negative", img, tmp_path / "neg.npy", ["--unary-type", "prob"], tmp_path / "neg.npy",
          "negative probability"),

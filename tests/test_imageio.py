@@ -46,6 +46,15 @@ def test_sixteen_bit_grayscale_png_keeps_raw_values(tmp_path):
     assert got.max() > 255
 
 
+def test_thirty_two_bit_integer_tiff_is_named_so(tmp_path):
+    values = (np.arange(H * W).reshape(H, W) * 1000).astype(np.int32)
+    Image.fromarray(values).save(tmp_path / "i32.tif")
+    loaded = load_image(tmp_path / "i32.tif")
+    assert loaded.pixels.dtype == np.float32 and loaded.pixels.max() > 65535
+    np.testing.assert_array_equal(loaded.pixels[:, :, 0], values)
+    assert any(note.startswith("32-bit integer grayscale values 0..") for note in loaded.notes)
+
+
 def test_float_tiff_is_float32(tmp_path):
     values = np.random.default_rng(1).normal(0, 100, (H, W)).astype(np.float32)
     Image.fromarray(values).save(tmp_path / "f.tif")

@@ -75,6 +75,10 @@ def refine_command(
     Only the output goes to stdout; messages go to stderr. Exit status: 0 ok, 1 runtime
     failure, 2 bad usage or input.
     """
+    if image == "-":
+        raise BadInputError(
+            "-", "the image is read from a file, not stdin (stdin can carry the unary: UNARY -)"
+        )
     if Path(image).is_dir():
         raise BadInputError(
             image,
