@@ -17,7 +17,14 @@ class InputError(ValueError):
     """Inputs of ``refine`` have the wrong shape, type or values."""
 
 
-def refine(image, logits, params: CRFParams | None = None, device: str | Backend = "cpu"):
+def refine(
+    image,
+    logits,
+    params: CRFParams | None = None,
+    device: str | Backend = "cpu",
+    *,
+    check_finite: bool = True,
+):
     """Refine class scores with ConvCRF mean-field inference.
 
     image: ``[H,W,F]`` or ``[H,W]`` (batched: ``[N,H,W,F]`` or ``[N,H,W]``), any real dtype,
@@ -25,6 +32,8 @@ def refine(image, logits, params: CRFParams | None = None, device: str | Backend
     logits: ``[C,H,W]`` (batched: ``[N,C,H,W]``) float class scores.
     params: :class:`CRFParams` (defaults when None).
     device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a backend instance.
+    check_finite: refuse NaN or infinite values in ``image`` or ``logits`` with an
+        :class:`InputError` (one pass over each; False skips it for inputs already checked).
 
     Returns the final Q of the mean field as ``[C,H,W]`` (``[N,C,H,W]``) float32 scores:
     labels are its argmax over classes, probabilities its softmax. NumPy on the CPU backend;
@@ -36,8 +45,26 @@ def refine(image, logits, params: CRFParams | None = None, device: str | Backend
     if _ndim(logits) not in (3, 4):
         raise InputError(f"logits must be [C,H,W] or [N,C,H,W], got shape {_shape(logits)}")
     image_nfhw, logits_nchw = _batch_layout(image, logits, batched)
+    if check_finite:
+        for name, array in (("image", image), ("logits", logits)):
+            if not _all_finite(array):
+                raise InputError(f"{name} hold NaN or infinite values")
     scores = backend.run(image_nfhw, logits_nchw, params)
     return scores if batched else scores[0]
+
+
+def _all_finite(array) -> bool:
+    """Whether every value of a NumPy, CuPy or torch array is finite (computed where it is)."""
+    library = type(array).__module__.split(".")[0]
+    if library == "torch":
+        import torch
+
+        return bool(torch.isfinite(array).all())
+    if library == "cupy":
+        import cupy
+
+        return bool(cupy.isfinite(array).all())
+    return bool(np.isfinite(np.asarray(array)).all())
 
 
 def _ndim(array) -> int:

@@ -220,10 +220,14 @@ def refine_prepared(
         pixels = np.stack([item.image.pixels for item in items])
         logits = np.stack([item.unary.logits for item in items])
     to_device = getattr(backend, "to_device", None)
+    # check_finite=False: read_unary and read_image refused NaN and infinite values already.
     if to_device is None:
-        return [Refined(scores) for scores in as_numpy(refine(pixels, logits, params, backend))]
+        return [
+            Refined(scores)
+            for scores in as_numpy(refine(pixels, logits, params, backend, check_finite=False))
+        ]
     logits_d = to_device(logits)
-    scores_d = refine(to_device(pixels), logits_d, params, backend)
+    scores_d = refine(to_device(pixels), logits_d, params, backend, check_finite=False)
     labels = backend.class_argmax(scores_d)
     unary_labels = backend.class_argmax(logits_d)
     return [

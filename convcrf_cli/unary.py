@@ -151,10 +151,24 @@ def convert_unary(
     if unary_type not in UNARY_TYPES:
         raise BadInputError(source.name, f"unknown unary type {unary_type!r}")
     if source.is_labels:
-        return labels_to_unary(
+        unary = labels_to_unary(
             source.array, image_hw, source.name, label_confidence, ignore_label, num_classes
         )
-    return array_to_unary(source.array, image_hw, source.name, unary_type, layout, num_classes)
+        unused = {"--unary-type": unary_type != "auto", "--layout": layout != "auto"}
+        kind = "an array unary (.npy, .npz)"
+    else:
+        unary = array_to_unary(source.array, image_hw, source.name, unary_type, layout, num_classes)
+        unused = {
+            "--ignore-label": ignore_label is not None,
+            "--label-confidence": label_confidence != DEFAULT_LABEL_CONFIDENCE,
+        }
+        kind = "a label-image unary"
+    given = [option for option, is_given in unused.items() if is_given]
+    if not given:
+        return unary
+    verb = "applies" if len(given) == 1 else "apply"
+    warning = f"{source.name}: {' and '.join(given)} {verb} only to {kind}; ignored"
+    return dataclasses.replace(unary, warnings=(*unary.warnings, warning))
 
 
 def count_classes(

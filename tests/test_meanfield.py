@@ -140,3 +140,21 @@ def test_refine_rejects_mismatched_sizes():
 
     with pytest.raises(InputError, match="sizes differ"):
         refine(np.zeros((4, 5, 3)), np.zeros((2, 4, 6), np.float32))
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize(("which", "bad"), [("image", np.nan), ("logits", np.inf)])
+def test_refine_rejects_nan_and_infinite_inputs(library, which, bad):
+    from convcrf_cli import InputError
+
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.uniform(0, 255, (6, 7, 3)), "logits": rng.normal(size=(2, 6, 7))}
+    arrays[which][1, 2, 0] = bad
+    image, logits = (
+        (torch.from_numpy(arrays[name]) if library == "torch" else arrays[name])
+        for name in ("image", "logits")
+    )
+    with pytest.raises(InputError, match=f"{which} hold NaN or infinite values"):
+        refine(image, logits, CRFParams(filter_size=3, iterations=1))
+    scores = refine(image, logits, CRFParams(filter_size=3, iterations=1), check_finite=False)
+    assert not np.isfinite(np.asarray(scores)).all()  # unchecked, the NaN runs through

@@ -237,6 +237,24 @@ def test_label_image_unary_matches_unary_from_labels(tmp_path):
     np.testing.assert_array_equal(reading.logits[:, ~known], 0.0)  # uniform
 
 
+def test_options_of_the_other_kind_of_unary_are_ignored_with_a_warning(tmp_path):
+    labels = (np.arange(H * W).reshape(H, W) % 3).astype(np.uint8)
+    label_path = _label_png(tmp_path, labels)
+    plain = read_unary(label_path, (H, W))
+    assert plain.warnings == ()
+    other = read_unary(label_path, (H, W), "logit", layout="HWC")
+    np.testing.assert_array_equal(other.logits, plain.logits)
+    assert other.warnings == (
+        f"{label_path}: --unary-type and --layout apply only to an array unary (.npy, .npz); "
+        "ignored",
+    )
+    array_path = _npy(tmp_path, _probs())
+    assert read_unary(array_path, (H, W), label_confidence=0.7).warnings == ()
+    assert read_unary(array_path, (H, W), ignore_label=255).warnings == (
+        f"{array_path}: --ignore-label applies only to a label-image unary; ignored",
+    )
+
+
 def test_label_image_class_count_and_confidence_checks(tmp_path):
     labels = (np.arange(H * W).reshape(H, W) % 3).astype(np.uint8)
     path = _label_png(tmp_path, labels)
