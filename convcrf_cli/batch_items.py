@@ -10,7 +10,7 @@ import io
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -48,9 +48,13 @@ class BatchItem:
 
 @dataclass(frozen=True)
 class Pairing:
+    """The pairs, the files left without a partner, and (from a list) the listed images that
+    do not exist."""
+
     pairs: list[Pair]
     unpaired_images: list[Path]
     unpaired_unaries: list[Path]
+    missing_images: list[Path] = field(default_factory=list)
 
 
 def split_globs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -101,18 +105,21 @@ def pair_image_list(
     """Pair each listed image path with the unary of the same stem in ``unaries_dir``.
 
     Keys are the image stems; list images from one directory tree per run, or use a manifest.
+    Only the listed images count: a listed image that does not exist is missing, one without
+    a unary unpaired; unaries that no listed image names are not reported.
     """
     unaries = {path.stem: path for path in find_files(unaries_dir, unary_globs).values()}
-    pairs, unpaired = [], []
+    pairs, unpaired, missing = [], [], []
     for line in lines:
         image = Path(line)
         unary = unaries.get(image.stem)
-        if unary is None:
+        if not image.exists():
+            missing.append(image)
+        elif unary is None:
             unpaired.append(image)
         else:
             pairs.append(Pair(image.stem, image, unary))
-    used = {p.unary for p in pairs}
-    return Pairing(pairs, unpaired, sorted(set(unaries.values()) - used))
+    return Pairing(pairs, unpaired, [], missing)
 
 
 def read_lines(source: str) -> list[str]:
@@ -133,8 +140,9 @@ def read_manifest(source: str) -> list[Pair]:
     text = _read_text(source)
     name = _source_name(source)
     base = Path(".") if source == "-" else Path(source).parent
-    is_jsonl = text.lstrip().startswith("{")
-    rows = _jsonl_rows(name, text) if is_jsonl else _csv_rows(name, text)
+    rows = _jsonl_rows(name, text) if _is_json(source, text) else _csv_rows(name, text)
+    if not rows:
+        raise BadInputError(name, "the manifest lists no items")
     pairs = []
     for number, row in rows:
         image, unary, output = (_field(name, number, row, k) for k in ("image", "unary", "output"))
@@ -201,6 +209,15 @@ def _read_text(source: str) -> str:
         ) from exc
 
 
+def _is_json(source: str, text: str) -> bool:
+    """Whether a manifest is JSON (Lines): by its suffix, else (stdin, other suffixes) by its
+    first character."""
+    suffix = Path(source).suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return True
+    return suffix != ".csv" and text.lstrip()[:1] in ("{", "[")
+
+
 def _csv_rows(name: str, text: str) -> list[tuple[int, dict]]:
     """(line number, row) of each CSV record after the header."""
     reader = csv.DictReader(io.StringIO(text))
@@ -211,6 +228,10 @@ def _csv_rows(name: str, text: str) -> list[tuple[int, dict]]:
 
 def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict]]:
     """(line number, object) of each non-empty JSON Lines line."""
+    if text.lstrip().startswith("["):
+        raise BadInputError(
+            name, "a JSON array; a manifest holds one JSON object per line (JSON Lines)"
+        )
     rows = []
     for i, line in enumerate(text.splitlines()):
         if not line.strip():

@@ -38,7 +38,23 @@ from convcrf_cli.pipeline import (
     write_item,
 )
 
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+DONE, SKIPPED, FAILED, UNPAIRED = "done", "skipped", "failed", "unpaired"
+REPORT_FIELDS = (
+    "key",
+    "image",
+    "unary",
+    "outputs",
+    "status",
+    "error",
+    "seconds",
+    "crf_seconds",
+    "size",
+    "classes",
+    "histogram_before",
+    "histogram_after",
+    "changed_fraction",
+)
+"""The fields of every report line, in this order (see :func:`report_record`)."""
 ITEM_ERRORS = (ConvCRFError, MemoryError, OSError, RuntimeError, ValueError)
 """What one item may raise without stopping the batch (anything else is a bug and does)."""
 DEFAULT_JOBS = max(2, min(8, os.cpu_count() or 1))
@@ -79,15 +95,16 @@ class ItemReport:
     exit_code: int = 0
 
     def to_json(self) -> dict:
-        """A JSON-ready dict: paths, status, error, seconds and the label histograms."""
-        record: dict = {
-            "key": self.item.key,
-            "image": str(self.item.image),
-            "unary": str(self.item.unary),
-            "outputs": [str(path) for path in self.item.outputs()],
-            "status": self.status,
-            "error": self.error,
-        }
+        """A JSON-ready dict: paths, status, error, seconds and the label histograms (null
+        for an item not refined)."""
+        record = report_record(
+            key=self.item.key,
+            image=str(self.item.image),
+            unary=str(self.item.unary),
+            outputs=[str(path) for path in self.item.outputs()],
+            status=self.status,
+            error=self.error,
+        )
         if self.result is not None:
             pixels = int(self.result.histogram.sum())
             record.update(
@@ -100,6 +117,14 @@ class ItemReport:
                 changed_fraction=round(self.result.changed_pixels / max(pixels, 1), 6),
             )
         return record
+
+
+def report_record(status: str, error: str | None, **fields: object) -> dict:
+    """A report line with every field of :data:`REPORT_FIELDS`: ``status``, ``error`` and
+    ``fields``; the others null (``outputs`` empty), so that every line has the same keys."""
+    record: dict = {**dict.fromkeys(REPORT_FIELDS), "outputs": []}
+    record.update(fields, status=status, error=error)
+    return record
 
 
 @dataclasses.dataclass

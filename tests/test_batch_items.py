@@ -61,11 +61,20 @@ def test_csv_and_jsonl_manifests(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text, message",
-    [("img,un\na,b\n", "header"), ('{"image": "a.jpg"}\n', "missing unary"), ("{bad\n", "JSON")],
+    "name, text, message",
+    [
+        ("m.txt", "img,un\na,b\n", "header"),
+        ("m.txt", '{"image": "a.jpg"}\n', "missing unary"),
+        ("m.txt", "{bad\n", "JSON"),
+        ("m.csv", "image,unary\n", "the manifest lists no items"),
+        ("m.jsonl", "", "the manifest lists no items"),
+        ("m.jsonl", '"a.jpg"\n{"image": "a.jpg", "unary": "a.npy"}\n', "line 1: expected a JSON"),
+        ("m.json", '[{"image": "a.jpg", "unary": "a.npy"}]', "a JSON array; a manifest holds"),
+        ("m.txt", '[{"image": "a.jpg", "unary": "a.npy"}]', "a JSON array; a manifest holds"),
+    ],
 )
-def test_bad_manifest_names_the_file(tmp_path, text, message):
-    path = tmp_path / "m.txt"
+def test_bad_manifest_names_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
     path.write_text(text)
     with pytest.raises(BadInputError, match=message) as info:
         bi.read_manifest(str(path))
@@ -108,12 +117,15 @@ def test_plan_outputs_keeps_relative_paths_and_detects_collisions(tmp_path):
         bi.plan_outputs(clash, tmp_path)
 
 
-def test_image_list_pairs_by_stem(tmp_path):
-    _touch(tmp_path / "un", "a.npy", "b.npy")
-    pairing = bi.pair_image_list(["x/a.jpg", "y/c.jpg"], tmp_path / "un")
+def test_image_list_pairs_by_stem_and_reports_only_listed_images(tmp_path):
+    _touch(tmp_path / "un", "a.npy", "b.npy", "d.npy")
+    _touch(tmp_path, "x/a.jpg", "y/c.jpg")
+    listed = [str(tmp_path / name) for name in ("x/a.jpg", "y/c.jpg", "z/d.jpg")]
+    pairing = bi.pair_image_list(listed, tmp_path / "un")
     assert [(p.key, p.unary.name) for p in pairing.pairs] == [("a", "a.npy")]
-    assert pairing.unpaired_images == [Path("y/c.jpg")]
-    assert [p.name for p in pairing.unpaired_unaries] == ["b.npy"]
+    assert pairing.unpaired_images == [tmp_path / "y/c.jpg"]
+    assert pairing.missing_images == [tmp_path / "z/d.jpg"]  # listed, does not exist
+    assert pairing.unpaired_unaries == []  # b.npy and d.npy: no listed image names them
 
 
 def test_plan_outputs_refuses_to_overwrite_an_input(tmp_path):

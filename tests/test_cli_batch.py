@@ -93,9 +93,8 @@ def test_pairs_by_relative_path_lists_unpaired_and_equals_single_mode(tmp_path):
         single = _single(root, key, tmp_path / "single.png")
         np.testing.assert_array_equal(np.asarray(Image.open(root / "out" / f"{key}.png")), single)
     records = _report(root / "r.jsonl")
-    statuses = sorted((r.get("key", r.get("image", r.get("unary"))), r["status"]) for r in records)
-    assert [s for _, s in statuses].count("done") == 3
-    assert [s for _, s in statuses].count("unpaired") == 2
+    statuses = [r["status"] for r in records]
+    assert statuses.count("done") == 3 and statuses.count("unpaired") == 2
     first = next(r for r in records if r.get("key") == "a")
     assert sum(first["histogram_after"]) == 24 * 32 == sum(first["histogram_before"])
     assert 0.0 <= first["changed_fraction"] <= 1.0 and first["seconds"] > 0
@@ -166,7 +165,112 @@ def test_from_list_on_stdin_and_report_on_stdout(tmp_path):
     records = [json.loads(line) for line in done.stdout.decode().splitlines()]
     assert sorted(r["key"] for r in records) == ["p", "r"]
     assert all(r["status"] == "done" for r in records)
-    assert "1 file(s) without image: " in done.stderr.decode()  # q.npy was not listed
+    assert "without image" not in done.stderr.decode()  # q.npy was not listed: not reported
+
+
+def test_report_on_stdout_has_the_unpaired_entries_and_every_line_the_same_keys(tmp_path):
+    root = _dataset(tmp_path, ["a", "b"])
+    (root / "img" / "b.png").write_bytes(b"garbage")
+    Image.new("RGB", (8, 8)).save(root / "img" / "orphan.png")
+    np.save(root / "un" / "lonely.npy", np.zeros((3, 8, 8), np.float32))
+    run = [root / "img", root / "un", "-o", root / "out", "-q", "-n", "1"]
+    streamed = _batch(*run, "--report", "-")
+    assert streamed.returncode == 1, streamed.stderr.decode()
+    _batch(*run, "--report", root / "r.jsonl")
+    records = [json.loads(line) for line in streamed.stdout.decode().splitlines()]
+    written = _report(root / "r.jsonl")
+
+    def entries(lines: list[dict]) -> list[tuple]:
+        return sorted((r["status"], str(r["image"]), str(r["unary"])) for r in lines)
+
+    assert entries(records) == entries(written)
+    assert sorted(r["status"] for r in records) == ["done", "failed", "unpaired", "unpaired"]
+    keys = list(records[0])
+    assert all(list(r) == keys for r in records + written)
+    assert {"key", "outputs", "error", "seconds", "changed_fraction"} <= set(keys)
+    orphan = next(r for r in records if r["image"] and r["image"].endswith("orphan.png"))
+    assert orphan["unary"] is None and orphan["outputs"] == [] and orphan["seconds"] is None
+    assert orphan["error"] == "no unary"
+
+
+def test_from_list_names_a_missing_file_as_a_failed_item_and_goes_on(tmp_path):
+    root = _dataset(tmp_path, ["p", "q"])
+    nope = root / "img" / "nope.png"
+    listing = f"{root / 'img' / 'p.png'}\n{nope}\n{root / 'img' / 'q.png'}\n"
+    done = _batch("--from-list", "-", root / "un", "-o", root / "out", "--report", "-",
+                  "-n", "1", stdin=listing.encode())  # fmt: skip
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert f"convcrf: error: {nope}: no such file" in stderr.splitlines()
+    assert "without unary" not in stderr
+    assert "2 done, 0 skipped, 1 failed" in stderr
+    assert stderr.strip().splitlines()[-1] == f"convcrf: error: 1 of 3 items failed: {nope}"
+    assert _files(root / "out") == ["p.png", "q.png"]
+    failed = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    failed = [r for r in failed if r["status"] == "failed"]
+    assert [(r["key"], r["image"], r["error"]) for r in failed] == [
+        ("nope", str(nope), f"{nope}: no such file")
+    ]
+    fast = _batch("--from-list", "-", root / "un", "-o", root / "fast", "--fail-fast",
+                  stdin=listing.encode())  # fmt: skip
+    assert fast.returncode == 1 and "2 not run" in fast.stderr.decode()
+    assert not (root / "fast").exists()
+
+
+def test_from_list_an_image_without_unary_is_unpaired_and_fails_the_run(tmp_path):
+    root = _dataset(tmp_path, ["p"])
+    Image.new("RGB", (8, 8)).save(root / "img" / "new.png")
+    listing = f"{root / 'img' / 'p.png'}\n{root / 'img' / 'new.png'}\n"
+    done = _batch("--from-list", "-", root / "un", "-o", root / "out", "--report", "-",
+                  "-n", "1", stdin=listing.encode())  # fmt: skip
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert "1 file(s) without unary: " in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last == f"convcrf: error: 1 listed image(s) without unary: {root / 'img' / 'new.png'}"
+    assert _files(root / "out") == ["p.png"]
+    records = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert sorted(r["status"] for r in records) == ["done", "unpaired"]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A directory that a normal user cannot write in (root ignores permissions: skip)."""
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    directory.chmod(0o555)
+    yield directory
+    directory.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("option", "name", "problem"),
+    [
+        ("-o", "ro/out", "cannot be created: {blocker} is not writable"),
+        ("--overlay-dir", "ro", "is not writable"),
+        ("--probs-dir", "ro/deep/probs", "cannot be created: {blocker} is not writable"),
+        ("-o", "file/out", "cannot be created: {blocker} is not a directory"),
+    ],
+)
+def test_unwritable_output_directories_are_refused_before_any_work(
+    tmp_path, request, option, name, problem
+):
+    root = _dataset(tmp_path, ["a", "b"])
+    blocker = tmp_path / name.split("/")[0]
+    if blocker.name == "ro":
+        request.getfixturevalue("read_only")
+    else:
+        blocker.write_bytes(b"x")
+    outputs = {"-o": root / "out", option: tmp_path / name}
+    args = [arg for pair in outputs.items() for arg in map(str, pair)]
+    done = _batch(root / "img", root / "un", *args, "--report", root / "r.jsonl")
+    assert done.returncode == 2
+    message = problem.format(blocker=blocker)
+    assert done.stderr.decode().splitlines() == [f"convcrf: error: {tmp_path / name}: {message}"]
+    assert not (root / "out").exists() and not (root / "r.jsonl").exists()
+    assert not blocker.is_dir() or _files(blocker) == []
 
 
 def test_shards_cover_every_item_exactly_once(tmp_path):
@@ -258,3 +362,19 @@ def test_shell_pipelines_segmenter_to_refine_to_consumer_and_find_to_batch(tmp_p
     assert _files(root / "out") == ["a.png", "b.png"]
     single = _single(root, "b", tmp_path / "single.png")
     np.testing.assert_array_equal(np.asarray(Image.open(root / "out" / "b.png")), single)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_report_on_a_full_stdout_stops_with_one_line_and_status_1(tmp_path):
+    root = _dataset(tmp_path, ["a", "b", "c"])
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [*CONVCRF, "batch", root / "img", root / "un", "-o", root / "out", "--report", "-"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=180,
+        )
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 1
+    assert lines[-1] == ("convcrf: error: stdout: cannot write the report: No space left on device")
+    assert "Traceback" not in done.stderr.decode()

@@ -250,10 +250,7 @@ def test_cli_fit_refuses_uncreatable_output_directory_before_training(dataset, t
         "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned
     )
     assert run.exit_code == 2
-    assert run.stderr == (
-        f"convcrf: error: {learned}: cannot create directory {blocker}: "
-        f"{blocker} is not a directory\n"
-    )
+    assert run.stderr == (f"convcrf: error: {learned}: directory {blocker} is not a directory\n")
 
 
 def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -23,13 +22,16 @@ from convcrf_cli.batch_runner import (
     DONE,
     FAILED,
     SKIPPED,
+    UNPAIRED,
     BatchSettings,
     BatchStats,
     ItemReport,
+    report_record,
     run_batch,
 )
 from convcrf_cli.commands.common import (
     DEVICE_HELP,
+    check_output_directory,
     check_output_file,
     crf_options,
     device_option,
@@ -44,7 +46,7 @@ from convcrf_cli.commands.common import (
     unary_options_from,
 )
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.outputs import OutputSpec
+from convcrf_cli.outputs import OutputSpec, stdout_failure
 from convcrf_cli.pipeline import describe_backend
 
 GPU_BATCH_SIZE = 8
@@ -56,8 +58,9 @@ class Terminated(Exception):
     """SIGTERM arrived (raised in the main thread by the signal handler)."""
 
 
-class ReaderClosed(Exception):
-    """The reader of the report on stdout closed the pipe."""
+class StdoutFailed(Exception):
+    """The report could not be written to stdout (a reader that closed the pipe, a full
+    disk); the message says which."""
 
 
 @click.command("batch")
@@ -184,14 +187,16 @@ def batch_command(
     temporary name and renamed, so an interrupted run leaves no partial file; run again with
     --skip-existing to resume. A failing item is reported and the batch goes on.
 
-    Exit status: 0 every item done or skipped, 1 an item failed, 2 bad usage or input before
-    any work (collisions, unreadable manifest), 130 interrupted, 143 terminated.
+    Exit status: 0 every item done or skipped, 1 an item failed (or, with --from-list, a listed
+    image has no unary), 2 bad usage or input before any work (collisions, unreadable manifest,
+    an output directory that cannot be written), 130 interrupted, 143 terminated.
     """
     params = params_from_options(options)
     unary = unary_options_from(options)
     spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
     pairing = _pairing(sources, manifest, image_list, image_glob, unary_glob)
     _report_unpaired(pairing)
+    _report_missing(pairing)
     if not pairing.pairs:
         raise BadInputError(None, "no image/unary pairs found")
     report_file = None if report_path in (None, "-") else Path(report_path)
@@ -208,6 +213,7 @@ def batch_command(
         check_output_file(report_file)
     if shard is not None:
         items = batch_items.select_shard(items, *batch_items.parse_shard(shard))
+    _check_output_directories(items)
     backend = select_backend(device, tune=tune)
     settings = BatchSettings(
         jobs=jobs,
@@ -231,6 +237,8 @@ def batch_command(
     start = time.perf_counter()
     stopped: tuple[str, int] | None = None
     stream_report = report_path == "-"
+    other_records = _pairing_records(pairing)
+    to_run = [] if fail_fast and pairing.missing_images else items
     with (
         _signals_raise(),
         tqdm(
@@ -243,32 +251,36 @@ def batch_command(
         ) as bar,
     ):
         try:
-            runner = run_batch(items, spec_for, params, backend, unary, settings, stats)
+            if stream_report:
+                for record in other_records:
+                    _echo_record(record)
+            runner = run_batch(to_run, spec_for, params, backend, unary, settings, stats)
             with contextlib.closing(runner):
                 for report in runner:
                     reports.append(report)
                     bar.update(1)
                     _echo_item(report, verbose, bar)
                     if stream_report:
-                        _echo_record(report)
+                        _echo_record(report.to_json())
         except KeyboardInterrupt:
             stopped = ("interrupted", 130)
         except Terminated:
             stopped = ("terminated", 143)
-        except ReaderClosed:
-            stopped = ("stdout: the reader closed the pipe", 1)
+        except StdoutFailed as exc:
+            stopped = (str(exc), 1)
     wall = time.perf_counter() - start
     if verbose:
         report_tunings(backend)
     if report_file is not None:
-        _write_report(report_file, reports, pairing)
+        _write_report(report_file, other_records, reports)
+    missing = pairing.missing_images
     if not quiet:
-        _summary(reports, len(items), wall, stats, describe_backend(backend))
+        _summary(reports, len(items), wall, stats, describe_backend(backend), len(missing))
     if stopped is not None:
         fail(*stopped)
-    failed = [str(r.item.image) for r in reports if r.status == FAILED]
-    if failed:
-        fail(f"{len(failed)} of {len(items)} items failed: {_some(failed)}", 1)
+    failed = [*missing, *(r.item.image for r in reports if r.status == FAILED)]
+    listed_unpaired = pairing.unpaired_images if image_list is not None else []
+    _fail_if_incomplete(failed, len(items) + len(missing), listed_unpaired)
 
 
 def _pairing(
@@ -315,6 +327,38 @@ def _report_unpaired(pairing: Pairing) -> None:
         echo_err(f"convcrf: warning: {len(paths)} file(s) without {missing}: {_some(paths)}")
 
 
+def _report_missing(pairing: Pairing) -> None:
+    """One error line for each listed image that does not exist (a failed item)."""
+    for image in pairing.missing_images:
+        echo_err(f"convcrf: error: {_no_such_file(image)}")
+
+
+def _no_such_file(path: Path) -> str:
+    """The failure of a listed image that does not exist, worded as the image reader words it."""
+    return str(BadInputError(path, "no such file"))
+
+
+def _check_output_directories(items: list[BatchItem]) -> None:
+    """Raise :class:`BadInputError` naming the first directory of the items' outputs that
+    cannot be written (see :func:`check_output_directory`). Creates nothing."""
+    for directory in sorted({path.parent for item in items for path in item.outputs()}):
+        check_output_directory(directory)
+
+
+def _fail_if_incomplete(failed: list[Path], total: int, listed_unpaired: list[Path]) -> None:
+    """Exit with status 1 and one line naming the failed items (of ``total``) and the listed
+    images without a unary, if there are any."""
+    problems = []
+    if failed:
+        problems.append(f"{len(failed)} of {total} items failed: {_some(failed)}")
+    if listed_unpaired:
+        problems.append(
+            f"{len(listed_unpaired)} listed image(s) without unary: {_some(listed_unpaired)}"
+        )
+    if problems:
+        fail("; ".join(problems), 1)
+
+
 def _some(paths: list) -> str:
     """The first :data:`PATHS_SHOWN` of ``paths``, comma-separated, and how many more."""
     shown = ", ".join(str(path) for path in paths[:PATHS_SHOWN])
@@ -347,23 +391,32 @@ def _echo_item(report: ItemReport, verbose: bool, bar: tqdm) -> None:
             bar.write(f"convcrf: warning: {warning}", file=sys.stderr)
 
 
-def _echo_record(report: ItemReport) -> None:
-    """Write the item's JSON line to stdout; raise :class:`ReaderClosed` if the reader closed
-    the pipe (stdout then points at /dev/null, so that the final flush stays quiet)."""
+def _echo_record(record: dict) -> None:
+    """Write a report line to stdout; raise :class:`StdoutFailed` if it cannot be written
+    (stdout then points at /dev/null, so that the final flush stays quiet)."""
     try:
-        click.echo(json.dumps(report.to_json()))
-    except BrokenPipeError as exc:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise ReaderClosed() from exc
+        click.echo(json.dumps(record))
+    except OSError as exc:
+        raise StdoutFailed(str(stdout_failure(exc, "the report"))) from exc
 
 
-def _write_report(path: Path, reports: list[ItemReport], pairing: Pairing) -> None:
-    lines = [json.dumps(report.to_json()) for report in reports]
-    for image in pairing.unpaired_images:
-        lines.append(json.dumps({"image": str(image), "status": "unpaired", "error": "no unary"}))
-    for unary in pairing.unpaired_unaries:
-        lines.append(json.dumps({"unary": str(unary), "status": "unpaired", "error": "no image"}))
+def _pairing_records(pairing: Pairing) -> list[dict]:
+    """The report lines of the listed images that do not exist (failed, keyed by stem as
+    listed images are) and of the unpaired files."""
+    return [
+        *(
+            report_record(FAILED, _no_such_file(image), key=image.stem, image=str(image))
+            for image in pairing.missing_images
+        ),
+        *(report_record(UNPAIRED, "no unary", image=str(i)) for i in pairing.unpaired_images),
+        *(report_record(UNPAIRED, "no image", unary=str(u)) for u in pairing.unpaired_unaries),
+    ]
+
+
+def _write_report(path: Path, other_records: list[dict], reports: list[ItemReport]) -> None:
+    """Write ``other_records`` (see :func:`_pairing_records`) and the items' lines to ``path``."""
+    records = [*other_records, *(report.to_json() for report in reports)]
+    lines = [json.dumps(record) for record in records]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
@@ -377,10 +430,14 @@ def _summary(
     wall: float,
     stats: BatchStats,
     device: str,
+    missing: int,
 ) -> None:
+    """The summary line: counts (``missing``: listed images that do not exist, failed before
+    the run), throughput and where the time went."""
     counts = {
         status: sum(r.status == status for r in reports) for status in (DONE, SKIPPED, FAILED)
     }
+    counts[FAILED] += missing
     rate = counts[DONE] / wall if wall > 0 else 0.0
     not_run = total - len(reports)
     share = 100.0 * stats.crf_seconds / wall if wall > 0 else 0.0

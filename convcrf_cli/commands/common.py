@@ -207,21 +207,25 @@ def output_format_options(func: Callable) -> Callable:
 
 def check_output_file(path: Path) -> None:
     """Raise :class:`BadInputError` naming ``path`` unless it can be written: not a directory,
-    in a writable directory or one that can be created (its nearest existing ancestor is a
-    writable directory). Creates nothing: the writer makes the missing directories."""
+    in a directory :func:`check_output_directory` accepts. Creates nothing: the writer makes
+    the missing directories."""
     if path.is_dir():
         raise BadInputError(path, "is a directory; give a file name")
-    directory = path.parent
+    check_output_directory(path.parent, path)
+
+
+def check_output_directory(directory: Path, named: Path | None = None) -> None:
+    """Raise :class:`BadInputError` naming ``named`` (default: ``directory``) unless
+    ``directory`` is a writable directory or can be created (its nearest existing ancestor is
+    a writable directory). Creates nothing."""
     existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
+    problem = "" if named is None else f"directory {directory} "
+    if existing != directory:
+        problem += f"cannot be created: {existing} "
     if not existing.is_dir():
-        raise BadInputError(
-            path, f"cannot create directory {directory}: {existing} is not a directory"
-        )
+        raise BadInputError(named or directory, f"{problem}is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        problem = "is not writable"
-        if existing != directory:
-            problem = f"cannot be created: {existing} is not writable"
-        raise BadInputError(path, f"directory {directory} {problem}")
+        raise BadInputError(named or directory, f"{problem}is not writable")
 
 
 def echo_out(text: str, what: str, newline: bool = True) -> None:
