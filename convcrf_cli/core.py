@@ -12,6 +12,8 @@ import numpy as np
 from convcrf_cli.backends import Backend, select_backend
 from convcrf_cli.params import CRFParams
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 class InputError(ValueError):
     """Inputs of ``refine`` have the wrong shape, type or values."""
@@ -29,42 +31,97 @@ def refine(
 
     image: ``[H,W,F]`` or ``[H,W]`` (batched: ``[N,H,W,F]`` or ``[N,H,W]``), any real dtype,
         raw value range (0–255 for 8-bit RGB).
-    logits: ``[C,H,W]`` (batched: ``[N,C,H,W]``) float class scores.
+    logits: ``[C,H,W]`` (batched: ``[N,C,H,W]``) real class scores.
+    Both: NumPy arrays (or nested lists), torch tensors, or on the GPU CuPy arrays.
     params: :class:`CRFParams` (defaults when None).
-    device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a backend instance.
-    check_finite: refuse NaN or infinite values in ``image`` or ``logits`` with an
-        :class:`InputError` (one pass over each; False skips it for inputs already checked).
+    device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``, a ``torch.device`` or a backend
+        instance.
+    check_finite: refuse values that are not finite in float32 (NaN, infinite, beyond
+        ±3.4e38) in ``image`` or ``logits`` with an :class:`InputError` (one pass over each;
+        False skips it for inputs already checked).
 
     Returns the final Q of the mean field as ``[C,H,W]`` (``[N,C,H,W]``) float32 scores:
     labels are its argmax over classes, probabilities its softmax. NumPy on the CPU backend;
     the CUDA backend returns device arrays when given them.
+
+    Raises :class:`InputError` for shapes, dtypes or values that do not fit, ``TypeError``
+    for ``params`` or ``device`` of the wrong type, and
+    :class:`~convcrf_cli.backends.DeviceError` for a device that cannot be used.
     """
-    params = params or CRFParams()
-    backend = select_backend(device) if isinstance(device, str) else device
-    batched = _ndim(logits) == 4
+    params = _checked_params(params)
+    backend = _backend(device)
+    image, logits = _array(image, "image"), _array(logits, "logits")
     if _ndim(logits) not in (3, 4):
         raise InputError(f"logits must be [C,H,W] or [N,C,H,W], got shape {_shape(logits)}")
+    batched = _ndim(logits) == 4
     image_nfhw, logits_nchw = _batch_layout(image, logits, batched)
     if check_finite:
         for name, array in (("image", image), ("logits", logits)):
-            if not _all_finite(array):
-                raise InputError(f"{name} hold NaN or infinite values")
+            if not _finite_in_float32(array):
+                raise InputError(
+                    f"{name} hold NaN, infinite values or values beyond the float32 range"
+                )
     scores = backend.run(image_nfhw, logits_nchw, params)
     return scores if batched else scores[0]
 
 
-def _all_finite(array) -> bool:
-    """Whether every value of a NumPy, CuPy or torch array is finite (computed where it is)."""
+def _checked_params(params: object) -> CRFParams:
+    if params is None:
+        return CRFParams()
+    if not isinstance(params, CRFParams):
+        hint = "; give the device as device=..." if isinstance(params, str) else ""
+        raise TypeError(f"params must be a CRFParams or None, got {type(params).__name__}{hint}")
+    return params
+
+
+def _backend(device: object) -> Backend:
+    """The backend of a device string, a ``torch.device`` or a backend instance."""
+    if type(device).__module__ == "torch" and type(device).__name__ == "device":
+        device = str(device)
+    if isinstance(device, str):
+        return select_backend(device)
+    if not callable(getattr(device, "run", None)):
+        raise TypeError(
+            f"device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a backend, got {device!r}"
+        )
+    return device
+
+
+def _array(array: object, name: str):
+    """``array`` as an array of real numbers: a NumPy array (lists and scalars converted),
+    a torch tensor (bfloat16 as float32) or a CuPy array; anything else is an InputError."""
     library = type(array).__module__.split(".")[0]
     if library == "torch":
         import torch
 
-        return bool(torch.isfinite(array).all())
+        if array.is_complex():
+            raise InputError(f"{name} must hold real numbers, got {array.dtype}")
+        return array.float() if array.dtype == torch.bfloat16 else array
+    if library != "cupy":
+        try:
+            array = np.asarray(array)
+        except ValueError as exc:  # ragged nested lists
+            raise InputError(f"{name} is not a rectangular array ({exc})") from exc
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _finite_in_float32(array) -> bool:
+    """Whether every value of a NumPy, CuPy or torch array is finite in float32 (computed
+    where the array is; integers always are)."""
+    library = type(array).__module__.split(".")[0]
+    if library == "torch":
+        if not array.is_floating_point():
+            return True
+        return bool((array.abs() <= FLOAT32_MAX).all())
+    if array.dtype.kind != "f":
+        return True
     if library == "cupy":
         import cupy
 
-        return bool(cupy.isfinite(array).all())
-    return bool(np.isfinite(np.asarray(array)).all())
+        return bool((cupy.abs(array) <= FLOAT32_MAX).all())
+    return bool((np.abs(array) <= FLOAT32_MAX).all())  # False for NaN too
 
 
 def _ndim(array) -> int:
@@ -76,24 +133,37 @@ def _shape(array) -> tuple[int, ...]:
 
 
 def _batch_layout(image, logits, batched: bool):
-    """Return ``image [N,F,H,W]`` and ``logits [N,C,H,W]`` views (same array library)."""
+    """Return ``image [N,F,H,W]`` and ``logits [N,C,H,W]`` views (same array library);
+    messages quote the shapes as given."""
     image_shape, logits_shape = _shape(image), _shape(logits)
+    image_forms = "[N,H,W] or [N,H,W,F]" if batched else "[H,W] or [H,W,F]"
+    if len(image_shape) - batched not in (2, 3):
+        raise InputError(
+            f"image must be {image_forms} for logits of shape {logits_shape}, "
+            f"got shape {image_shape}"
+        )
     if not batched:
         image, logits = image[None], logits[None]
-        image_shape, logits_shape = (1, *image_shape), (1, *logits_shape)
-    if len(image_shape) == 3:
+    if len(_shape(image)) == 3:
         image = image[..., None]
-        image_shape = (*image_shape, 1)
-    if len(image_shape) != 4:
-        raise InputError(f"image must be [H,W] or [H,W,F], got shape {_shape(image)}")
-    n, height, width, _ = image_shape
-    if logits_shape[0] != n or logits_shape[2:] != (height, width):
+    n, height, width, features = _shape(image)
+    _, classes, logits_h, logits_w = _shape(logits)
+    if batched and n != _shape(logits)[0]:
         raise InputError(
-            f"image {image_shape[1:3]} and logits {logits_shape[2:]} sizes differ"
-            + (f" (batch {n} vs {logits_shape[0]})" if logits_shape[0] != n else "")
+            f"image batch {n} and logits batch {_shape(logits)[0]} differ (image shape "
+            f"{image_shape} read as {image_forms}, logits {logits_shape} as [N,C,H,W])"
         )
-    if logits_shape[1] < 1:
+    if (height, width) != (logits_h, logits_w):
+        raise InputError(
+            f"image size {height}×{width} (shape {image_shape}) and logits size "
+            f"{logits_h}×{logits_w} (shape {logits_shape}) differ"
+        )
+    if classes < 1:
         raise InputError("logits have no classes")
+    if height < 1 or width < 1:
+        raise InputError(f"image and logits have no pixels (size {height}×{width})")
+    if features < 1:
+        raise InputError(f"image has no channels (shape {image_shape})")
     return _transpose(image, (0, 3, 1, 2)), logits
 
 

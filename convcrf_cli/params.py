@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +51,14 @@ class CRFParams:
     init: str = "softmax"
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                continue  # refused by validate()
+            if field.type == "int" and isinstance(value, numbers.Integral):
+                object.__setattr__(self, field.name, int(value))  # NumPy integers too
+            elif field.type == "float" and isinstance(value, numbers.Real):
+                object.__setattr__(self, field.name, _to_float(value))
         self.validate()
 
     def validate(self) -> None:
@@ -81,7 +90,14 @@ class CRFParams:
         return self.filter_size // 2
 
     def replace(self, **changes: Any) -> CRFParams:
-        """Return a copy with the given fields changed (validated)."""
+        """Return a copy with the given fields changed (validated); an unknown field is a
+        :class:`ParamsError`."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ParamsError(
+                f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,9 +143,11 @@ class CRFParams:
         return read_params_json(path, cls.from_dict)
 
     def save(self, path: str | Path) -> None:
-        """Write parameters as JSON (atomically: temporary file, then rename)."""
+        """Write parameters as JSON (atomically: temporary file, then rename), creating missing
+        directories; an OS error (an unwritable place) is raised as it is."""
         from convcrf_cli.atomic import atomic_write_bytes
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(path), self.to_json().encode())
 
 
@@ -156,10 +174,10 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _to_float(value: int | float) -> float:
+def _to_float(value: numbers.Real) -> float:
     """``float(value)``, infinite for an integer beyond the float range (validation refuses
     it by the field's name)."""
     try:

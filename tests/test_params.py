@@ -1,0 +1,77 @@
+"""CRFParams: validation, NumPy scalars, replace, dict and JSON round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from convcrf_cli import CRFParams, ParamsError
+from convcrf_cli.params import ORIGINAL, PRESETS
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"filter_size": 4}, "filter_size must be a positive odd integer, got 4"),
+        ({"filter_size": -1}, "filter_size must be a positive odd integer, got -1"),
+        ({"filter_size": True}, "filter_size must be an integer, got True"),
+        ({"filter_size": 3.0}, "filter_size must be an integer, got 3.0"),
+        ({"filter_size": "3"}, "filter_size must be an integer, got '3'"),
+        ({"blur": 0}, "blur must be >= 1, got 0"),
+        ({"iterations": 0}, "iterations must be >= 1, got 0"),
+        ({"pos_sdims": 0.0}, "pos_sdims must be a positive finite number, got 0.0"),
+        ({"col_schan": float("nan")}, "col_schan must be a positive finite number, got nan"),
+        ({"col_schan": np.float32("inf")}, "col_schan must be a positive finite number, got inf"),
+        ({"weight": float("inf")}, "weight must be a finite number, got inf"),
+        ({"unary_weight": "1"}, "unary_weight must be a finite number, got '1'"),
+        ({"pos_compat": False}, "pos_compat must be a finite number, got False"),
+        ({"init": "random"}, "init must be one of softmax, log, got 'random'"),
+    ],
+)
+def test_invalid_values_name_the_field(changes, message):
+    with pytest.raises(ParamsError) as caught:
+        CRFParams(**changes)
+    assert str(caught.value) == message
+    with pytest.raises(ParamsError):
+        CRFParams().replace(**changes)
+
+
+def test_numpy_scalars_become_python_numbers():
+    params = CRFParams(
+        filter_size=np.int64(5),
+        blur=np.int32(2),
+        iterations=np.uint8(3),
+        pos_sdims=np.float32(2.5),
+        col_schan=np.float64(7.0),
+        weight=np.int64(1),
+    )
+    assert params == CRFParams(
+        filter_size=5, blur=2, iterations=3, pos_sdims=2.5, col_schan=7.0, weight=1.0
+    )
+    types = [type(getattr(params, field.name)).__name__ for field in dataclasses.fields(params)]
+    assert types == [field.type for field in dataclasses.fields(params)]  # "int", "float", ...
+    assert json.loads(params.to_json())["weight"] == 1.0
+
+
+def test_replace_validates_and_refuses_unknown_fields():
+    assert CRFParams().replace(filter_size=7).filter_size == 7
+    with pytest.raises(ParamsError, match="unknown parameter.s. foo; known: blur"):
+        CRFParams().replace(foo=1)
+
+
+def test_dict_and_file_round_trips(tmp_path):
+    odd = CRFParams(filter_size=3, blur=1, pos_sdims=0.1, col_schan=1e-3, weight=-0.5)
+    for params in (*PRESETS.values(), odd):
+        assert CRFParams.from_dict(params.to_dict()) == params
+        path = tmp_path / "missing" / "deeper" / "p.json"  # directories are created
+        params.save(path)
+        assert CRFParams.load(path) == params
+    assert PRESETS["original"] == ORIGINAL and ORIGINAL.init == "log"
+
+
+def test_params_are_immutable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CRFParams().blur = 2  # type: ignore[misc]
