@@ -10,7 +10,7 @@ import io
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -265,6 +265,22 @@ def shard_of(key: str, count: int) -> int:
 
 
 Keyed = TypeVar("Keyed", Pair, BatchItem)
+
+
+def select_listed_shard(pairing: Pairing, index: int, count: int) -> Pairing:
+    """``pairing`` of :func:`pair_image_list` with only the listed images of shard ``index``
+    of ``count`` among those without a unary or that do not exist (keyed by stem, as the
+    listed pairs are), so that each is reported by one shard; the pairs stay whole (the
+    planned items are split by :func:`select_shard`)."""
+
+    def mine(paths: list[Path]) -> list[Path]:
+        return [path for path in paths if shard_of(path.stem, count) == index]
+
+    return replace(
+        pairing,
+        unpaired_images=mine(pairing.unpaired_images),
+        missing_images=mine(pairing.missing_images),
+    )
 
 
 def select_shard(items: list[Keyed], index: int, count: int) -> list[Keyed]:

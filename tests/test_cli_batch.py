@@ -217,6 +217,28 @@ def test_from_list_names_a_missing_file_as_a_failed_item_and_goes_on(tmp_path):
     assert not (root / "fast").exists()
 
 
+def test_from_list_shards_report_each_missing_or_unpaired_image_once(tmp_path):
+    keys = [f"k{i}" for i in range(6)]
+    root = _dataset(tmp_path, keys, size=(8, 8))
+    for name in ("new0", "new1"):
+        Image.new("RGB", (8, 8)).save(root / "img" / f"{name}.png")
+    listed = [root / "img" / f"{name}.png" for name in (*keys, "new0", "new1", "gone0", "gone1")]
+    listing = "".join(f"{path}\n" for path in listed).encode()
+    failing, lines = [], []
+    for index in range(3):
+        done = _batch("--from-list", "-", root / "un", "-o", root / "out", "-n", "1",
+                      "--shard", f"{index}/3", "--report", "-", stdin=listing)  # fmt: skip
+        lines += [json.loads(line) for line in done.stdout.decode().splitlines()]
+        failing += [index] if done.returncode == 1 else []
+    by_status = {}
+    for record in lines:
+        by_status.setdefault(record["status"], []).append(Path(record["image"]).stem)
+    assert sorted(by_status["done"]) == keys
+    assert sorted(by_status["unpaired"]) == ["new0", "new1"]  # each from one shard only
+    assert sorted(by_status["failed"]) == ["gone0", "gone1"]
+    assert 1 <= len(failing) <= 3
+
+
 def test_from_list_an_image_without_unary_is_unpaired_and_fails_the_run(tmp_path):
     root = _dataset(tmp_path, ["p"])
     Image.new("RGB", (8, 8)).save(root / "img" / "new.png")

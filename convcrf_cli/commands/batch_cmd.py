@@ -195,6 +195,9 @@ def batch_command(
     unary = unary_options_from(options)
     spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
     pairing = _pairing(sources, manifest, image_list, image_glob, unary_glob)
+    selected = None if shard is None else batch_items.parse_shard(shard)
+    if selected is not None and image_list is not None:
+        pairing = batch_items.select_listed_shard(pairing, *selected)
     _report_unpaired(pairing)
     _report_missing(pairing)
     if not pairing.pairs:
@@ -211,8 +214,8 @@ def batch_command(
     )
     if report_file is not None:
         check_output_file(report_file)
-    if shard is not None:
-        items = batch_items.select_shard(items, *batch_items.parse_shard(shard))
+    if selected is not None:
+        items = batch_items.select_shard(items, *selected)
     _check_output_directories(items)
     backend = select_backend(device, tune=tune)
     settings = BatchSettings(
