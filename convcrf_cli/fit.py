@@ -57,12 +57,16 @@ class FitOptions:
         and the message weight by about ``lr`` times their starting magnitude, the "+C"/"+T"
         matrices by about ``lr`` per entry.
     learn: groups of :data:`convcrf_cli.torch.LEARNABLE_GROUPS` to learn.
-    seed: seeds the split, the crops and their order.
+    seed: seeds the split, the crops and their order (>= 0).
     val_fraction: share of the images held out for the before/after mean IoU (at least one
         image when > 0).
     crop_size: side of the square training crops (smaller images are used whole).
     batch_size: crops per optimisation step.
     ignore_label: label value left out of the loss and the metrics.
+
+    The integer fields must be ints (NumPy integers are converted; bools are refused), ``lr``
+    and ``val_fraction`` real numbers (NumPy ones are converted to float); anything else is a
+    :class:`ParamsError` naming the field.
     """
 
     epochs: int = 20
@@ -76,14 +80,32 @@ class FitOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "learn", parse_learn(self.learn))
-        if self.epochs < 1:
-            raise ParamsError(f"epochs must be >= 1, got {self.epochs}")
+        for name in ("epochs", "seed", "crop_size", "batch_size", "ignore_label"):
+            object.__setattr__(self, name, _integer_option(name, getattr(self, name)))
+        for name in ("lr", "val_fraction"):
+            object.__setattr__(self, name, _real_option(name, getattr(self, name)))
+        for name, least in (("epochs", 1), ("seed", 0), ("crop_size", 1), ("batch_size", 1)):
+            if getattr(self, name) < least:
+                raise ParamsError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ParamsError(f"lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             raise ParamsError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.crop_size < 1 or self.batch_size < 1:
-            raise ParamsError("crop_size and batch_size must be >= 1")
+
+
+def _integer_option(name: str, value: object) -> int:
+    """``value`` as an int: a Python or NumPy integer, not a bool; else ParamsError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ParamsError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _real_option(name: str, value: object) -> float:
+    """``value`` as a float: a Python or NumPy integer or float, not a bool; else
+    ParamsError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ParamsError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)

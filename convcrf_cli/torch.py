@@ -24,14 +24,17 @@ Learned parameters are saved as the JSON that ``convcrf refine --params`` reads
 (:meth:`ConvCRF.save`). When ``C`` or ``T`` were learned, the file also holds the matrices under
 the keys ``compat_transform`` and ``feature_transform`` (lists of rows); only this module
 applies them (:meth:`ConvCRF.load`), and ``convcrf refine`` refuses such a file with a message
-saying so.
+saying so. :meth:`ConvCRF.to_params` gives every learned scalar as the shortest decimal that
+:meth:`ConvCRF.from_params` stores as the same value, so a saved file loads back bit for bit and
+untouched defaults are written as given (``13.0``, not ``12.999999``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +96,7 @@ class ConvCRF(nn.Module):
         self.learn = groups
 
         def scalar(value: float, group: str) -> nn.Parameter:
-            return nn.Parameter(torch.tensor(float(value)), requires_grad=group in groups)
+            return nn.Parameter(_stored(value), requires_grad=group in groups)
 
         self.log_pos_sdims = scalar(math.log(params.pos_sdims), "scales")
         self.log_col_schan = scalar(math.log(params.col_schan), "scales")
@@ -127,12 +130,15 @@ class ConvCRF(nn.Module):
         return cls(params, num_classes, num_features=num_features, learn=learn)
 
     def forward(self, image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Refine ``logits [N,C,H,W]`` given ``image [N,F,H,W]`` (raw value range, float).
+        """Refine floating ``logits [N,C,H,W]`` given ``image [N,F,H,W]`` (raw value range).
 
-        Returns the final Q ``[N,C,H,W]`` (unnormalised scores in the dtype of the inputs):
+        The image is a feature input of any real dtype (``uint8`` included): it is converted to
+        the logits' dtype first, so the result equals passing ``image.to(logits.dtype)``.
+        Returns the final Q ``[N,C,H,W]`` (unnormalised scores in the logits' dtype):
         ``log_softmax`` of it is the refined log-probability, ``argmax`` the labels.
         """
         self._check_shapes(image, logits)
+        image = image.to(logits.dtype)
         if self.feature_transform is not None:
             image = torch.einsum("gf,nfhw->nghw", self.feature_transform, image)
         kernel = meanfield.crf_kernel(
@@ -170,13 +176,18 @@ class ConvCRF(nn.Module):
             )
 
     def to_params(self) -> CRFParams:
-        """The current scalar parameters as :class:`CRFParams` (without the C/T matrices)."""
+        """The current scalar parameters as :class:`CRFParams` (without the C/T matrices).
+
+        Each value is the shortest decimal that :meth:`from_params` stores as the parameter's
+        current value, so ``from_params(to_params())`` reproduces the parameters bit for bit
+        and an untrained module gives back its starting values exactly.
+        """
         return self.params.replace(
-            pos_sdims=_shortest(self.log_pos_sdims.detach().exp()),
-            col_schan=_shortest(self.log_col_schan.detach().exp()),
-            pos_compat=_shortest(self.pos_compat.detach()),
-            col_compat=_shortest(self.col_compat.detach()),
-            weight=_shortest(self.weight.detach()),
+            pos_sdims=_scale_from_log(self.log_pos_sdims),
+            col_schan=_scale_from_log(self.log_col_schan),
+            pos_compat=_shortest(self.pos_compat),
+            col_compat=_shortest(self.col_compat),
+            weight=_shortest(self.weight),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,12 +213,16 @@ class ConvCRF(nn.Module):
         cls,
         data: dict[str, Any],
         num_classes: int | None = None,
-        learn: str | Iterable[str] = DEFAULT_LEARN,
+        learn: str | Iterable[str] | None = None,
         *,
         num_features: int = 3,
     ) -> ConvCRF:
         """Inverse of :meth:`to_dict`. Sizes come from the matrices when present; otherwise
-        ``num_classes`` is required. ``learn`` sets which groups train further."""
+        ``num_classes`` is required. ``learn`` sets which groups train further; when None
+        (the default) these are :data:`DEFAULT_LEARN` plus ``"C"`` / ``"T"`` when ``data``
+        holds the ``compat_transform`` / ``feature_transform`` matrix, so training goes on
+        with every matrix it holds. An explicit ``learn`` is used as given (matrices of
+        groups not in it are kept, frozen)."""
         if not isinstance(data, dict):
             raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
         fields = {key: value for key, value in data.items() if key not in TRANSFORM_KEYS}
@@ -225,6 +240,8 @@ class ConvCRF(nn.Module):
             raise ParamsError("num_classes is needed when there is no compat_transform")
         if features is not None:
             num_features = features.shape[0]
+        if learn is None:
+            learn = _default_learn(compat is not None, features is not None)
         return cls(
             params,
             num_classes,
@@ -239,21 +256,71 @@ class ConvCRF(nn.Module):
         cls,
         path: str | Path,
         num_classes: int | None = None,
-        learn: str | Iterable[str] = DEFAULT_LEARN,
+        learn: str | Iterable[str] | None = None,
         *,
         num_features: int = 3,
     ) -> ConvCRF:
-        """Read a file written by :meth:`save` (or any CRFParams JSON); errors name the file."""
+        """Read a file written by :meth:`save` (or any CRFParams JSON); errors name the file.
+
+        ``learn`` as in :meth:`from_dict`: by default the file's C / T matrices keep learning
+        along with :data:`DEFAULT_LEARN`.
+        """
         return read_params_json(
             path, lambda data: cls.from_dict(data, num_classes, learn, num_features=num_features)
         )
 
 
-def _shortest(value: torch.Tensor) -> float:
-    """A scalar tensor as the shortest decimal that rounds to it in its dtype (float32 0.2
-    gives 0.2, not 0.20000000298023224)."""
-    scalar = value.cpu().numpy()[()]  # a NumPy scalar of the tensor's dtype
-    return float(np.format_float_scientific(scalar, unique=True, trim="-"))
+def _default_learn(has_compat: bool, has_features: bool) -> tuple[str, ...]:
+    """:data:`DEFAULT_LEARN` plus the groups ``"C"`` / ``"T"`` of the matrices present."""
+    present = (("C", has_compat), ("T", has_features))
+    return DEFAULT_LEARN + tuple(group for group, held in present if held)
+
+
+def _stored(value: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A scalar parameter's value as the module stores it: the Python float ``value`` as a 0-d
+    tensor of ``dtype`` (torch's default dtype, float32, when None)."""
+    return torch.tensor(float(value), dtype=dtype)
+
+
+def _scale_from_log(log_scale: torch.Tensor) -> float:
+    """The scale of a stored 0-d log-scale: the shortest decimal ``d`` that the module stores
+    as ``log_scale`` (``_stored(math.log(d))``, as :meth:`ConvCRF.from_params` does). When
+    ``exp`` in the tensor's dtype is not a positive finite number, that value (which
+    :class:`CRFParams` refuses)."""
+    scale = float(log_scale.detach().exp())
+    if not 0 < scale < math.inf:
+        return scale
+    return _shortest(log_scale, encode=math.log, decode=math.exp)
+
+
+def _shortest(
+    stored: torch.Tensor,
+    encode: Callable[[float], float] = float,
+    decode: Callable[[float], float] = float,
+) -> float:
+    """The shortest decimal ``d`` with ``_stored(encode(d), stored.dtype) == stored`` (float32
+    0.2 gives 0.2, not 0.20000000298023224), searched around ``decode(float(stored))``; that
+    value itself when non-finite or when no decimal of up to 17 digits qualifies (a log-scale
+    within about 4e-9 of 0, finer in float32 than ``math.log`` of a float64 resolves).
+    ``stored`` is a 0-d floating tensor."""
+    target = stored.detach().cpu()
+    approx = decode(float(target))
+    if not math.isfinite(approx):
+        return approx
+    centre = Decimal(repr(approx))
+    for digits in range(1, 18):
+        for candidate in _decimals_around(centre, digits):
+            if bool(_stored(encode(candidate), target.dtype) == target):
+                return candidate
+    return approx
+
+
+def _decimals_around(centre: Decimal, digits: int) -> list[float]:
+    """The decimals of ``digits`` significant digits just below and just above ``centre``
+    (one when it has no more digits), nearest first, as floats."""
+    quantum = Decimal(1).scaleb(centre.adjusted() - digits + 1)
+    near = {centre.quantize(quantum, rounding=way) for way in (ROUND_FLOOR, ROUND_CEILING)}
+    return [float(value) for value in sorted(near, key=lambda value: abs(value - centre))]
 
 
 def _matrix(values: np.ndarray | None, size: int, learned: bool, name: str):

@@ -105,11 +105,44 @@ def test_inconsistent_examples_are_rejected():
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"learn": "compat,X"}, "X")],
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": -1.0}, "lr must be a positive finite number"),
+        ({"learn": "compat,X"}, "X"),
+        ({"epochs": 1.5}, "epochs must be an integer, got 1.5"),
+        ({"epochs": True}, "epochs must be an integer, got True"),
+        ({"epochs": "2"}, "epochs must be an integer, got '2'"),
+        ({"crop_size": 12.5}, "crop_size must be an integer"),
+        ({"crop_size": 0}, "crop_size must be >= 1"),
+        ({"batch_size": 1.5}, "batch_size must be an integer"),
+        ({"batch_size": np.int64(0)}, "batch_size must be >= 1"),
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"ignore_label": None}, "ignore_label must be an integer, got None"),
+        ({"ignore_label": np.float64(255)}, "ignore_label must be an integer"),
+        ({"lr": "0.1"}, "lr must be a number, got '0.1'"),
+        ({"lr": True}, "lr must be a number"),
+        ({"lr": float("nan")}, "lr must be a positive finite number"),
+        ({"lr": np.float32("inf")}, "lr must be a positive finite number"),
+        ({"val_fraction": "0.1"}, "val_fraction must be a number"),
+    ],
 )
 def test_fit_options_are_validated(changes, message):
     with pytest.raises(ParamsError, match=message):
         FitOptions(**changes)
+
+
+def test_fit_options_convert_numpy_numbers():
+    options = FitOptions(
+        epochs=np.int64(1), lr=np.float32(0.5), seed=np.uint8(3), crop_size=np.int32(6),
+        batch_size=np.int16(2), ignore_label=np.int64(-1), val_fraction=np.float64(0),
+    )  # fmt: skip
+    for name, kind in (("epochs", int), ("seed", int), ("crop_size", int), ("lr", float)):
+        assert type(getattr(options, name)) is kind, name
+    assert (options.epochs, options.lr, options.seed, options.ignore_label) == (1, 0.5, 3, -1)
+    (example,) = _examples(1, 8)
+    result = fit([example], CRFParams(filter_size=3, iterations=1), options)
+    assert len(result.losses) == 1
 
 
 def _subprocess(*args, cwd):

@@ -11,7 +11,8 @@ import torch
 from torch.func import functional_call
 
 from convcrf_cli import CRFParams, ParamsError, refine
-from convcrf_cli.torch import LEARNABLE_GROUPS, ConvCRF, parse_learn
+from convcrf_cli.params import PRESETS
+from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF, parse_learn
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,6 +151,44 @@ def test_to_params_from_params_round_trip():
     )
 
 
+SCALARS = ("log_pos_sdims", "log_col_schan", "pos_compat", "col_compat", "weight")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        *PRESETS.values(),
+        CRFParams(pos_sdims=7.0, col_schan=0.3, pos_compat=0.1, col_compat=1e-3, weight=-0.7),
+        CRFParams(pos_sdims=123.456, col_schan=1e-4, pos_compat=-2.5, weight=1e5),
+        CRFParams(pos_sdims=1.0, col_schan=2.5e-3, col_compat=0.0, weight=0.0),
+    ],
+)
+def test_untrained_params_come_back_exactly(params, tmp_path):
+    module = ConvCRF.from_params(params, num_classes=3)
+    assert module.to_params() == params
+    path = tmp_path / "p.json"
+    module.save(path)
+    assert CRFParams.load(path) == params
+    assert ConvCRF.load(path, num_classes=3).to_params() == params
+
+
+def test_trained_parameters_round_trip_bit_for_bit(tmp_path):
+    module = ConvCRF.from_params(CRFParams(), num_classes=3)
+    torch.manual_seed(0)
+    for _ in range(50):
+        with torch.no_grad():
+            for name in SCALARS:
+                module.get_parameter(name).add_(torch.randn(()) * 0.3)
+        again = ConvCRF.from_params(module.to_params(), num_classes=3)
+        for name in SCALARS:
+            assert torch.equal(again.get_parameter(name), module.get_parameter(name)), name
+    path = tmp_path / "p.json"
+    module.save(path)
+    loaded = ConvCRF.load(path, num_classes=3)
+    for name in SCALARS:
+        assert torch.equal(loaded.get_parameter(name), module.get_parameter(name)), name
+
+
 def test_save_load_plain_file_is_read_by_crfparams(tmp_path):
     module = ConvCRF.from_params(CRFParams(col_schan=21.0), num_classes=3)
     path = tmp_path / "p.json"
@@ -190,3 +229,65 @@ def test_forward_rejects_mismatched_classes():
     module = ConvCRF.from_params(CRFParams(), num_classes=3, learn="C")
     with pytest.raises(ValueError, match="logits have 4 classes"):
         module(torch.zeros(1, 3, 8, 8), torch.zeros(1, 4, 8, 8))
+
+
+def _saved_with_matrices(tmp_path, learn):
+    module = ConvCRF.from_params(CRFParams(filter_size=3), 3, learn=learn)
+    path = tmp_path / "learned.json"
+    module.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "learn, expected",
+    [
+        ("compat,C", (*DEFAULT_LEARN, "C")),
+        ("T", (*DEFAULT_LEARN, "T")),
+        ("compat,scales,weight,C,T", (*DEFAULT_LEARN, "C", "T")),
+        ("scales", DEFAULT_LEARN),
+    ],
+)
+def test_load_by_default_keeps_learning_the_files_matrices(tmp_path, learn, expected):
+    loaded = ConvCRF.load(_saved_with_matrices(tmp_path, learn), num_classes=3)
+    assert loaded.learn == expected
+    for matrix in (loaded.compat_transform, loaded.feature_transform):
+        assert matrix is None or matrix.requires_grad
+    assert loaded.log_col_schan.requires_grad and loaded.weight.requires_grad
+
+
+def test_load_with_explicit_learn_freezes_the_files_matrices(tmp_path):
+    path = _saved_with_matrices(tmp_path, "C,T")
+    loaded = ConvCRF.load(path, learn="compat")
+    assert loaded.learn == ("compat",)
+    assert not loaded.compat_transform.requires_grad
+    assert not loaded.feature_transform.requires_grad
+    learned = {name for name, p in loaded.named_parameters() if p.requires_grad}
+    assert learned == {"pos_compat", "col_compat"}
+    data = json.loads(path.read_text())
+    assert ConvCRF.from_dict(data, learn="T").learn == ("T",)
+    assert ConvCRF.from_dict(data).learn == (*DEFAULT_LEARN, "C", "T")
+
+
+@pytest.mark.parametrize("learn", ["compat", "compat,C,T"])
+@pytest.mark.parametrize(
+    "image_dtype, logits_dtype",
+    [
+        (torch.float64, torch.float32),
+        (torch.uint8, torch.float32),
+        (torch.int64, torch.float32),
+        (torch.float32, torch.float64),
+        (torch.uint8, torch.float64),
+    ],
+)
+def test_forward_converts_the_image_to_the_logits_dtype(learn, image_dtype, logits_dtype):
+    module = ConvCRF.from_params(CRFParams(filter_size=3, blur=2, iterations=2), 3, learn=learn)
+    if logits_dtype == torch.float64:
+        module = module.double()
+    image, logits = _case(6, 6, 7, 3, 3)
+    image_t = torch.from_numpy(image).permute(2, 0, 1)[None].round().to(image_dtype)
+    logits_t = torch.from_numpy(logits)[None].to(logits_dtype)
+    with torch.no_grad():
+        scores = module(image_t, logits_t)
+        expected = module(image_t.to(logits_dtype), logits_t)
+    assert scores.dtype == logits_dtype
+    assert torch.equal(scores, expected)
