@@ -26,7 +26,7 @@ from convcrf_cli.core import InputError
 from convcrf_cli.denormals import run_flushing_denormals
 from convcrf_cli.errors import RuntimeFailure
 from convcrf_cli.metrics import confusion_matrix, iou_per_class
-from convcrf_cli.params import CRFParams, ParamsError
+from convcrf_cli.params import CRFParams, ParamsError, integer_option, real_option
 from convcrf_cli.torch import DEFAULT_LEARN, ConvCRF, parse_learn
 
 ProgressCallback = Callable[[int, int, float], None]
@@ -81,9 +81,9 @@ class FitOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "learn", parse_learn(self.learn))
         for name in ("epochs", "seed", "crop_size", "batch_size", "ignore_label"):
-            object.__setattr__(self, name, _integer_option(name, getattr(self, name)))
+            object.__setattr__(self, name, integer_option(name, getattr(self, name)))
         for name in ("lr", "val_fraction"):
-            object.__setattr__(self, name, _real_option(name, getattr(self, name)))
+            object.__setattr__(self, name, real_option(name, getattr(self, name)))
         for name, least in (("epochs", 1), ("seed", 0), ("crop_size", 1), ("batch_size", 1)):
             if getattr(self, name) < least:
                 raise ParamsError(f"{name} must be >= {least}, got {getattr(self, name)}")
@@ -91,21 +91,6 @@ class FitOptions:
             raise ParamsError(f"lr must be a positive finite number, got {self.lr}")
         if not 0 <= self.val_fraction < 1:
             raise ParamsError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
-
-
-def _integer_option(name: str, value: object) -> int:
-    """``value`` as an int: a Python or NumPy integer, not a bool; else ParamsError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ParamsError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _real_option(name: str, value: object) -> float:
-    """``value`` as a float: a Python or NumPy integer or float, not a bool; else
-    ParamsError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ParamsError(f"{name} must be a number, got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,12 +92,7 @@ class CRFParams:
     def replace(self, **changes: Any) -> CRFParams:
         """Return a copy with the given fields changed (validated); an unknown field is a
         :class:`ParamsError`."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ParamsError(
-                f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        _check_known(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,12 +113,7 @@ class CRFParams:
                 "--learn ...,C,T`): plain refinement cannot apply them; use them in PyTorch "
                 "through convcrf_cli.torch.ConvCRF.load, or fit without C and T"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ParamsError(
-                f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        _check_known(data)
         values = dict(data)
         for name in (
             "pos_sdims",
@@ -171,6 +161,32 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
         return build(data)
     except (ParamsError, TypeError) as exc:
         raise ParamsError(f"{path}: {exc}") from exc
+
+
+def _check_known(names: Iterable[str]) -> None:
+    """Raise :class:`ParamsError` naming every one of ``names`` that is no CRFParams field."""
+    known = {f.name for f in dataclasses.fields(CRFParams)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ParamsError(
+            f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
+def integer_option(name: str, value: object) -> int:
+    """``value`` as an int: a Python or NumPy integer, not a bool; else a
+    :class:`ParamsError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ParamsError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def real_option(name: str, value: object) -> float:
+    """``value`` as a float: a Python or NumPy real number, not a bool; else a
+    :class:`ParamsError` naming ``name``."""
+    if not _is_real(value):
+        raise ParamsError(f"{name} must be a number, got {value!r}")
+    return _to_float(value)
 
 
 def _is_real(value: Any) -> bool:
