@@ -41,6 +41,7 @@ from convcrf_cli.commands.common import (
     params_from_options,
     report_tunings,
     reports_errors,
+    some_paths,
     tune_option,
     unary_options,
     unary_options_from,
@@ -50,8 +51,6 @@ from convcrf_cli.outputs import OutputSpec, stdout_failure
 from convcrf_cli.pipeline import describe_backend
 
 GPU_BATCH_SIZE = 8
-PATHS_SHOWN = 10
-"""Paths named in one message line (unpaired files, failed items); the report has all."""
 
 
 class Terminated(Exception):
@@ -327,7 +326,7 @@ def _report_unpaired(pairing: Pairing) -> None:
     ):
         if not paths:
             continue
-        echo_err(f"convcrf: warning: {len(paths)} file(s) without {missing}: {_some(paths)}")
+        echo_err(f"convcrf: warning: {len(paths)} file(s) without {missing}: {some_paths(paths)}")
 
 
 def _report_missing(pairing: Pairing) -> None:
@@ -353,20 +352,13 @@ def _fail_if_incomplete(failed: list[Path], total: int, listed_unpaired: list[Pa
     images without a unary, if there are any."""
     problems = []
     if failed:
-        problems.append(f"{len(failed)} of {total} items failed: {_some(failed)}")
+        problems.append(f"{len(failed)} of {total} items failed: {some_paths(failed)}")
     if listed_unpaired:
         problems.append(
-            f"{len(listed_unpaired)} listed image(s) without unary: {_some(listed_unpaired)}"
+            f"{len(listed_unpaired)} listed image(s) without unary: {some_paths(listed_unpaired)}"
         )
     if problems:
         fail("; ".join(problems), 1)
-
-
-def _some(paths: list) -> str:
-    """The first :data:`PATHS_SHOWN` of ``paths``, comma-separated, and how many more."""
-    shown = ", ".join(str(path) for path in paths[:PATHS_SHOWN])
-    more = len(paths) - PATHS_SHOWN
-    return shown + (f" and {more} more" if more > 0 else "")
 
 
 @contextlib.contextmanager

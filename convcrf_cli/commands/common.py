@@ -228,6 +228,17 @@ def check_output_directory(directory: Path, named: Path | None = None) -> None:
         raise BadInputError(named or directory, f"{problem}is not writable")
 
 
+PATHS_SHOWN = 10
+"""Paths named in one message line (unpaired files, failed items); a report has all."""
+
+
+def some_paths(paths: list) -> str:
+    """The first :data:`PATHS_SHOWN` of ``paths``, comma-separated, and how many more."""
+    shown = ", ".join(str(path) for path in paths[:PATHS_SHOWN])
+    more = len(paths) - PATHS_SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
 def echo_out(text: str, what: str, newline: bool = True) -> None:
     """Write ``text`` (``what`` it is, for the error) to stdout, the command's output; a write
     error (a full disk, a reader that closed the pipe) is a :class:`RuntimeFailure`."""

@@ -18,6 +18,7 @@ from convcrf_cli.commands.common import (
     echo_out,
     params_from_options,
     reports_errors,
+    some_paths,
     unary_type_option,
 )
 from convcrf_cli.core import InputError
@@ -219,10 +220,9 @@ def pair_files(images: Path, unaries: Path, labels: Path) -> list[TrainingFiles]
     for files, kind in ((unary_files, "unary"), (label_files, "label map")):
         unused = sorted(str(files[key]) for key in files.keys() - image_files.keys())
         if unused:
-            shown = ", ".join(unused[:10]) + (", ..." if len(unused) > 10 else "")
             echo_err(
                 f"convcrf: warning: {len(unused)} {kind} file(s) without an image, not used: "
-                f"{shown}"
+                f"{some_paths(unused)}"
             )
     return [
         TrainingFiles(key, image_files[key], unary_files[key], label_files[key])
