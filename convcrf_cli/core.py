@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convcrf_cli.backends import Backend, select_backend
+from convcrf_cli.backends import Backend, array_library, select_backend
 from convcrf_cli.params import CRFParams
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -90,7 +90,7 @@ def _backend(device: object) -> Backend:
 def _array(array: object, name: str):
     """``array`` as an array of real numbers: a NumPy array (lists and scalars converted),
     a torch tensor (bfloat16 as float32) or a CuPy array; anything else is an InputError."""
-    library = type(array).__module__.split(".")[0]
+    library = array_library(array)
     if library == "torch":
         import torch
 
@@ -110,18 +110,11 @@ def _array(array: object, name: str):
 def _finite_in_float32(array) -> bool:
     """Whether every value of a NumPy, CuPy or torch array is finite in float32 (computed
     where the array is; integers always are)."""
-    library = type(array).__module__.split(".")[0]
-    if library == "torch":
-        if not array.is_floating_point():
-            return True
-        return bool((array.abs() <= FLOAT32_MAX).all())
-    if array.dtype.kind != "f":
-        return True
-    if library == "cupy":
-        import cupy
-
-        return bool((cupy.abs(array) <= FLOAT32_MAX).all())
-    return bool((np.abs(array) <= FLOAT32_MAX).all())  # False for NaN too
+    if array_library(array) == "torch":
+        floating = array.is_floating_point()
+    else:
+        floating = array.dtype.kind == "f"
+    return not floating or bool((abs(array) <= FLOAT32_MAX).all())  # False for NaN too
 
 
 def _ndim(array) -> int:

@@ -14,6 +14,12 @@ import numpy as np
 from convcrf_cli.params import CRFParams
 
 
+def array_library(array: object) -> str:
+    """The library an array belongs to, by its type's top-level module: ``"numpy"``,
+    ``"cupy"``, ``"torch"`` (anything else, e.g. a list, is reported as its module)."""
+    return type(array).__module__.split(".")[0]
+
+
 class DeviceError(RuntimeError):
     """The requested device cannot be used (no CUDA backend, no such GPU, bad device string)."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from convcrf_cli.backends import DeviceError
+from convcrf_cli.backends import DeviceError, array_library
 from convcrf_cli.backends.cuda_plan import (
     DEFAULT_SHARED_MEMORY,
     MAX_CLASS_BLOCK,
@@ -249,10 +249,10 @@ def plan_launcher(device_index: int, plan: MeanFieldPlan) -> _CuPyLauncher:
 
 def array_kind(array: Any) -> str:
     """The kind of array the result is returned as: numpy, cupy, torch-cuda or torch-cpu."""
-    module = type(array).__module__.split(".")[0]
-    if module == "cupy":
+    library = array_library(array)
+    if library == "cupy":
         return "cupy"
-    if module == "torch":
+    if library == "torch":
         return "torch-cuda" if array.is_cuda else "torch-cpu"
     return "numpy"
 
