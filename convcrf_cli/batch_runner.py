@@ -67,14 +67,12 @@ class BatchSettings:
 
     jobs: I/O worker threads. batch_size: most images per CRF call (same-sized ones only).
     skip_existing: leave items whose outputs all exist. fail_fast: stop at the first failure.
-    memory_limit: bytes one CRF call may use (default: the memory available).
     """
 
     jobs: int = DEFAULT_JOBS
     batch_size: int = 1
     skip_existing: bool = False
     fail_fast: bool = False
-    memory_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.jobs < 1 or self.batch_size < 1:
@@ -220,7 +218,6 @@ class _Run:
             self.spec_for(item),
             self.params,
             self.unary_options,
-            memory_limit=self.settings.memory_limit,
         )
 
     def _wait(self, item: BatchItem, future: Future):

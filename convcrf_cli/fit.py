@@ -38,8 +38,9 @@ epoch so far)."""
 class Example:
     """One training image.
 
-    image: ``[H,W,F]`` raw value range (any real dtype); logits: ``[C,H,W]`` float class scores
-    of the frozen segmenter; labels: ``[H,W]`` integer classes, ``ignore_label`` where unknown.
+    image: ``[H,W,F]`` or ``[H,W]`` raw value range (any real dtype); logits: ``[C,H,W]`` float
+    class scores of the frozen segmenter; labels: ``[H,W]`` integer classes, ``ignore_label``
+    where unknown.
     """
 
     name: str
@@ -260,12 +261,12 @@ def check_examples(examples: Sequence[Example], ignore_label: int) -> tuple[int,
     num_classes = num_features = None
     for example in examples:
         image, logits, labels = example.image, example.logits, example.labels
-        features = 1 if image.ndim == 2 else image.shape[2]
         if image.ndim not in (2, 3) or logits.ndim != 3 or labels.ndim != 2:
             raise InputError(
-                f"{example.name}: expected image [H,W,F], logits [C,H,W] and labels [H,W], got "
-                f"{image.shape}, {logits.shape} and {labels.shape}"
+                f"{example.name}: expected image [H,W,F] or [H,W], logits [C,H,W] and labels "
+                f"[H,W], got {image.shape}, {logits.shape} and {labels.shape}"
             )
+        features = 1 if image.ndim == 2 else image.shape[2]
         if not image.shape[:2] == logits.shape[1:] == labels.shape:
             raise InputError(
                 f"{example.name}: image {image.shape[:2]}, unary {logits.shape[1:]} and labels "

@@ -64,9 +64,7 @@ class CRFParams:
     def validate(self) -> None:
         """Raise ParamsError naming the first invalid field."""
         for name in ("filter_size", "blur", "iterations"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ParamsError(f"{name} must be an integer, got {value!r}")
+            integer_option(name, getattr(self, name))
         if self.filter_size < 1 or self.filter_size % 2 == 0:
             raise ParamsError(f"filter_size must be a positive odd integer, got {self.filter_size}")
         if self.blur < 1:
@@ -83,11 +81,6 @@ class CRFParams:
                 raise ParamsError(f"{name} must be a finite number, got {value!r}")
         if self.init not in INIT_CHOICES:
             raise ParamsError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
-
-    @property
-    def span(self) -> int:
-        """Half window ``s = filter_size // 2``."""
-        return self.filter_size // 2
 
     def replace(self, **changes: Any) -> CRFParams:
         """Return a copy with the given fields changed (validated); an unknown field is a
@@ -114,18 +107,7 @@ class CRFParams:
                 "through convcrf_cli.torch.ConvCRF.load, or fit without C and T"
             )
         _check_known(data)
-        values = dict(data)
-        for name in (
-            "pos_sdims",
-            "pos_compat",
-            "col_schan",
-            "col_compat",
-            "weight",
-            "unary_weight",
-        ):
-            if name in values and _is_real(values[name]):
-                values[name] = _to_float(values[name])
-        return cls(**values)
+        return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> CRFParams:

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -100,12 +99,11 @@ def refine_item(
     unary_options: UnaryOptions | None = None,
     *,
     memory_limit: int | None = None,
-    stdin: BinaryIO | None = None,
 ) -> ItemResult:
     """Refine one image's unary and write the outputs ``outputs_spec`` names.
 
     image_path: any image Pillow reads. unary_source: ``.npy``/``.npz``/label image path, or
-    ``"-"`` for ``.npy`` bytes on ``stdin`` (default ``sys.stdin.buffer``).
+    ``"-"`` for ``.npy`` bytes on stdin.
     memory_limit: bytes the CRF may use; default the memory available now (``MemAvailable``).
     """
     prepared = prepare_item(
@@ -115,7 +113,6 @@ def refine_item(
         params,
         unary_options,
         memory_limit=memory_limit,
-        stdin=stdin,
     )
     crf_start = time.perf_counter()
     refined = refine_prepared([prepared], params, backend)[0]
@@ -131,7 +128,6 @@ def prepare_item(
     unary_options: UnaryOptions | None = None,
     *,
     memory_limit: int | None = None,
-    stdin: BinaryIO | None = None,
 ) -> PreparedItem:
     """Read and check one item (see :func:`refine_item`); creates the output directories."""
     start = time.perf_counter()
@@ -140,7 +136,7 @@ def prepare_item(
     image = load_image(image_path, apply_exif=options.apply_exif)
     pixels = image.pixels
     height, width = pixels.shape[:2]
-    source = unary.load_unary(unary_source, stdin)
+    source = unary.load_unary(unary_source)
     _check_orientation(image, source, image_path)
     classes = unary.count_classes(
         source,

@@ -30,10 +30,6 @@ PARAMS = CRFParams(filter_size=7, blur=4)
 IMAGE, LOGITS = (1, 3, 375, 500), (1, 21, 375, 500)
 
 
-def plans_by_name(plans):
-    return {variant_name(plan): plan for plan in plans}
-
-
 def relative_difference(candidate, reference) -> float:
     return float(np.abs(candidate - reference).max() / max(1.0, np.abs(reference).max()))
 

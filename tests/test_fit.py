@@ -101,6 +101,8 @@ def test_inconsistent_examples_are_rejected():
     bad[0, 0] = 7
     with pytest.raises(InputError, match=r"b: label values must lie in \[0, 4\)"):
         fit([a, Example("b", b.image, b.logits, bad)], CRFParams(), FitOptions())
+    with pytest.raises(InputError, match=r"b: expected image \[H,W,F\] or \[H,W\]"):
+        fit([a, Example("b", b.image[0, :, 0], b.logits, b.labels)], CRFParams(), FitOptions())
 
 
 @pytest.mark.parametrize(
