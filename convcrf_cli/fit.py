@@ -279,15 +279,24 @@ def check_examples(examples: Sequence[Example], ignore_label: int) -> tuple[int,
                 f"{example.name}: {logits.shape[0]} classes and {features} image channels, "
                 f"while the first image has {num_classes} and {num_features}"
             )
-        values = labels[labels != ignore_label]
-        if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise InputError(
-                f"{example.name}: label values must lie in [0, {num_classes}) or be "
-                f"{ignore_label} (ignored), found {int(values.min())}..{int(values.max())}"
-            )
+        problem = label_range_problem(labels, num_classes, ignore_label)
+        if problem:
+            raise InputError(f"{example.name}: {problem}")
     if not any(_labelled(example, ignore_label) for example in examples):
         raise InputError(f"labels hold only the ignore label {ignore_label}: nothing to learn")
     return int(num_classes), int(num_features)
+
+
+def label_range_problem(labels: np.ndarray, num_classes: int, ignore_label: int) -> str | None:
+    """What is wrong with the values of ``labels`` (integers, any shape) for ``num_classes``
+    classes, pixels equal to ``ignore_label`` left out; None when every value is a class."""
+    values = labels[labels != ignore_label]
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        return (
+            f"label values must lie in [0, {num_classes}) or equal the ignore label "
+            f"{ignore_label}; found {int(values.min())}..{int(values.max())}"
+        )
+    return None
 
 
 def _labelled(example: Example, ignore_label: int) -> bool:

@@ -89,25 +89,25 @@ class CRFParams:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields by name (JSON-ready)."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        """The parameters as an indented JSON object (as :meth:`save` writes it)."""
+        return _json_text(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CRFParams:
         """Build from a mapping; unknown keys are an error, missing keys take the defaults."""
-        if not isinstance(data, dict):
-            raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
-        transforms = [key for key in TRANSFORM_KEYS if key in data]
+        fields, transforms = split_transforms(data)
         if transforms:
             raise ParamsError(
                 f"learned {' and '.join(transforms)} matrices present (written by `convcrf fit "
                 "--learn ...,C,T`): plain refinement cannot apply them; use them in PyTorch "
                 "through convcrf_cli.torch.ConvCRF.load, or fit without C and T"
             )
-        _check_known(data)
-        return cls(**data)
+        _check_known(fields)
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: str | Path) -> CRFParams:
@@ -115,12 +115,30 @@ class CRFParams:
         return read_params_json(path, cls.from_dict)
 
     def save(self, path: str | Path) -> None:
-        """Write parameters as JSON (atomically: temporary file, then rename), creating missing
-        directories; an OS error (an unwritable place) is raised as it is."""
-        from convcrf_cli.atomic import atomic_write_bytes
+        """Write :meth:`to_json` to ``path`` (see :func:`write_params_json`)."""
+        write_params_json(path, self.to_dict())
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(Path(path), self.to_json().encode())
+
+def split_transforms(data: object) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A parameter file's JSON object as (its CRFParams fields, its C/T matrices by key of
+    :data:`TRANSFORM_KEYS`); a :class:`ParamsError` when ``data`` is no object."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
+    fields = {key: value for key, value in data.items() if key not in TRANSFORM_KEYS}
+    return fields, {key: data[key] for key in TRANSFORM_KEYS if key in data}
+
+
+def write_params_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically (temporary file, then rename), creating
+    missing directories; an OS error (an unwritable place) is raised as it is."""
+    from convcrf_cli.atomic import atomic_write_bytes
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(path), _json_text(data).encode())
+
+
+def _json_text(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
 
 
 def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:

@@ -31,7 +31,6 @@ untouched defaults are written as given (``13.0``, not ``12.999999``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -43,7 +42,13 @@ import torch
 from torch import nn
 
 from convcrf_cli import meanfield
-from convcrf_cli.params import TRANSFORM_KEYS, CRFParams, ParamsError, read_params_json
+from convcrf_cli.params import (
+    CRFParams,
+    ParamsError,
+    read_params_json,
+    split_transforms,
+    write_params_json,
+)
 
 LEARNABLE_GROUPS = ("compat", "scales", "weight", "C", "T")
 """Names of the parameter groups that :class:`ConvCRF` can learn."""
@@ -203,10 +208,8 @@ class ConvCRF(nn.Module):
         return data
 
     def save(self, path: str | Path) -> None:
-        """Write :meth:`to_dict` as JSON, atomically."""
-        from convcrf_cli.atomic import atomic_write_bytes
-
-        atomic_write_bytes(Path(path), (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        """Write :meth:`to_dict` as JSON, atomically, creating missing directories."""
+        write_params_json(path, self.to_dict())
 
     @classmethod
     def from_dict(
@@ -223,12 +226,10 @@ class ConvCRF(nn.Module):
         holds the ``compat_transform`` / ``feature_transform`` matrix, so training goes on
         with every matrix it holds. An explicit ``learn`` is used as given (matrices of
         groups not in it are kept, frozen)."""
-        if not isinstance(data, dict):
-            raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
-        fields = {key: value for key, value in data.items() if key not in TRANSFORM_KEYS}
+        fields, transforms = split_transforms(data)
         params = CRFParams.from_dict(fields)
-        compat = _matrix_from_json(data.get("compat_transform"), "compat_transform")
-        features = _matrix_from_json(data.get("feature_transform"), "feature_transform")
+        compat = _matrix_from_json(transforms.get("compat_transform"), "compat_transform")
+        features = _matrix_from_json(transforms.get("feature_transform"), "feature_transform")
         if compat is not None:
             if num_classes is not None and num_classes != compat.shape[0]:
                 raise ParamsError(

@@ -191,7 +191,7 @@ def test_trained_parameters_round_trip_bit_for_bit(tmp_path):
 
 def test_save_load_plain_file_is_read_by_crfparams(tmp_path):
     module = ConvCRF.from_params(CRFParams(col_schan=21.0), num_classes=3)
-    path = tmp_path / "p.json"
+    path = tmp_path / "missing" / "p.json"  # directories are created
     module.save(path)
     assert CRFParams.load(path).col_schan == pytest.approx(21.0, rel=1e-6)
 

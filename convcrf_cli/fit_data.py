@@ -1,0 +1,159 @@
+"""Training data on disk for :func:`convcrf_cli.fit.fit`: image, unary and label files paired
+by name, read into checked :class:`~convcrf_cli.fit.Example` objects, and the starting point
+read from a parameter file (C/T matrices included). Every fault is a
+:class:`~convcrf_cli.errors.BadInputError` naming the file."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from convcrf_cli.batch_items import IMAGE_GLOBS, UNARY_GLOBS, find_files
+from convcrf_cli.core import InputError
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.fit import Example, check_start_module, label_range_problem
+from convcrf_cli.imageio import check_label_size, read_image, read_label_image
+from convcrf_cli.params import CRFParams, ParamsError, read_params_json, split_transforms
+from convcrf_cli.torch import ConvCRF
+from convcrf_cli.unary import Unary, read_unary
+
+LABEL_GLOBS = ("*.png", "*.tif", "*.tiff", "*.bmp")
+"""Label maps of class ids that pairing looks for."""
+
+
+class TrainingFiles(NamedTuple):
+    """The files of one training image, paired by ``key`` (relative path without suffix)."""
+
+    key: str
+    image: Path
+    unary: Path
+    labels: Path
+
+
+class TrainingPairs(NamedTuple):
+    """What :func:`pair_training_files` found.
+
+    files: one entry per image, sorted by key. unused: by kind (``"unary"``, ``"label map"``),
+    the sorted paths of files that no image names.
+    """
+
+    files: list[TrainingFiles]
+    unused: dict[str, list[str]]
+
+
+LoadedCallback = Callable[[TrainingFiles, Unary], None]
+"""Called by :func:`load_examples` when an image and its unary have been read (before they
+are checked), with the files and the unary, whose ``warnings`` the caller reports."""
+
+
+def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPairs:
+    """Pair the files of three directory trees by relative path and stem (suffixes matched
+    ignoring case). An image without a unary or a label map is an error; unaries and label
+    maps without an image are returned as unused."""
+    image_files = find_files(images, IMAGE_GLOBS)
+    unary_files = find_files(unaries, UNARY_GLOBS)
+    label_files = find_files(labels, LABEL_GLOBS)
+    if not image_files:
+        raise BadInputError(images, f"no images ({', '.join(IMAGE_GLOBS)})")
+    for key, path in sorted(image_files.items()):
+        for files, directory, kind in (
+            (unary_files, unaries, "unary"),
+            (label_files, labels, "label map"),
+        ):
+            if key not in files:
+                raise BadInputError(path, f"no {kind} named {key}.* in {directory}")
+    unused = {
+        kind: sorted(str(files[key]) for key in files.keys() - image_files.keys())
+        for files, kind in ((unary_files, "unary"), (label_files, "label map"))
+    }
+    paired = [
+        TrainingFiles(key, image_files[key], unary_files[key], label_files[key])
+        for key in sorted(image_files)
+    ]
+    return TrainingPairs(paired, unused)
+
+
+def load_examples(
+    files: list[TrainingFiles],
+    unary_type: str,
+    ignore_label: int,
+    on_loaded: LoadedCallback | None = None,
+) -> list[Example]:
+    """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]``, logits
+    ``[C,H,W] float32``, labels ``[H,W]`` integers). Every image must have the first one's
+    classes and channels, and its label map the image's size and values in ``[0, C)`` or
+    ``ignore_label``."""
+    examples: list[Example] = []
+    for entry in files:
+        image = read_image(entry.image)
+        unary = read_unary(entry.unary, image.shape[:2], unary_type)
+        if on_loaded is not None:
+            on_loaded(entry, unary)
+        if examples:
+            _check_like_first(entry, image, unary, files[0], examples[0])
+        label_map = read_label_image(entry.labels)
+        check_label_map(entry.labels, label_map, image.shape[:2], unary.num_classes, ignore_label)
+        examples.append(Example(entry.key, image, unary.logits, label_map))
+    return examples
+
+
+def check_label_map(
+    path: Path, labels: np.ndarray, image_hw: tuple[int, int], num_classes: int, ignore: int
+) -> None:
+    """Raise BadInputError naming ``path`` unless ``labels`` ``[H,W]`` (integers) have the
+    size ``image_hw`` and values in ``[0, num_classes)`` or equal to ``ignore``."""
+    check_label_size(path, labels, image_hw)
+    problem = label_range_problem(labels, num_classes, ignore)
+    if problem:
+        raise BadInputError(path, problem)
+
+
+def read_start(path: Path) -> tuple[CRFParams, dict]:
+    """The parameters of a parameter file and its C/T matrices (JSON lists of rows, by key of
+    :data:`~convcrf_cli.params.TRANSFORM_KEYS`; checked by :func:`start_module`)."""
+
+    def split(data: object) -> tuple[CRFParams, dict]:
+        fields, transforms = split_transforms(data)
+        return CRFParams.from_dict(fields), transforms
+
+    return read_params_json(path, split)
+
+
+def start_module(
+    path: Path,
+    params: CRFParams,
+    transforms: dict,
+    examples: list[Example],
+    learn: tuple[str, ...],
+) -> ConvCRF:
+    """The starting module: ``params`` with the C/T matrices read from the file ``path``,
+    which must fit the examples' classes and image channels."""
+    num_classes, num_features = examples[0].logits.shape[0], examples[0].image.shape[2]
+    try:
+        saved = ConvCRF.from_dict(
+            {**params.to_dict(), **transforms}, num_classes, learn, num_features=num_features
+        )
+        check_start_module(saved, num_classes, num_features)
+        return saved
+    except (ParamsError, InputError) as exc:
+        raise BadInputError(path, str(exc)) from exc
+
+
+def _check_like_first(
+    entry: TrainingFiles, image: np.ndarray, unary: Unary, first: TrainingFiles, example: Example
+) -> None:
+    """Refuse an image whose classes or channels differ from the first example's."""
+    classes = example.logits.shape[0]
+    if unary.num_classes != classes:
+        raise BadInputError(
+            entry.unary, f"unary has {unary.num_classes} classes, {first.unary} has {classes}"
+        )
+    channels = example.image.shape[2]
+    if image.shape[2] != channels:
+        raise BadInputError(
+            entry.image,
+            f"image has {image.shape[2]} channel(s), {first.image} has {channels}",
+        )
