@@ -25,7 +25,7 @@ from pathlib import Path
 
 from convcrf_cli.backends import Backend
 from convcrf_cli.batch_items import BatchItem
-from convcrf_cli.errors import ConvCRFError
+from convcrf_cli.errors import OUT_OF_MEMORY_ADVICE, ConvCRFError
 from convcrf_cli.outputs import OutputSpec
 from convcrf_cli.params import CRFParams
 from convcrf_cli.pipeline import (
@@ -83,14 +83,13 @@ class BatchSettings:
 class ItemReport:
     """What happened to one item: ``status`` is ``done``, ``skipped`` or ``failed``.
 
-    error and exit_code: the failure's one-line message and status (2 bad input, 1 runtime).
+    error: the failure's one-line message.
     """
 
     item: BatchItem
     status: str
     result: ItemResult | None = None
     error: str | None = None
-    exit_code: int = 0
 
     def to_json(self) -> dict:
         """A JSON-ready dict: paths, status, error, seconds and the label histograms (null
@@ -307,11 +306,12 @@ def _remove_empty(directories: list[Path]) -> None:
 def _failure(item: BatchItem, exc: BaseException) -> ItemReport:
     """The report of an item that raised ``exc``: one line naming the file."""
     if isinstance(exc, ConvCRFError):
-        return ItemReport(item, FAILED, error=str(exc), exit_code=exc.exit_code)
+        return ItemReport(item, FAILED, error=str(exc))
     if isinstance(exc, MemoryError):
-        message = f"{item.image}: out of memory (try a larger --blur or a smaller image)"
-        return ItemReport(item, FAILED, error=message, exit_code=1)
+        return ItemReport(
+            item, FAILED, error=f"{item.image}: out of memory ({OUT_OF_MEMORY_ADVICE})"
+        )
     if isinstance(exc, OSError):
         message = f"{exc.filename or item.image}: {exc.strerror or exc}"
-        return ItemReport(item, FAILED, error=message, exit_code=1)
-    return ItemReport(item, FAILED, error=f"{item.image}: {exc}", exit_code=1)
+        return ItemReport(item, FAILED, error=message)
+    return ItemReport(item, FAILED, error=f"{item.image}: {exc}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+OUT_OF_MEMORY_ADVICE = "try a larger --blur or a smaller image"
+"""What to do when the CRF runs out of memory."""
+
 
 class ConvCRFError(Exception):
     """Base of the errors the CLI reports as one line; ``exit_code`` is the process status."""

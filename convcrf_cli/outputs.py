@@ -60,7 +60,9 @@ class OutputSpec:
 
 
 def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
-    """Validate ``spec`` without touching the disk: formats, options, no output over an input.
+    """Validate ``spec`` before any work: formats, options, no output over an input, each
+    output a file name in a directory that exists or can be created, writable (see
+    :func:`check_output_file`). Creates nothing.
 
     Raises :class:`BadInputError` naming the offending path, or :class:`RuntimeFailure` when
     the labels go to stdout and stdout is closed.
@@ -91,8 +93,7 @@ def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
         if identity in seen:
             raise BadInputError(path, "given for two outputs")
         seen.add(identity)
-        if path.is_dir():
-            raise BadInputError(path, "is a directory; give a file name")
+        check_output_file(path)
 
 
 def check_class_count(spec: OutputSpec, num_classes: int) -> None:
@@ -114,7 +115,7 @@ def check_class_count(spec: OutputSpec, num_classes: int) -> None:
 
 
 def prepare_directories(spec: OutputSpec) -> None:
-    """Create the output directories and check that they are writable."""
+    """Create the output directories (:func:`check_outputs` has checked that they can be)."""
     for path in spec.paths():
         directory = path.parent
         try:
@@ -123,8 +124,29 @@ def prepare_directories(spec: OutputSpec) -> None:
             raise BadInputError(
                 path, f"cannot create directory {directory}: {exc.strerror}"
             ) from exc
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise BadInputError(path, f"directory {directory} is not writable")
+
+
+def check_output_file(path: Path) -> None:
+    """Raise :class:`BadInputError` naming ``path`` unless it can be written: not a directory,
+    in a directory :func:`check_output_directory` accepts. Creates nothing: the writer makes
+    the missing directories."""
+    if path.is_dir():
+        raise BadInputError(path, "is a directory; give a file name")
+    check_output_directory(path.parent, path)
+
+
+def check_output_directory(directory: Path, named: Path | None = None) -> None:
+    """Raise :class:`BadInputError` naming ``named`` (default: ``directory``) unless
+    ``directory`` is a writable directory or can be created (its nearest existing ancestor is
+    a writable directory). Creates nothing."""
+    existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
+    problem = "" if named is None else f"directory {directory} "
+    if existing != directory:
+        problem += f"cannot be created: {existing} "
+    if not existing.is_dir():
+        raise BadInputError(named or directory, f"{problem}is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInputError(named or directory, f"{problem}is not writable")
 
 
 def write_outputs(

@@ -31,8 +31,6 @@ from convcrf_cli.batch_runner import (
 )
 from convcrf_cli.commands.common import (
     DEVICE_HELP,
-    check_output_directory,
-    check_output_file,
     crf_options,
     device_option,
     echo_err,
@@ -47,7 +45,12 @@ from convcrf_cli.commands.common import (
     unary_options_from,
 )
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.outputs import OutputSpec, stdout_failure
+from convcrf_cli.outputs import (
+    OutputSpec,
+    check_output_directory,
+    check_output_file,
+    stdout_failure,
+)
 from convcrf_cli.pipeline import describe_backend
 
 GPU_BATCH_SIZE = 8

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from convcrf_cli.backends import DeviceError
 from convcrf_cli.core import InputError
-from convcrf_cli.errors import BadInputError, ConvCRFError
+from convcrf_cli.errors import OUT_OF_MEMORY_ADVICE, ConvCRFError
 from convcrf_cli.outputs import PROBS_DTYPES, stdout_failure
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
 from convcrf_cli.pipeline import UnaryOptions
@@ -205,29 +204,6 @@ def output_format_options(func: Callable) -> Callable:
     )(func)
 
 
-def check_output_file(path: Path) -> None:
-    """Raise :class:`BadInputError` naming ``path`` unless it can be written: not a directory,
-    in a directory :func:`check_output_directory` accepts. Creates nothing: the writer makes
-    the missing directories."""
-    if path.is_dir():
-        raise BadInputError(path, "is a directory; give a file name")
-    check_output_directory(path.parent, path)
-
-
-def check_output_directory(directory: Path, named: Path | None = None) -> None:
-    """Raise :class:`BadInputError` naming ``named`` (default: ``directory``) unless
-    ``directory`` is a writable directory or can be created (its nearest existing ancestor is
-    a writable directory). Creates nothing."""
-    existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
-    problem = "" if named is None else f"directory {directory} "
-    if existing != directory:
-        problem += f"cannot be created: {existing} "
-    if not existing.is_dir():
-        raise BadInputError(named or directory, f"{problem}is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInputError(named or directory, f"{problem}is not writable")
-
-
 PATHS_SHOWN = 10
 """Paths named in one message line (unpaired files, failed items); a report has all."""
 
@@ -266,8 +242,7 @@ def reports_errors(func: Callable) -> Callable:
             fail(str(exc), 2)
         except MemoryError:
             fail(
-                "out of memory: the image is too large for this machine "
-                "(try a larger --blur or a smaller image)",
+                f"out of memory: the image is too large for this machine ({OUT_OF_MEMORY_ADVICE})",
                 1,
             )
         except KeyboardInterrupt:
@@ -276,6 +251,7 @@ def reports_errors(func: Callable) -> Callable:
     return wrapper
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
+    """Write ``convcrf: error: message`` to stderr and exit with ``code``."""
     echo_err(f"convcrf: error: {message}")
     sys.exit(code)

@@ -8,7 +8,6 @@ import click
 from tqdm import tqdm
 
 from convcrf_cli.commands.common import (
-    check_output_file,
     crf_options,
     device_option,
     echo_err,
@@ -27,6 +26,7 @@ from convcrf_cli.fit_data import (
     read_start,
     start_module,
 )
+from convcrf_cli.outputs import check_output_file
 from convcrf_cli.params import CRFParams
 from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF
 from convcrf_cli.unary import Unary
