@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.outputs import LABEL_SUFFIXES
+from convcrf_cli.outputs import LABEL_OUTPUT_SUFFIXES
 
 IMAGE_GLOBS = ("*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.bmp")
 UNARY_GLOBS = ("*.npy", "*.npz")
@@ -177,9 +177,9 @@ def _check_manifest_output(name: str, number: int, output: Path) -> None:
         raise BadInputError(
             name, f"line {number}: output {output} must be a relative path without '..'"
         )
-    if output.suffix.lower() not in LABEL_SUFFIXES:
+    if output.suffix.lower() not in LABEL_OUTPUT_SUFFIXES:
         raise BadInputError(
-            name, f"line {number}: output {output} must end in {' or '.join(LABEL_SUFFIXES)}"
+            name, f"line {number}: output {output} must end in {' or '.join(LABEL_OUTPUT_SUFFIXES)}"
         )
 
 

@@ -1,7 +1,8 @@
 """The library entry point: ``refine(image, logits, params, device)`` (DESIGN §2).
 
-Normalises array layouts, checks shapes and values, and hands batched float32 arrays to a
-backend. It converts nothing else: logits are class scores whose softmax is the unary's
+Normalises array layouts, checks shapes, dtypes and values, and hands batched arrays (image
+``[N,F,H,W]``, logits ``[N,C,H,W]``, dtypes as given) to a backend, which converts them to
+float32. It converts nothing else: logits are class scores whose softmax is the unary's
 distribution (see :mod:`convcrf_cli.unary` for probabilities and energies).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from convcrf_cli.backends import Backend, array_library, select_backend
+from convcrf_cli.backends import Array, Backend, array_library, select_backend
 from convcrf_cli.params import CRFParams
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -20,13 +21,13 @@ class InputError(ValueError):
 
 
 def refine(
-    image,
-    logits,
+    image: Array,
+    logits: Array,
     params: CRFParams | None = None,
     device: str | Backend = "cpu",
     *,
     check_finite: bool = True,
-):
+) -> Array:
     """Refine class scores with ConvCRF mean-field inference.
 
     image: ``[H,W,F]`` or ``[H,W]`` (batched: ``[N,H,W,F]`` or ``[N,H,W]``), any real dtype,

@@ -18,10 +18,10 @@ from convcrf_cli.fit import Example, check_start_module, label_range_problem
 from convcrf_cli.imageio import check_label_size, read_image, read_label_image
 from convcrf_cli.params import CRFParams, ParamsError, read_params_json, split_transforms
 from convcrf_cli.torch import ConvCRF
-from convcrf_cli.unary import Unary, read_unary
+from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, Unary, read_unary
 
-LABEL_GLOBS = ("*.png", "*.tif", "*.tiff", "*.bmp")
-"""Label maps of class ids that pairing looks for."""
+LABEL_GLOBS = tuple(f"*{suffix}" for suffix in LABEL_IMAGE_SUFFIXES)
+"""Label maps of class ids that pairing looks for (the label images a unary may be)."""
 
 
 class TrainingFiles(NamedTuple):

@@ -1,4 +1,5 @@
-"""Geometry of the coarse grid that message passing runs on (DESIGN §2.2), shared by backends."""
+"""Geometry of the coarse grid that message passing runs on (DESIGN §2.2): its size and the
+pooling padding, for the mean field, the CUDA launch plans and the memory estimate."""
 
 from __future__ import annotations
 

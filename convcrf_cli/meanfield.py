@@ -5,6 +5,9 @@
 with a hand-written backward when a gradient is needed. Message passing loops over the ``k²``
 window offsets (:mod:`convcrf_cli.window`), so the ``C·k²·h·w`` im2col buffer of the original
 implementation is never materialised, neither forward nor backward.
+
+Every tensor is floating point, one dtype throughout (float32 in the backends and the module,
+float64 where the tests compare with the reference); results have the inputs' dtype and device.
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ def crf_kernel(
     image: torch.Tensor,
     params: CRFParams,
     *,
-    pos_sdims=None,
-    col_schan=None,
-    pos_compat=None,
-    col_compat=None,
+    pos_sdims: float | torch.Tensor | None = None,
+    col_schan: float | torch.Tensor | None = None,
+    pos_compat: float | torch.Tensor | None = None,
+    col_compat: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Combined kernel ``pos_compat·G_pos + col_compat·G_col`` as contiguous ``[N,k,k,h,w]``.
 
@@ -75,7 +78,13 @@ def crf_kernel(
 
 
 def position_kernel(
-    height: int, width: int, blur: int, filter_size: int, pos_sdims, *, like: torch.Tensor
+    height: int,
+    width: int,
+    blur: int,
+    filter_size: int,
+    pos_sdims: float | torch.Tensor,
+    *,
+    like: torch.Tensor,
 ) -> torch.Tensor:
     """The positional Gaussian of :func:`gaussian_kernel` as ``[1,k,k,h,w]``, built separably.
 
@@ -112,7 +121,7 @@ def mean_field(
     kernel: torch.Tensor,
     params: CRFParams,
     *,
-    weight=None,
+    weight: float | torch.Tensor | None = None,
     compat_matrix: torch.Tensor | None = None,
     fused: bool | None = None,
 ) -> torch.Tensor:
@@ -125,7 +134,8 @@ def mean_field(
 
     float32 CUDA tensors run on the fused CUDA kernels of
     :mod:`convcrf_cli.backends.cuda_autograd` where CuPy can launch them (``fused=None``);
-    ``fused=False`` forces the PyTorch implementation of :mod:`convcrf_cli.phases`.
+    ``fused=False`` forces the PyTorch implementation of :mod:`convcrf_cli.phases` (``True``
+    is the same as ``None``: the PyTorch implementation where the kernels cannot run).
     """
     w = params.weight if weight is None else weight
     launcher = _fused_launcher(logits, kernel, compat_matrix) if fused is not False else None

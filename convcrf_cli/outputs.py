@@ -28,10 +28,10 @@ from PIL import Image
 
 from convcrf_cli.atomic import StagedFiles, atomic_output, staged_outputs
 from convcrf_cli.errors import BadInputError, RuntimeFailure
-from convcrf_cli.palette import palette_bytes, voc_palette
+from convcrf_cli.palette import palette_png, voc_palette
 
 STDOUT = "-"
-LABEL_SUFFIXES = (".png", ".npy")
+LABEL_OUTPUT_SUFFIXES = (".png", ".npy")
 PROBS_DTYPES = ("float16", "float32")
 PNG_MAX_CLASSES = 256
 
@@ -70,7 +70,7 @@ def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
     labels_suffix = Path(spec.labels).suffix.lower()
     if str(spec.labels) == STDOUT:
         _check_stdout()
-    elif labels_suffix not in LABEL_SUFFIXES:
+    elif labels_suffix not in LABEL_OUTPUT_SUFFIXES:
         raise BadInputError(spec.labels, "label output must be .png, .npy or - (PNG on stdout)")
     if spec.probs is not None and Path(spec.probs).suffix.lower() != ".npy":
         raise BadInputError(spec.probs, "probabilities are written as .npy")
@@ -302,11 +302,7 @@ def _palette_png(path: str | Path, labels: np.ndarray) -> bytes:
         raise BadInputError(
             path, f"labels outside 0..{PNG_MAX_CLASSES - 1} do not fit a PNG; write .npy"
         )
-    picture = Image.fromarray(labels.astype(np.uint8))
-    picture.putpalette(palette_bytes())
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return palette_png(labels)
 
 
 def _check_stdout() -> None:

@@ -8,7 +8,10 @@ Class 0 is black, 1 dark red ``(128, 0, 0)``, 2 dark green ``(0, 128, 0)``, 15 p
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
 
 
 def voc_palette() -> np.ndarray:
@@ -28,3 +31,13 @@ def voc_palette() -> np.ndarray:
 def palette_bytes() -> bytes:
     """The palette flattened as 768 bytes ``r0 g0 b0 r1 ...`` (what ``Image.putpalette`` takes)."""
     return voc_palette().tobytes()
+
+
+def palette_png(labels: np.ndarray) -> bytes:
+    """``labels`` ``[H,W]`` (integers in 0..255) as a palette PNG with this palette: the pixel
+    values stay the class ids, viewers show the colours."""
+    picture = Image.fromarray(np.asarray(labels).astype(np.uint8))
+    picture.putpalette(palette_bytes())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -7,6 +7,9 @@ by the crop is, per phase, a fixed blend of a cell and one neighbour along each 
 forward pass runs phase by phase on ``[N,C,h,w]`` slices small enough to stay in cache; with
 ``record=True`` it keeps what :func:`mean_field_backward` needs (the log-unary and every
 step's probabilities at full resolution, the pooled Q and the messages on the coarse grid).
+
+Every tensor is floating point, one dtype throughout (float32 in the backends and the module,
+float64 where the tests compare with the reference); results have the inputs' dtype and device.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class MeanFieldRecord:
 
     layout: PhaseLayout
     log_unary: torch.Tensor
-    """``L = log_softmax(logits)`` as ``[b,b,N,C,h,w]`` (zero outside the image)."""
+    """``L = log_softmax(logits)`` as ``[b,b,N,C,h,w]`` (``−log C`` in the cells outside the
+    image, which are never pooled and get no gradient)."""
     probabilities: list[torch.Tensor] = field(default_factory=list)
     """``softmax`` of step ``i``'s scores, ``[b,b,N,C,h,w]``, for every step but the last."""
     pooled: list[torch.Tensor] = field(default_factory=list)
@@ -187,7 +191,8 @@ def mean_field(
             record_.transformed.append(transformed)
         return transformed
 
-    # (u - w)·log_softmax(unary) per phase; cells outside the image hold 0 and are never pooled
+    # (u - w)·log_softmax(unary) per phase; cells outside the image hold logits 0 (−log C
+    # after the log-softmax) and are never pooled
     scaled_unary = layout.gather(logits)
     for i, j, (r0, r1, _), (c0, c1, _) in layout.phases:
         phase = scaled_unary[i, j]

@@ -216,7 +216,7 @@ def refine_prepared(
         pixels = np.stack([item.image.pixels for item in items])
         logits = np.stack([item.unary.logits for item in items])
     to_device = getattr(backend, "to_device", None)
-    # check_finite=False: read_unary and read_image refused NaN and infinite values already.
+    # check_finite=False: convert_unary and load_image refused NaN and infinite values already.
     if to_device is None:
         return [
             Refined(scores)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convcrf_cli.atomic import atomic_output
-from convcrf_cli.palette import palette_bytes
+from convcrf_cli.atomic import atomic_output, atomic_write_bytes
+from convcrf_cli.palette import palette_png
 
 MIN_COLOUR_DISTANCE = 40.0
 """Smallest RGB distance between the base colours of two regions of a scene."""
@@ -108,10 +108,7 @@ def write_dataset(
             Image.fromarray(image).save(handle, format="PNG")
         with atomic_output(out_dir / "unaries" / f"{name}.npy") as handle:
             np.save(handle, unary)
-        with atomic_output(out_dir / "labels" / f"{name}.png") as handle:
-            picture = Image.fromarray(labels)
-            picture.putpalette(palette_bytes())  # mode P: values stay the class ids
-            picture.save(handle, format="PNG")
+        atomic_write_bytes(out_dir / "labels" / f"{name}.png", palette_png(labels))
         names.append(name)
     return names
 

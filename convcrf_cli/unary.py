@@ -42,7 +42,7 @@ from convcrf_cli.imageio import check_label_size, read_label_image
 
 UNARY_TYPES = ("auto", "prob", "logit", "energy")
 LAYOUTS = ("auto", "CHW", "HWC")
-LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+LABEL_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 NPZ_KEY = "unary"
 PROB_EPS = 1e-6
 AUTO_TOLERANCE = 1e-2
@@ -132,7 +132,7 @@ def load_unary(source: str | Path, stdin: BinaryIO | None = None) -> UnarySource
     """Read a unary file, stdin (``"-"``) or label image without interpreting it."""
     if str(source) == "-":
         return UnarySource("stdin", _load_array(source, "stdin", stdin), False)
-    if Path(source).suffix.lower() in LABEL_SUFFIXES:
+    if Path(source).suffix.lower() in LABEL_IMAGE_SUFFIXES:
         return UnarySource(str(source), read_label_image(source), True)
     return UnarySource(str(source), _load_array(source, str(source), stdin), False)
 
@@ -340,7 +340,7 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
         raise BadInputError(
             name,
             f"unknown unary format {suffix or '(no suffix)'}; use .npy, .npz or a label image "
-            f"({', '.join(LABEL_SUFFIXES)})",
+            f"({', '.join(LABEL_IMAGE_SUFFIXES)})",
         )
     if not path.exists():
         raise BadInputError(name, "no such file")

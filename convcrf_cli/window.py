@@ -2,6 +2,9 @@
 
 All three loop over the ``k²`` window offsets and work on ``[N,C,h,w]`` planes, so the
 ``C·k²·h·w`` im2col buffer of the original implementation is never materialised.
+
+Every tensor is floating point, one dtype throughout (float32 in the backends and the module,
+float64 where the tests compare with the reference); results have the inputs' dtype and device.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ PRODUCT_BUDGET = 1 << 22
 def window_sum(q: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """``Σ_{a,c} K[a,c]·Pad0(q)[:, x+a-s, y+c-s]`` for ``q [N,C,h,w]``, ``kernel [N,k,k,h,w]``.
 
-    Returns a new ``[N,C,h,w]`` tensor. Not differentiable by autograd; the mean field's
-    backward uses :func:`window_sum_adjoint` and :func:`window_products`.
+    Returns a new ``[N,C,h,w]`` tensor. The mean field's hand-written backward uses
+    :func:`window_sum_adjoint` and :func:`window_products` instead of autograd through the
+    ``k²`` in-place products.
     """
     weights = kernel.unsqueeze(3).flatten(1, 2).unbind(1)  # k² × [N,1,h,w], row-major offsets
     shifted = [window for row in _windows(q, kernel.shape[1]).unbind(2) for window in row.unbind(2)]

@@ -1,17 +1,21 @@
 """Backends run the mean-field kernels; ``select_backend`` maps a device string to one.
 
 A backend implements ``run(image, logits, params) -> scores`` on batched arrays:
-``image [N,F,H,W] float32``, ``logits [N,C,H,W] float32`` -> ``scores [N,C,H,W] float32``.
-The CPU backend takes and returns NumPy arrays; the CUDA backend also takes device arrays.
+``image [N,F,H,W]``, ``logits [N,C,H,W]`` (any real dtype and strides; the backend converts
+them to contiguous float32) -> ``scores [N,C,H,W] float32``. The CPU backend returns NumPy
+arrays; the CUDA backend also takes device arrays (CuPy, torch CUDA) and returns CuPy arrays.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
 from convcrf_cli.params import CRFParams
+
+Array: TypeAlias = Any
+"""A NumPy array, a torch tensor or a CuPy array (nested lists too where NumPy takes them)."""
 
 
 def array_library(array: object) -> str:
@@ -25,10 +29,14 @@ class DeviceError(RuntimeError):
 
 
 class Backend(Protocol):
+    """What :func:`select_backend` returns and :func:`convcrf_cli.refine` accepts as
+    ``device``; ``name`` is ``"cpu"`` or ``"cuda"``."""
+
     name: str
 
-    def run(self, image, logits, params: CRFParams):
-        """Mean-field inference on ``image [N,F,H,W]`` and ``logits [N,C,H,W]`` (float32)."""
+    def run(self, image: Array, logits: Array, params: CRFParams) -> Array:
+        """Mean-field inference on ``image [N,F,H,W]`` and ``logits [N,C,H,W]`` (real
+        dtypes) -> scores ``[N,C,H,W] float32``."""
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -64,8 +72,9 @@ def select_backend(device: str = "auto", tune: bool = True) -> Backend:
     raise DeviceError(f"cannot use device {device!r}: {reason}")
 
 
-def as_numpy(array) -> np.ndarray:
-    """Host copy of a NumPy array, CPU torch tensor or device array."""
+def as_numpy(array: Array) -> np.ndarray:
+    """A NumPy array of the same shape and dtype: a NumPy array itself, else a host copy of a
+    CPU torch tensor or a device array."""
     if hasattr(array, "get"):  # CuPy
         return array.get()
     if isinstance(array, np.ndarray):

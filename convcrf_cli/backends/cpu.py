@@ -8,12 +8,15 @@ import numpy as np
 import torch
 
 from convcrf_cli import meanfield
-from convcrf_cli.backends import as_numpy
+from convcrf_cli.backends import Array, as_numpy
 from convcrf_cli.denormals import flushing_supported, run_flushing_denormals
 from convcrf_cli.params import CRFParams
 
 
 class CPUBackend:
+    """The PyTorch backend (see the module docstring); ``fallback_reason`` is set when
+    ``--device auto`` chose it because CUDA could not be used."""
+
     name = "cpu"
 
     def __init__(self, fallback_reason: str | None = None) -> None:
@@ -21,10 +24,11 @@ class CPUBackend:
         """Why ``auto`` chose the CPU (None when the CPU was asked for)."""
 
     def describe(self) -> str:
+        """One line for ``-v``: torch's version, its threads, whether denormals are flushed."""
         flush = ", denormals flushed to zero" if flushing_supported() else ""
         return f"cpu (torch {torch.__version__}, {torch.get_num_threads()} threads{flush})"
 
-    def run(self, image, logits, params: CRFParams) -> np.ndarray:
+    def run(self, image: Array, logits: Array, params: CRFParams) -> np.ndarray:
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
         image_t = torch.from_numpy(np.ascontiguousarray(as_numpy(image), dtype=np.float32))
         logits_t = torch.from_numpy(np.ascontiguousarray(as_numpy(logits), dtype=np.float32))

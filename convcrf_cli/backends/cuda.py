@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from convcrf_cli.backends import DeviceError, array_library
+from convcrf_cli.backends import Array, DeviceError, array_library
 from convcrf_cli.backends.cuda_plan import (
     DEFAULT_SHARED_MEMORY,
     MAX_CLASS_BLOCK,
@@ -257,6 +257,15 @@ def array_kind(array: Any) -> str:
     return "numpy"
 
 
+def torch_stream(cupy, device_index: int):
+    """Torch's current stream on ``cuda:device_index`` as a CuPy stream, so that CuPy's work
+    is ordered after the torch work that made its inputs."""
+    import torch
+
+    handle = torch.cuda.current_stream(device_index).cuda_stream
+    return cupy.cuda.ExternalStream(handle, device_index)
+
+
 class CUDABackend:
     """Runs the fused kernels on device ``cuda:index``. Inputs may be NumPy arrays, CuPy arrays or
     torch tensors (CUDA tensors are shared through DLPack, no host copy); the scores come back
@@ -275,6 +284,7 @@ class CUDABackend:
         """What this backend chose (timed, or read from the cache), one per size class."""
 
     def describe(self) -> str:
+        """One line for ``-v``: the device, its name and CuPy's version."""
         name = device_properties(self.index)["name"]
         return f"cuda:{self.index} ({name}, CuPy {self.cupy.__version__})"
 
@@ -283,9 +293,11 @@ class CUDABackend:
         the tiled message kernel from two blocks per multiprocessor."""
         return _device_launch_config(self.index)
 
-    def run(self, image, logits, params: CRFParams):
-        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32``; a batch
-        larger than one launch takes several (:func:`launch_slices`)."""
+    def run(self, image: Array, logits: Array, params: CRFParams) -> Array:
+        """``image [N,F,H,W]``, ``logits [N,C,H,W]`` (real dtypes) -> scores ``[N,C,H,W]
+        float32``, in the kind of ``logits`` (a CuPy array, a torch tensor where the logits
+        were, NumPy for NumPy); a batch larger than one launch takes several
+        (:func:`launch_slices`)."""
         cupy = self.cupy
         kind = array_kind(logits)
         with cupy.cuda.Device(self.index):
@@ -381,18 +393,15 @@ class CUDABackend:
         """Torch's current stream for torch CUDA inputs (ordered after the work that made
         them), else CuPy's current stream."""
         if kind == "torch-cuda":
-            import torch
-
-            handle = torch.cuda.current_stream(self.index).cuda_stream
-            return self.cupy.cuda.ExternalStream(handle, self.index)
+            return torch_stream(self.cupy, self.index)
         return self.cupy.cuda.get_current_stream()
 
-    def class_argmax(self, array) -> np.ndarray:
+    def class_argmax(self, array: Array) -> np.ndarray:
         """Labels ``[N,H,W] int32`` on the host: the argmax over classes (first on ties) of a
         device array ``[N,C,H,W]``, taken on the device (only the labels are copied)."""
         return array.argmax(axis=1).astype(np.int32).get()
 
-    def to_device(self, array):
+    def to_device(self, array: Array) -> Array:
         """C-contiguous float32 CuPy array on this device (no copy for one already)."""
         cupy = self.cupy
         kind = array_kind(array)

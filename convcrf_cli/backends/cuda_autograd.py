@@ -21,19 +21,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import numpy as np
 import torch
 
-from convcrf_cli.backends.cuda_plan import MAX_CLASS_BLOCK, Launch, LaunchConfig, MeanFieldPlan
+from convcrf_cli.backends.cuda_plan import (
+    Launch,
+    LaunchConfig,
+    MeanFieldPlan,
+    balanced_class_block,
+)
 from convcrf_cli.params import CRFParams
 
 
 def class_block(num_classes: int) -> int:
     """Classes per thread of the window and upsampling kernels: at most
-    :data:`MAX_CLASS_BLOCK`, balanced over the chunks (the module is compiled per value)."""
-    return math.ceil(num_classes / math.ceil(num_classes / MAX_CLASS_BLOCK))
+    :data:`~convcrf_cli.backends.cuda_plan.MAX_CLASS_BLOCK`, balanced over the chunks (the
+    module is compiled per value)."""
+    return balanced_class_block(num_classes)
 
 
 @dataclasses.dataclass
@@ -166,8 +171,7 @@ def cuda_launcher(device_index: int, class_block: int) -> Launch:
     launcher = cuda.module_launcher(device_index, class_block)
 
     def launch(name, grid, block, args, shared_mem) -> None:
-        stream = torch.cuda.current_stream(device_index).cuda_stream
-        with cupy.cuda.Device(device_index), cupy.cuda.ExternalStream(stream, device_index):
+        with cupy.cuda.Device(device_index), cuda.torch_stream(cupy, device_index):
             launcher(name, grid, block, tuple(_as_cupy(cupy, arg) for arg in args), shared_mem)
 
     return launch

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from convcrf_cli.backends import DeviceError
-from convcrf_cli.grid import pool_padding
+from convcrf_cli.backends import Array, DeviceError
+from convcrf_cli.grid import coarse_size, pool_padding
 from convcrf_cli.params import CRFParams
 
 DEFAULT_SHARED_MEMORY = 48 * 1024
@@ -58,7 +58,7 @@ class LaunchConfig:
         "per-cell" (on small grids one thread per cell gives the device more threads; the
         fastest at 500×375 on an H100 before "split" existed).
     split_cells: (x, y) cells per block of the split message kernel; each cell's window rows
-        are shared by min(k, 1024 / (x·y)) threads.
+        are shared by min(k, 1024 / (x·y), 64) threads (64: the largest block z).
     message_threads: (x, y) threads per block of the register-tiled message kernel, each
         computing :data:`TILE_CELLS` cells of a row; x is 4, 8, 16 or 32.
     tiled_min_blocks: see ``message_kernel``.
@@ -106,8 +106,13 @@ def class_block_for(
             f"filter size {filter_size} with {num_features} image channels needs more shared "
             f"memory than {config.shared_memory} bytes per block; use --device cpu"
         )
-    chunks = math.ceil(num_classes / min(fit, MAX_CLASS_BLOCK))
-    return math.ceil(num_classes / chunks)
+    return balanced_class_block(num_classes, min(fit, MAX_CLASS_BLOCK))
+
+
+def balanced_class_block(num_classes: int, most: int = MAX_CLASS_BLOCK) -> int:
+    """Classes per chunk when ``num_classes`` are split into as few chunks of at most ``most``
+    as possible, balanced (21 classes at most 16: two chunks of 11)."""
+    return math.ceil(num_classes / math.ceil(num_classes / most))
 
 
 def _message_fit(num_features: int, filter_size: int, config: LaunchConfig, kernel: str) -> int:
@@ -168,7 +173,9 @@ def row_quarter(threads_x: int, filter_size: int) -> int:
     return quarter
 
 
-def tiled_message_grid(batch: int, coarse_h: int, coarse_w: int, config: LaunchConfig):
+def tiled_message_grid(
+    batch: int, coarse_h: int, coarse_w: int, config: LaunchConfig
+) -> tuple[int, int, int]:
     """(x, y, images) blocks of ``convcrf_message_tiled`` for one class chunk."""
     threads_x, threads_y = config.message_threads
     return (-(-coarse_w // (TILE_CELLS * threads_x)), -(-coarse_h // threads_y), batch)
@@ -249,7 +256,9 @@ class MeanFieldPlan:
                 f"empty input: image {tuple(image_shape)}, logits {tuple(logits_shape)}"
             )
         k, blur = params.filter_size, params.blur
-        kernel = message_kernel_for(n, f, -(-height // blur), -(-width // blur), k, config)
+        kernel = message_kernel_for(
+            n, f, coarse_size(height, blur), coarse_size(width, blur), k, config
+        )
         if class_block is None:
             class_block = class_block_for(c, f, k, config, kernel)
         elif _message_fit(f, k, config, kernel) < class_block:
@@ -316,11 +325,11 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def coarse_h(self) -> int:
-        return -(-self.height // self.blur)
+        return coarse_size(self.height, self.blur)
 
     @functools.cached_property
     def coarse_w(self) -> int:
-        return -(-self.width // self.blur)
+        return coarse_size(self.width, self.blur)
 
     @functools.cached_property
     def pad_y(self) -> int:
@@ -350,7 +359,7 @@ class MeanFieldPlan:
         k, kernel = self.params.filter_size, self.message_kernel
         return _message_shared(self.features, self.class_block, k, self.config, kernel)
 
-    def message_launch(self, feat, pooled, message) -> tuple:
+    def message_launch(self, feat: Array, pooled: Array, message: Array) -> tuple:
         """``launch`` arguments of the message ``pooled [N,C,h,w]`` -> ``message [N,C,h,w]``
         with features ``feat [N,2+F,h,w]``: ``(name, grid, block, args, shared_mem)``."""
         p, i32, f32 = self.params, np.int32, np.float32
@@ -447,7 +456,15 @@ class MeanFieldPlan:
         return 4 * (self.classes * win + max(staged, (2 + chunk) * self.pool_box))
 
     def launch_fused(
-        self, launch: Launch, logits, lse, feat, pooled, pooled_out, scores, last: bool
+        self,
+        launch: Launch,
+        logits: Array,
+        lse: Array,
+        feat: Array,
+        pooled: Array,
+        pooled_out: Array,
+        scores: Array,
+        last: bool,
     ) -> None:
         """``convcrf_step_fused``: ``pooled`` -> ``pooled_out`` or, ``last``, the scores."""
         p, i32, f32 = self.params, np.int32, np.float32
@@ -476,7 +493,7 @@ class MeanFieldPlan:
         """``unary_scale = u - w`` and ``msg_scale = w`` for message weight ``weight``."""
         return np.float32(self.params.unary_weight - weight), np.float32(weight)
 
-    def launch_init(self, launch: Launch, logits, lse, pooled) -> None:
+    def launch_init(self, launch: Launch, logits: Array, lse: Array, pooled: Array) -> None:
         """``convcrf_init``: logits -> ``lse [N,H,W]``, ``pooled`` Q0 ``[N,C,h,w]``."""
         rows, cols = self.pool_tile
         args = (logits, lse, pooled, np.int32(self.classes), *self.geometry)
@@ -484,7 +501,15 @@ class MeanFieldPlan:
         args += (np.int32(self.params.init == "log"),)
         launch("convcrf_init", self.pool_grid, self._pool_block, args, self.pool_shared)
 
-    def launch_step(self, launch: Launch, logits, lse, message, pooled, weight: float) -> None:
+    def launch_step(
+        self,
+        launch: Launch,
+        logits: Array,
+        lse: Array,
+        message: Array,
+        pooled: Array,
+        weight: float,
+    ) -> None:
         """``convcrf_step``: the next pooled Q ``[N,C,h,w]`` from ``message [N,C,h,w]``."""
         rows, cols = self.pool_tile
         args = (logits, lse, message, pooled, np.int32(self.classes), *self.geometry)
@@ -492,7 +517,15 @@ class MeanFieldPlan:
         args += self.scales(weight)
         launch("convcrf_step", self.pool_grid, self._pool_block, args, self.pool_shared)
 
-    def launch_final(self, launch: Launch, logits, lse, message, scores, weight: float) -> None:
+    def launch_final(
+        self,
+        launch: Launch,
+        logits: Array,
+        lse: Array,
+        message: Array,
+        scores: Array,
+        weight: float,
+    ) -> None:
         """``convcrf_final``: the scores ``[N,C,H,W]`` from the last ``message``."""
         args = (logits, lse, message, scores, np.int32(self.classes), *self.geometry)
         args += self.scales(weight)
@@ -511,7 +544,14 @@ Launch = Callable[[str, tuple[int, int, int], tuple[int, int, int], tuple, int],
 """``launch(kernel_name, grid, block, args, shared_mem_bytes)``."""
 
 
-def run_plan(plan: MeanFieldPlan, image, logits, scores, launch: Launch, empty) -> None:
+def run_plan(
+    plan: MeanFieldPlan,
+    image: Array,
+    logits: Array,
+    scores: Array,
+    launch: Launch,
+    empty: Callable[[tuple[int, ...], type], Array],
+) -> None:
     """Launch the kernels of one batch.
 
     image ``[N,F,H,W]``, logits ``[N,C,H,W]``: C-contiguous float32 arrays of one library

@@ -239,10 +239,13 @@ class TuningCache:
         return len(self._load())
 
     def get(self, key: str) -> str | None:
+        """The variant cached for ``key``, None when there is none (or not a variant)."""
         name = self._load().get(key)
         return name if is_variant(name) else None
 
     def put(self, key: str, name: str) -> None:
+        """Remember variant ``name`` for ``key`` as the newest entry, keeping the newest
+        :data:`CACHE_ENTRIES`; written at once (a write that fails is ignored)."""
         entries = self._load()
         entries.pop(key, None)
         entries[key] = name

@@ -34,6 +34,7 @@ from convcrf_cli.commands.common import (
     crf_options,
     device_option,
     echo_err,
+    echo_out,
     fail,
     output_format_options,
     params_from_options,
@@ -44,12 +45,11 @@ from convcrf_cli.commands.common import (
     unary_options,
     unary_options_from,
 )
-from convcrf_cli.errors import BadInputError
+from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.outputs import (
     OutputSpec,
     check_output_directory,
     check_output_file,
-    stdout_failure,
 )
 from convcrf_cli.pipeline import describe_backend
 
@@ -393,9 +393,9 @@ def _echo_record(record: dict) -> None:
     """Write a report line to stdout; raise :class:`StdoutFailed` if it cannot be written
     (stdout then points at /dev/null, so that the final flush stays quiet)."""
     try:
-        click.echo(json.dumps(record))
-    except OSError as exc:
-        raise StdoutFailed(str(stdout_failure(exc, "the report"))) from exc
+        echo_out(json.dumps(record), "the report")
+    except RuntimeFailure as exc:
+        raise StdoutFailed(str(exc)) from exc
 
 
 def _pairing_records(pairing: Pairing) -> list[dict]:

@@ -176,7 +176,8 @@ def tune_option(func: Callable) -> Callable:
         default=True,
         show_default=True,
         help="On CUDA, time the kernel variants on the first image of each size class and use the "
-        "fastest (remembered in ~/.cache/convcrf); --no-tune always uses the default.",
+        "fastest (remembered in $CONVCRF_CACHE_DIR, else $XDG_CACHE_HOME/convcrf or "
+        "~/.cache/convcrf; `convcrf info` shows where); --no-tune always uses the default.",
     )(func)
 
 
