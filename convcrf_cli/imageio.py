@@ -4,14 +4,15 @@ Decisions (see README):
 
 - Values stay in their raw range: ``uint8`` for 8-bit images, ``uint16`` for 16-bit grayscale,
   ``float32`` for floating-point TIFFs. ``--col-schan`` is in these units. Pillow reads 16-bit
-  colour PNGs as 8-bit RGB.
+  colour PNGs as 8-bit RGB and 16-bit grayscale PNGs with alpha as 8-bit (one channel here).
 - Grayscale gives one feature channel, colour three. Palette images become RGB.
 - Alpha is dropped: the colour values are used as stored, never composited on a background
   (a note says so). Other modes (CMYK, YCbCr, ...) are converted to RGB.
-- EXIF orientation is applied (``ImageOps.exif_transpose``): images are used as viewers and
-  ``cv2.imread`` show them, and the unary must be in that orientation. With ``apply_exif=False``
-  the pixels are used as stored. Either way :class:`LoadedImage` records the tag so that the
-  caller can check the unary against both orientations and warn when the check cannot tell.
+- EXIF orientation is applied (as ``ImageOps.exif_transpose`` does): images are used as
+  viewers and ``cv2.imread`` show them, and the unary must be in that orientation. With
+  ``apply_exif=False`` the pixels are used as stored, also for TIFFs that Pillow turns while
+  decoding. Either way :class:`LoadedImage` records the tag so that the caller can check the
+  unary against both orientations and warn when the check cannot tell.
 - Multi-frame files (TIFF pages, animated WebP) give their first frame (a note says so).
 - Floating-point images holding NaN or infinite values are refused.
 - Images with more than :func:`max_pixels` pixels are refused from their header, before any
@@ -22,13 +23,15 @@ Decisions (see README):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from convcrf_cli.errors import BadInputError
 
@@ -46,6 +49,22 @@ _ORIENTATION_NAMES = {
     7: "transversed",
     8: "rotated 90° counter-clockwise",
 }
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""The transpose that shows stored pixels in each EXIF orientation (as viewers do)."""
+_UNDO_TRANSPOSES = {
+    **_TRANSPOSES,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+"""The transpose back from shown to stored pixels (the flips and half turns undo themselves)."""
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -87,11 +106,24 @@ def load_image(path: str | Path, *, apply_exif: bool = True) -> LoadedImage:
         notes: list[str] = []
         if getattr(image, "n_frames", 1) > 1:
             notes.append(f"{image.n_frames} frames; using the first")
+        gray_alpha_16 = _is_16_bit_gray_alpha_png(image)  # before getexif(), which may decode
         orientation = _exif_orientation(image)
-        stored_hw = (image.height, image.width)
         _decode(path, image)
-        if apply_exif and orientation != 1:
-            image = ImageOps.exif_transpose(image)
+        if gray_alpha_16:  # Pillow decodes it as 8-bit RGBA with three equal channels
+            image = image.getchannel("R")
+            notes.append(
+                "16-bit grayscale PNG with alpha: Pillow reads 8 bits (values 0–255, "
+                "--col-schan in these units); alpha dropped"
+            )
+        # Some Pillow versions turn TIFFs to their orientation while decoding (and drop the tag)
+        shown_by_pillow = orientation != 1 and _exif_orientation(image) == 1
+        if apply_exif and orientation != 1 and not shown_by_pillow:
+            image = image.transpose(_TRANSPOSES[orientation])
+        elif not apply_exif and shown_by_pillow:
+            image = image.transpose(_UNDO_TRANSPOSES[orientation])
+        stored_hw = (image.height, image.width)
+        if apply_exif and orientation in (5, 6, 7, 8):
+            stored_hw = (image.width, image.height)
         pixels = _pixels(path, image, notes)
     return LoadedImage(pixels, orientation, apply_exif, stored_hw, tuple(notes))
 
@@ -150,8 +182,14 @@ def check_label_size(name: str | Path, labels: np.ndarray, image_hw: tuple[int, 
         )
 
 
-def _open(path: str | Path) -> Image.Image:
-    """Open lazily (header only) and refuse images over :func:`max_pixels`."""
+@contextlib.contextmanager
+def _open(path: str | Path) -> Iterator[Image.Image]:
+    """Open lazily (header only) and refuse images over :func:`max_pixels`.
+
+    The image is opened from a file object, which Pillow never memory-maps: its memory map
+    of an uncompressed grayscale TIFF turned 90° by its orientation tag has the turned size
+    and scrambles the pixels (Pillow 13).
+    """
     path = Path(path)
     limit = max_pixels()
     if not path.exists():
@@ -159,26 +197,29 @@ def _open(path: str | Path) -> Image.Image:
     if path.is_dir():
         raise BadInputError(path, "is a directory, not an image")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-    except Image.DecompressionBombError as exc:
-        raise BadInputError(path, f"image too large: {exc}") from exc
-    except PermissionError as exc:
-        raise BadInputError(path, f"cannot read: {exc.strerror}") from exc
-    except UnidentifiedImageError as exc:
-        raise BadInputError(path, "not an image format Pillow can read (corrupt?)") from exc
+        handle = open(path, "rb")  # closed by the with block below
     except OSError as exc:
         raise BadInputError(path, f"cannot read: {exc.strerror or exc}") from exc
-    width, height = image.size
-    if width * height > limit:
-        image.close()
-        raise BadInputError(
-            path,
-            f"image too large: {height}×{width} = {width * height} pixels, more than the "
-            f"limit of {limit} ({MAX_PIXELS_VARIABLE})",
-        )
-    return image
+    with handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+        except Image.DecompressionBombError as exc:
+            raise BadInputError(path, f"image too large: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise BadInputError(path, "not an image format Pillow can read (corrupt?)") from exc
+        except OSError as exc:
+            raise BadInputError(path, f"cannot read: {exc.strerror or exc}") from exc
+        with image:
+            width, height = image.size
+            if width * height > limit:
+                raise BadInputError(
+                    path,
+                    f"image too large: {height}×{width} = {width * height} pixels, more than "
+                    f"the limit of {limit} ({MAX_PIXELS_VARIABLE})",
+                )
+            yield image
 
 
 def _decode(path: str | Path, image: Image.Image) -> None:
@@ -189,6 +230,14 @@ def _decode(path: str | Path, image: Image.Image) -> None:
         raise BadInputError(path, "image too large for the memory of this machine") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadInputError(path, f"corrupt or truncated image data ({exc})") from exc
+
+
+def _is_16_bit_gray_alpha_png(image: Image.Image) -> bool:
+    """Whether ``image`` (opened, not decoded) is a 16-bit grayscale PNG with alpha."""
+    if image.format != "PNG" or not image.tile:
+        return False
+    rawmode = image.tile[0][3]  # the tile's decoder arguments: the raw mode for PNG
+    return isinstance(rawmode, str) and rawmode.startswith("LA;16")
 
 
 def _exif_orientation(image: Image.Image) -> int:

@@ -117,6 +117,37 @@ def test_exif_orientation_is_applied_unless_asked_not_to(tmp_path):
     assert shown.orientation_name == "rotated 90° clockwise"
 
 
+SHOWN = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+"""How viewers show stored pixels ``[H,W,...]`` in each EXIF orientation (the EXIF spec)."""
+
+
+@pytest.mark.parametrize("orientation", sorted(SHOWN))
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
+def test_tiff_orientation_tag_is_applied_or_ignored_exactly(tmp_path, mode, orientation):
+    # Pillow 13 turns TIFFs while decoding (and memory-maps uncompressed grayscale ones with
+    # the turned size); both orientations of the pixels must still come out exactly.
+    gray = _rgb()[:, :, 0]
+    stored = {"L": gray, "RGB": _rgb(), "I;16": gray.astype(np.uint16) * 251}[mode]
+    picture = Image.fromarray(stored)
+    assert picture.mode == mode
+    picture.save(tmp_path / "o.tif", tiffinfo={imageio.EXIF_ORIENTATION_TAG: orientation})
+    as_stored = load_image(tmp_path / "o.tif", apply_exif=False)
+    shown = load_image(tmp_path / "o.tif")
+    expected = stored if stored.ndim == 3 else stored[:, :, None]
+    np.testing.assert_array_equal(as_stored.pixels, expected)
+    np.testing.assert_array_equal(shown.pixels, SHOWN[orientation](expected))
+    assert as_stored.stored_hw == shown.stored_hw == (H, W)
+    assert shown.exif_orientation == as_stored.exif_orientation == orientation
+
+
 def test_first_frame_of_multi_page_tiff_with_a_note(tmp_path):
     first, second = _rgb(1), _rgb(2)
     Image.fromarray(first).save(
@@ -157,20 +188,35 @@ def test_corrupt_and_truncated_images(tmp_path):
     assert "corrupt or truncated" in _error(tmp_path / "cut.png")
 
 
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width × height`` pixels, with almost no data."""
+def raw_png(width: int, height: int, bit_depth: int, colour_type: int, data: bytes) -> bytes:
+    """A PNG with the given header and ``data`` (filtered scanlines) as its one IDAT chunk."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        tagged = kind + body
+        return struct.pack(">I", len(body)) + tagged + struct.pack(">I", zlib.crc32(tagged))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IDAT", zlib.compress(data))
         + chunk(b"IEND", b"")
     )
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width × height`` pixels, with almost no data."""
+    return raw_png(width, height, 8, 0, b"\0" * 16)
+
+
+def test_16_bit_gray_with_alpha_png_is_one_channel_of_its_high_bytes(tmp_path):
+    gray = (np.arange(H * W).reshape(H, W) * 61).astype(">u2")
+    pixels = np.stack([gray, np.full_like(gray, 40000)], axis=-1).astype(">u2")  # grey, alpha
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)  # filter 0 (none) per row
+    (tmp_path / "la16.png").write_bytes(raw_png(W, H, 16, 4, rows))
+    loaded = load_image(tmp_path / "la16.png")
+    np.testing.assert_array_equal(loaded.pixels, (gray >> 8).astype(np.uint8)[:, :, None])
+    assert any("16-bit grayscale PNG with alpha" in note for note in loaded.notes)
 
 
 def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
