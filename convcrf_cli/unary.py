@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -346,12 +347,14 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
         raise BadInputError(name, "no such file")
     try:
         with open(path, "rb") as handle:
-            return _parse(handle, name, is_npz=suffix == ".npz")
+            return _parse(handle, name, is_npz=suffix == ".npz", path=path)
     except PermissionError as exc:
         raise BadInputError(name, f"cannot read: {exc.strerror}") from exc
 
 
-def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
+def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) -> np.ndarray:
+    """The array in ``handle``'s ``.npy``/``.npz`` bytes. A ``.npy`` file at ``path`` is
+    memory-mapped (read-only): its shape can be checked before its data are read."""
     kind = ".npz" if is_npz else ".npy"
     magic = _ZIP_MAGIC if is_npz else _NPY_MAGIC
     start = handle.read(len(magic))
@@ -363,7 +366,7 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
     handle.seek(0)
     try:
         if not is_npz:
-            return np.load(handle, allow_pickle=False)
+            return _load_npy(handle, path)
         with np.load(handle, allow_pickle=False) as archive:
             keys = list(archive.keys())
             if len(keys) == 1:
@@ -378,13 +381,30 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool) -> np.ndarray:
     except BadInputError:
         raise
     except ValueError as exc:
-        if "allow_pickle" in str(exc):
+        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
             raise BadInputError(
                 name, f"{kind} holds Python objects, which are not loaded; save a numeric array"
             ) from exc
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
     except (EOFError, OSError, zipfile.BadZipFile, KeyError) as exc:
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
+
+
+def _load_npy(handle: BinaryIO, path: Path | None) -> np.ndarray:
+    """A ``.npy`` array: memory-mapped from ``path`` where it has data, else read from
+    ``handle``."""
+    if path is not None:
+        version = np.lib.format.read_magic(handle)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, _ = read_header(handle)
+        handle.seek(0)
+        if math.prod(shape) > 0:  # NumPy cannot map an empty array everywhere
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.load(handle, allow_pickle=False)
 
 
 def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, requested: str) -> str:

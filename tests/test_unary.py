@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.unary import PROB_EPS, read_unary
+from convcrf_cli.unary import PROB_EPS, count_classes, load_unary, read_unary
 
 H, W, C = 24, 32, 5
 
@@ -169,6 +169,20 @@ def test_truncated_npy_names_the_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     message = _error(path)
     assert str(path) in message and "truncated" in message
+
+
+def test_npy_shape_is_checked_before_its_data_are_read(tmp_path):
+    # A header for 21×4000×4000 floats (1.3 GB) over a sparse file: mapped, not read.
+    big = tmp_path / "big.npy"
+    np.lib.format.open_memmap(big, "w+", np.float32, (21, 4000, 4000)).flush()
+    source = load_unary(big)
+    assert isinstance(source.array, np.memmap) and source.array.shape == (21, 4000, 4000)
+    with pytest.raises(BadInputError, match=rf"\(21, 4000, 4000\) does not fit the {H}×{W} "):
+        count_classes(source, (H, W))
+    probs = _probs()
+    np.save(tmp_path / "f.npy", np.asfortranarray(probs).astype(">f4"))
+    reading = read_unary(tmp_path / "f.npy", (H, W))  # big-endian, Fortran order: mapped too
+    np.testing.assert_array_equal(reading.logits, np.log(np.maximum(probs, PROB_EPS)))
 
 
 def test_nan_inf_negative_and_integer_arrays(tmp_path):
