@@ -21,12 +21,11 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from convcrf_cli.backends import Backend
 from convcrf_cli.batch_items import BatchItem
 from convcrf_cli.errors import OUT_OF_MEMORY_ADVICE, ConvCRFError
-from convcrf_cli.outputs import OutputSpec
+from convcrf_cli.outputs import OutputSpec, missing_directories, remove_empty_directories
 from convcrf_cli.params import CRFParams
 from convcrf_cli.pipeline import (
     ItemResult,
@@ -152,7 +151,7 @@ def run_batch(
     remaining ones are not reported.
     """
     run = _Run(spec_for, params, backend, unary_options, settings, stats or BatchStats())
-    missing = _missing_directories(items)
+    missing = missing_directories(path for item in items for path in item.outputs())
     reported = 0
     pool = ThreadPoolExecutor(settings.jobs, thread_name_prefix="convcrf-io")
     try:
@@ -163,7 +162,7 @@ def run_batch(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if reported < len(items):
-            _remove_empty(missing)
+            remove_empty_directories(missing)
 
 
 class _Run:
@@ -278,29 +277,6 @@ class _Run:
                 write_item, prepared, item_refined, elapsed / len(group), self.device
             )
             self.writes.append((item, future))
-
-
-def _missing_directories(items: list[BatchItem]) -> list[Path]:
-    """The directories of the items' outputs that do not exist yet, deepest first."""
-    missing: set[Path] = set()
-    seen: set[Path] = set()
-    for item in items:
-        for path in item.outputs():
-            for directory in path.parents:
-                if directory in seen:
-                    break
-                seen.add(directory)
-                if directory.exists():
-                    break
-                missing.add(directory)
-    return sorted(missing, key=lambda directory: len(directory.parts), reverse=True)
-
-
-def _remove_empty(directories: list[Path]) -> None:
-    """Remove those of ``directories`` (deepest first) that exist and are empty."""
-    for directory in directories:
-        with contextlib.suppress(OSError):
-            directory.rmdir()
 
 
 def _failure(item: BatchItem, exc: BaseException) -> ItemReport:

@@ -15,11 +15,12 @@ to stdout, encoded in full before the first byte goes out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -114,16 +115,41 @@ def check_class_count(spec: OutputSpec, num_classes: int) -> None:
         )
 
 
-def prepare_directories(spec: OutputSpec) -> None:
-    """Create the output directories (:func:`check_outputs` has checked that they can be)."""
+def missing_directories(paths: Iterable[Path]) -> list[Path]:
+    """The directories above ``paths`` that do not exist yet, deepest first."""
+    missing: set[Path] = set()
+    seen: set[Path] = set()
+    for path in paths:
+        for directory in Path(path).parents:
+            if directory in seen:
+                break
+            seen.add(directory)
+            if directory.exists():
+                break
+            missing.add(directory)
+    return sorted(missing, key=lambda directory: len(directory.parts), reverse=True)
+
+
+def remove_empty_directories(directories: list[Path]) -> None:
+    """Remove those of ``directories`` (deepest first) that exist and are empty."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def _create_directories(spec: OutputSpec) -> list[Path]:
+    """Create the output directories (:func:`check_outputs` has checked that they can be);
+    return those created, deepest first."""
+    created = missing_directories(spec.paths())
     for path in spec.paths():
-        directory = path.parent
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BadInputError(
-                path, f"cannot create directory {directory}: {exc.strerror}"
+            remove_empty_directories(created)
+            raise RuntimeFailure(
+                f"{path}: cannot create directory {path.parent}: {exc.strerror}"
             ) from exc
+    return created
 
 
 def check_output_file(path: Path) -> None:
@@ -161,11 +187,13 @@ def write_outputs(
     image: ``[H,W,F]`` (for the overlay). scores: the refined ``[C,H,W] float32`` scores, whose
     softmax over classes is written as the probabilities, in ``layout`` (may be None when
     ``spec`` writes no probabilities). labels: ``[H,W]`` class ids (the argmax of the scores).
-    The files are written under temporary names and renamed once all were written (and the
-    PNG went to stdout); if anything fails, none is left. A failing rename removes the
-    outputs already renamed.
+    Missing directories are created first. The files are written under temporary names and
+    renamed once all were written (and the PNG went to stdout); if anything fails, none is
+    left, nor any directory created for them. A failing rename removes the outputs already
+    renamed.
     """
     written: list[str] = []
+    created = _create_directories(spec)
     try:
         with staged_outputs() as staged:
             if str(spec.labels) != STDOUT:
@@ -181,9 +209,13 @@ def write_outputs(
             if str(spec.labels) == STDOUT:
                 write_labels(STDOUT, labels)
     except OSError as exc:  # a rename failed: os.replace names the target second
+        remove_empty_directories(created)
         raise RuntimeFailure(
             f"{exc.filename2 or exc.filename}: cannot write: {exc.strerror or exc}"
         ) from exc
+    except BaseException:
+        remove_empty_directories(created)
+        raise
     return written
 
 
@@ -262,12 +294,42 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return shifted
 
 
-def _encode_overlay(path: str | Path, picture: Image.Image) -> bytes:
-    """``picture`` (mode RGB) encoded in the format of ``path``'s suffix."""
-    suffix = Path(path).suffix.lower()
-    image_format = Image.registered_extensions().get(suffix)
+_ICON_FORMATS = ("ICO", "ICNS")
+"""Formats Pillow writes as icons of fixed sizes instead of the image."""
+_LARGEST_SIDE = {"WEBP": 16383, "JPEG": 65500, "GIF": 65535}
+"""Pixels a side that the overlay formats with a limit hold (WebP, libjpeg, GIF)."""
+
+
+def check_overlay_size(spec: OutputSpec, image_hw: tuple[int, int]) -> None:
+    """Refuse an overlay format that cannot hold an image of ``image_hw`` (checked before
+    the CRF runs)."""
+    if spec.overlay is None:
+        return
+    image_format = _overlay_format(spec.overlay)
+    largest = _LARGEST_SIDE.get(image_format)
+    if largest is not None and max(image_hw) > largest:
+        raise BadInputError(
+            spec.overlay,
+            f"{image_format} holds at most {largest} pixels a side, the image is "
+            f"{image_hw[0]}×{image_hw[1]}; use .png or .tif for the overlay",
+        )
+
+
+def _overlay_format(path: str | Path) -> str:
+    """Pillow's format for the overlay file ``path``, by its suffix."""
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())
     if image_format is None:
         raise BadInputError(path, "unknown image format for the overlay (use .png, .jpg, ...)")
+    if image_format in _ICON_FORMATS:
+        raise BadInputError(
+            path, f"{image_format} holds icons of fixed sizes, not the image; use .png, .jpg, ..."
+        )
+    return image_format
+
+
+def _encode_overlay(path: str | Path, picture: Image.Image) -> bytes:
+    """``picture`` (mode RGB) encoded in the format of ``path``'s suffix."""
+    image_format = _overlay_format(path)
     buffer = io.BytesIO()
     try:
         picture.save(buffer, format=image_format)

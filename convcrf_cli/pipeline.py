@@ -129,7 +129,7 @@ def prepare_item(
     *,
     memory_limit: int | None = None,
 ) -> PreparedItem:
-    """Read and check one item (see :func:`refine_item`); creates the output directories."""
+    """Read and check one item (see :func:`refine_item`); creates nothing."""
     start = time.perf_counter()
     options = unary_options or UnaryOptions()
     outputs.check_outputs(outputs_spec, [image_path, unary_source])
@@ -146,6 +146,7 @@ def prepare_item(
         num_classes=options.num_classes,
     )
     outputs.check_class_count(outputs_spec, classes)
+    outputs.check_overlay_size(outputs_spec, (height, width))
     _check_memory(image_path, pixels.shape, classes, params, memory_limit)
     converted = unary.convert_unary(
         source,
@@ -156,7 +157,6 @@ def prepare_item(
         num_classes=options.num_classes,
         layout=options.layout,
     )
-    outputs.prepare_directories(outputs_spec)
 
     notes = [f"{image_path}: {note}" for note in image.notes]
     warnings = list(converted.warnings)

@@ -15,6 +15,7 @@ from convcrf_cli.outputs import (
     OutputSpec,
     check_class_count,
     check_outputs,
+    check_overlay_size,
     write_labels,
     write_outputs,
     write_overlay,
@@ -193,6 +194,42 @@ def test_a_failing_output_leaves_none_of_the_item_outputs(tmp_path, monkeypatch)
     # No new file, no temporary left, and the old file the failure would have replaced is kept.
     assert [p.name for p in tmp_path.iterdir()] == ["p.npy"]
     assert (tmp_path / "p.npy").read_bytes() == b"old"
+
+
+def test_a_failing_output_leaves_no_directory_it_created(tmp_path):
+    image, scores, labels = _item()
+    labels[0, 0] = 300  # no overlay colour: the overlay fails after the labels were staged
+    spec = OutputSpec(
+        labels=tmp_path / "new" / "a" / "l.npy", overlay=tmp_path / "new" / "b" / "o.png"
+    )
+    with pytest.raises(BadInputError, match="no overlay colour"):
+        write_outputs(spec, image, scores, labels, "CHW")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()  # a directory that existed before stays
+    spec = OutputSpec(labels=tmp_path / "kept" / "l.npy", overlay=tmp_path / "kept" / "o.png")
+    with pytest.raises(BadInputError, match="no overlay colour"):
+        write_outputs(spec, image, scores, labels, "CHW")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+
+
+def test_overlay_formats_that_cannot_hold_the_image_are_refused_before_the_crf(tmp_path):
+    for suffix, size, problem in [
+        (".webp", (1, 17000), "WEBP holds at most 16383 pixels a side, the image is 1×17000"),
+        (".jpg", (70000, 2), "JPEG holds at most 65500 pixels a side"),
+        (".gif", (2, 70000), "GIF holds at most 65535 pixels a side"),
+    ]:
+        spec = OutputSpec(labels=tmp_path / "l.png", overlay=tmp_path / f"o{suffix}")
+        check_outputs(spec, [])
+        with pytest.raises(BadInputError, match=problem):
+            check_overlay_size(spec, size)
+        check_overlay_size(spec, (1000, 1000))
+    check_overlay_size(
+        OutputSpec(labels=tmp_path / "l.png", overlay=tmp_path / "o.png"), (1, 70000)
+    )
+    for suffix in (".ico", ".icns"):
+        spec = OutputSpec(labels=tmp_path / "l.png", overlay=tmp_path / f"o{suffix}")
+        with pytest.raises(BadInputError, match="icons of fixed sizes, not the image"):
+            check_outputs(spec, [])
 
 
 def test_a_failing_rename_removes_the_outputs_already_renamed(tmp_path, monkeypatch):
