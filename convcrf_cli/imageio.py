@@ -262,7 +262,7 @@ def _pixels(path: str | Path, image: Image.Image, notes: list[str]) -> np.ndarra
         values = values.astype(np.uint16 if in_uint16 else np.float32)
         kind = "floating-point" if mode == "F" else "16-bit"
         if mode == "I" and image.format != "PNG":  # older Pillow opens 16-bit PNGs as "I"
-            kind = "32-bit integer"
+            kind = "integer"  # 32-bit, or signed 16-bit (Pillow reads both as "I")
         notes.append(f"{kind} grayscale values {low}..{high}: --col-schan is in these units")
         return values[:, :, None]
     if mode in ("L", "LA", "La", "1"):

@@ -73,15 +73,15 @@ def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
         _check_stdout()
     elif labels_suffix not in LABEL_OUTPUT_SUFFIXES:
         raise BadInputError(spec.labels, "label output must be .png, .npy or - (PNG on stdout)")
+    for path in (spec.overlay, spec.probs):
+        if path is not None and str(path) == STDOUT:
+            raise BadInputError(None, "only the label output (-o) can go to stdout")
     if spec.probs is not None and Path(spec.probs).suffix.lower() != ".npy":
         raise BadInputError(spec.probs, "probabilities are written as .npy")
     if spec.probs_dtype not in PROBS_DTYPES:
         raise BadInputError(None, f"probabilities dtype must be one of {', '.join(PROBS_DTYPES)}")
     if not 0.0 <= spec.alpha <= 1.0:
         raise BadInputError(None, f"overlay alpha must lie in [0, 1], got {spec.alpha}")
-    for path in (spec.overlay, spec.probs):
-        if path is not None and str(path) == STDOUT:
-            raise BadInputError(None, "only the label output (-o) can go to stdout")
     if spec.overlay is not None:
         _encode_overlay(spec.overlay, Image.new("RGB", (1, 1)))  # refuses formats Pillow lacks
     paths = spec.paths()

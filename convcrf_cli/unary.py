@@ -51,6 +51,7 @@ DEFAULT_LABEL_CONFIDENCE = 0.7
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # a zip archive of no files starts with its end record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,9 +271,11 @@ def _label_classes(
     if labels[valid].min() < 0:
         raise BadInputError(name, "label map holds negative labels")
     classes = largest + 1 if num_classes is None else num_classes
+    if num_classes is not None and num_classes < 2:
+        raise BadInputError(name, f"--num-classes {num_classes}: a CRF needs at least 2 classes")
     if classes < 2:
         raise BadInputError(
-            name, f"label map gives {classes} class; pass --num-classes (at least 2)"
+            name, "label map holds only label 0: pass --num-classes (at least 2) to say how many"
         )
     if largest >= classes:
         raise BadInputError(
@@ -330,9 +333,10 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
         data = (stdin or sys.stdin.buffer).read()
         if not data:
             raise BadInputError(name, "no data on stdin (expected .npy bytes)")
-        if not data.startswith((_NPY_MAGIC, _ZIP_MAGIC)):
+        is_npz = data.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC))
+        if not is_npz and not data.startswith(_NPY_MAGIC):
             raise BadInputError(name, "not .npy data (no NumPy header)")
-        return _parse(io.BytesIO(data), name, is_npz=data.startswith(_ZIP_MAGIC))
+        return _parse(io.BytesIO(data), name, is_npz=is_npz)
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -358,6 +362,8 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) 
     kind = ".npz" if is_npz else ".npy"
     magic = _ZIP_MAGIC if is_npz else _NPY_MAGIC
     start = handle.read(len(magic))
+    if is_npz and start == _EMPTY_ZIP_MAGIC:
+        raise BadInputError(name, ".npz holds no arrays")
     if start != magic:
         problem = (
             "empty file" if not start else ("not a zip archive" if is_npz else "no NumPy header")

@@ -113,6 +113,7 @@ def test_check_outputs_refuses_bad_formats_and_overwriting_inputs(tmp_path):
         (OutputSpec(labels=tmp_path / "l.jpg"), "must be .png, .npy or -"),
         (OutputSpec(labels="-", probs=tmp_path / "p.txt"), "written as .npy"),
         (OutputSpec(labels="-", overlay="-"), "only the label output"),
+        (OutputSpec(labels="-", probs="-"), "only the label output"),
         (OutputSpec(labels="-", overlay=tmp_path / "o.xyz"), "unknown image format"),
         (OutputSpec(labels=image), "overwrite an input"),
         (OutputSpec(labels=tmp_path / "a.png", overlay=tmp_path / "a.png"), "two outputs"),

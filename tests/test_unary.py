@@ -139,6 +139,14 @@ def test_num_classes_of_a_single_channel_counts_the_two_classes_it_becomes(tmp_p
     assert "--num-classes is 3" in _error(path, num_classes=3)
 
 
+def test_an_npz_without_arrays_says_so(tmp_path):
+    np.savez(tmp_path / "empty.npz")
+    assert _error(tmp_path / "empty.npz").endswith(".npz holds no arrays")
+    assert _error("-", stdin=io.BytesIO((tmp_path / "empty.npz").read_bytes())).endswith(
+        ".npz holds no arrays"
+    )
+
+
 def test_npz_single_array_named_array_and_ambiguity(tmp_path):
     probs = _probs()
     np.savez(tmp_path / "one.npz", anything=probs)
@@ -277,4 +285,5 @@ def test_label_image_class_count_and_confidence_checks(tmp_path):
     assert "above 1/C" in _error(path, label_confidence=0.3)
     assert f"the image is {H}×{W + 1}" in _error(path, (H, W + 1))
     zeros = _label_png(tmp_path, np.zeros((H, W)), "zeros.png")
-    assert "--num-classes" in _error(zeros)
+    assert "holds only label 0: pass --num-classes" in _error(zeros)
+    assert "--num-classes 1: a CRF needs at least 2 classes" in _error(zeros, num_classes=1)
