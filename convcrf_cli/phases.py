@@ -184,7 +184,7 @@ def mean_field(
     def next_message() -> torch.Tensor:
         pooled.div_(layout.counts)
         msg = window_sum(pooled, kernel)
-        transformed = msg if compat_matrix is None else msg + _compat(compat_matrix, msg)
+        transformed = msg if compat_matrix is None else add_compat(compat_matrix, msg)
         if record_ is not None:
             record_.pooled.append(pooled.clone())
             record_.messages.append(msg)
@@ -274,11 +274,12 @@ def mean_field_backward(
     for step in reversed(range(params.iterations)):
         grad_unary += grad_scores
         grad_scaled_msg = layout.blend_adjoint(grad_scores)  # d (w·msg)
-        grad_weight += torch.sum(grad_scaled_msg * record.transformed[step])
-        grad_msg = grad_scaled_msg.mul_(weight)
-        if compat_matrix is not None:
-            grad_matrix += torch.einsum("ndhw,nchw->dc", grad_msg, record.messages[step])
-            grad_msg = grad_msg + _compat(compat_matrix.t(), grad_msg)
+        grad_msg, step_weight, step_matrix = message_adjoint(
+            grad_scaled_msg, record.transformed[step], record.messages[step], weight, compat_matrix
+        )
+        grad_weight += step_weight
+        if grad_matrix is not None:
+            grad_matrix += step_matrix
         grad_kernel += window_products(grad_msg, record.pooled[step], kernel.shape[1])
         if step == 0 and not needs_logits:
             break
@@ -305,9 +306,31 @@ def _softmax_adjoint(q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return product.sub_(q * product.sum(dim=3, keepdim=True))
 
 
-def _compat(matrix: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
-    """``M·msg`` at every cell: ``[C,C]``, ``[N,C,h,w]`` -> ``[N,C,h,w]``."""
-    return torch.einsum("dc,nchw->ndhw", matrix, msg)
+def add_compat(matrix: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
+    """``msg + M·msg`` at every cell, contiguous: ``[C,C]``, ``[N,C,h,w]`` -> ``[N,C,h,w]``
+    (the "+C" compatibility transform)."""
+    return (msg + torch.einsum("dc,nchw->ndhw", matrix, msg)).contiguous()
+
+
+def message_adjoint(
+    grad_scaled_msg: torch.Tensor,
+    transformed: torch.Tensor,
+    message: torch.Tensor,
+    weight: float,
+    compat_matrix: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One step's message term ``w·T(msg)`` (``T``: :func:`add_compat`, or none) backwards.
+
+    From ``grad_scaled_msg = d (w·T(msg)) [N,C,h,w]`` (overwritten), the step's
+    ``transformed = T(msg)`` and ``message = msg``: returns ``(d msg [N,C,h,w], the step's
+    share of d w (0-d), its share of d M [C,C] or None)``.
+    """
+    grad_weight = torch.sum(grad_scaled_msg * transformed)
+    grad_msg = grad_scaled_msg.mul_(weight)
+    if compat_matrix is None:
+        return grad_msg, grad_weight, None
+    grad_matrix = torch.einsum("ndhw,nchw->dc", grad_msg, message)
+    return add_compat(compat_matrix.t(), grad_msg), grad_weight, grad_matrix
 
 
 def _zero_outside(phase: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> None:

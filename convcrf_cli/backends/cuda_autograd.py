@@ -9,7 +9,8 @@ from the last: ``convcrf_upsample_adjoint`` (the gradient of ``w·msg``),
 ``convcrf_window_products`` (of the kernel), ``convcrf_window_sum`` transposed (of the pooled
 Q), then ``convcrf_softmax_adjoint``, which recomputes the step's Q from the logits and the
 previous message, or, for the first Q, ``convcrf_unary_adjoint`` (of the logits). The "+C"
-transform, the weight's gradient and other coarse-grid algebra are torch operations.
+transform and the message term's adjoint (the weight's and the matrix's gradients) are the
+torch operations of :mod:`convcrf_cli.phases` (``add_compat``, ``message_adjoint``).
 
 The functions work on torch tensors of one device and take the ``launch`` callable of
 :func:`convcrf_cli.backends.cuda_plan.run_plan`, given the tensors themselves: CUDA tensors through
@@ -32,6 +33,7 @@ from convcrf_cli.backends.cuda_plan import (
     balanced_class_block,
 )
 from convcrf_cli.params import CRFParams
+from convcrf_cli.phases import add_compat, message_adjoint
 
 
 def class_block(num_classes: int) -> int:
@@ -77,7 +79,7 @@ def mean_field(
     for step in range(params.iterations):
         msg = torch.empty_like(pooled)
         _window_sum(plan, launch, kernel, pooled, msg, adjoint=False)
-        transformed = msg if compat_matrix is None else _add_compat(compat_matrix, msg)
+        transformed = msg if compat_matrix is None else add_compat(compat_matrix, msg)
         record.pooled.append(pooled)
         record.messages.append(msg)
         record.transformed.append(transformed)
@@ -119,11 +121,12 @@ def mean_field_backward(
         args = (grad_scores, grad_scaled_msg, i32(plan.classes), *plan.geometry)
         args += (i32(plan.num_chunks),)
         launch("convcrf_upsample_adjoint", plan.message_grid, cell_block, args, 0)
-        grad_weight += torch.sum(grad_scaled_msg * record.transformed[step])
-        grad_msg = grad_scaled_msg.mul_(weight)
-        if compat_matrix is not None:
-            grad_matrix += torch.einsum("ndhw,nchw->dc", grad_msg, record.messages[step])
-            grad_msg = _add_compat(compat_matrix.t(), grad_msg)
+        grad_msg, step_weight, step_matrix = message_adjoint(
+            grad_scaled_msg, record.transformed[step], record.messages[step], weight, compat_matrix
+        )
+        grad_weight += step_weight
+        if grad_matrix is not None:
+            grad_matrix += step_matrix
         args = (grad_msg, record.pooled[step], grad_kernel, i32(plan.classes))
         args += (i32(plan.coarse_h), i32(plan.coarse_w), i32(plan.params.filter_size))
         grid = (*plan.cell_grid[:2], plan.batch * plan.params.filter_size)
@@ -155,11 +158,6 @@ def _window_sum(plan: MeanFieldPlan, launch: Launch, kernel, q, out, *, adjoint:
     args = (kernel, q, out, i32(plan.classes), i32(plan.coarse_h), i32(plan.coarse_w))
     args += (i32(plan.params.filter_size), i32(plan.num_chunks), i32(adjoint))
     launch("convcrf_window_sum", plan.message_grid, (*plan.config.cell_block, 1), args, 0)
-
-
-def _add_compat(matrix: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
-    """``msg + M·msg`` at every cell, contiguous: ``[C,C]``, ``[N,C,h,w]`` -> ``[N,C,h,w]``."""
-    return (msg + torch.einsum("dc,nchw->ndhw", matrix, msg)).contiguous()
 
 
 def cuda_launcher(device_index: int, class_block: int) -> Launch:
