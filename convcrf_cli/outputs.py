@@ -137,19 +137,15 @@ def remove_empty_directories(directories: list[Path]) -> None:
             directory.rmdir()
 
 
-def _create_directories(spec: OutputSpec) -> list[Path]:
-    """Create the output directories (:func:`check_outputs` has checked that they can be);
-    return those created, deepest first."""
-    created = missing_directories(spec.paths())
+def _create_directories(spec: OutputSpec) -> None:
+    """Create the output directories (:func:`check_outputs` has checked that they can be)."""
     for path in spec.paths():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            remove_empty_directories(created)
             raise RuntimeFailure(
                 f"{path}: cannot create directory {path.parent}: {exc.strerror}"
             ) from exc
-    return created
 
 
 def check_output_file(path: Path) -> None:
@@ -189,11 +185,10 @@ def write_outputs(
     ``spec`` writes no probabilities). labels: ``[H,W]`` class ids (the argmax of the scores).
     Missing directories are created first. The files are written under temporary names and
     renamed once all were written (and the PNG went to stdout); if anything fails, none is
-    left, nor any directory created for them. A failing rename removes the outputs already
-    renamed.
+    left. A failing rename removes the outputs already renamed.
     """
     written: list[str] = []
-    created = _create_directories(spec)
+    _create_directories(spec)
     try:
         with staged_outputs() as staged:
             if str(spec.labels) != STDOUT:
@@ -209,13 +204,9 @@ def write_outputs(
             if str(spec.labels) == STDOUT:
                 write_labels(STDOUT, labels)
     except OSError as exc:  # a rename failed: os.replace names the target second
-        remove_empty_directories(created)
         raise RuntimeFailure(
             f"{exc.filename2 or exc.filename}: cannot write: {exc.strerror or exc}"
         ) from exc
-    except BaseException:
-        remove_empty_directories(created)
-        raise
     return written
 
 

@@ -105,19 +105,25 @@ def refine_item(
     image_path: any image Pillow reads. unary_source: ``.npy``/``.npz``/label image path, or
     ``"-"`` for ``.npy`` bytes on stdin.
     memory_limit: bytes the CRF may use; default the memory available now (``MemAvailable``).
+    A failure leaves none of the outputs, nor the directories created for them.
     """
-    prepared = prepare_item(
-        image_path,
-        unary_source,
-        outputs_spec,
-        params,
-        unary_options,
-        memory_limit=memory_limit,
-    )
-    crf_start = time.perf_counter()
-    refined = refine_prepared([prepared], params, backend)[0]
-    crf_seconds = time.perf_counter() - crf_start
-    return write_item(prepared, refined, crf_seconds, describe_backend(backend))
+    created = outputs.missing_directories(outputs_spec.paths())
+    try:
+        prepared = prepare_item(
+            image_path,
+            unary_source,
+            outputs_spec,
+            params,
+            unary_options,
+            memory_limit=memory_limit,
+        )
+        crf_start = time.perf_counter()
+        refined = refine_prepared([prepared], params, backend)[0]
+        crf_seconds = time.perf_counter() - crf_start
+        return write_item(prepared, refined, crf_seconds, describe_backend(backend))
+    except BaseException:
+        outputs.remove_empty_directories(created)
+        raise
 
 
 def prepare_item(

@@ -297,11 +297,13 @@ def test_a_failed_write_leaves_none_of_the_outputs(case, monkeypatch):
 
     monkeypatch.setattr(outputs, "write_overlay", failing_overlay)
     part = tmp_path / "part"
+    before = sorted(tmp_path.iterdir())
     result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", part / "l.png",
-                  "--probs", part / "p.npy", "--overlay", part / "o.png")  # fmt: skip
+                  "--probs", tmp_path / "p.npy", "--overlay", part / "sub" / "o.png")  # fmt: skip
     assert result.exit_code == 1
-    assert result.stderr == f"convcrf: error: {part / 'o.png'}: cannot write: Disk quota exceeded\n"
-    assert not part.exists()  # nor the directory created for the outputs
+    expected = f"convcrf: error: {part / 'sub' / 'o.png'}: cannot write: Disk quota exceeded\n"
+    assert result.stderr == expected
+    assert sorted(tmp_path.iterdir()) == before  # no output, no directory made for them
 
 
 def test_invalid_pixel_limit_variable_fails_only_where_it_is_used(case):

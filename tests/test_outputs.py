@@ -197,22 +197,6 @@ def test_a_failing_output_leaves_none_of_the_item_outputs(tmp_path, monkeypatch)
     assert (tmp_path / "p.npy").read_bytes() == b"old"
 
 
-def test_a_failing_output_leaves_no_directory_it_created(tmp_path):
-    image, scores, labels = _item()
-    labels[0, 0] = 300  # no overlay colour: the overlay fails after the labels were staged
-    spec = OutputSpec(
-        labels=tmp_path / "new" / "a" / "l.npy", overlay=tmp_path / "new" / "b" / "o.png"
-    )
-    with pytest.raises(BadInputError, match="no overlay colour"):
-        write_outputs(spec, image, scores, labels, "CHW")
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "kept").mkdir()  # a directory that existed before stays
-    spec = OutputSpec(labels=tmp_path / "kept" / "l.npy", overlay=tmp_path / "kept" / "o.png")
-    with pytest.raises(BadInputError, match="no overlay colour"):
-        write_outputs(spec, image, scores, labels, "CHW")
-    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
-
-
 def test_overlay_formats_that_cannot_hold_the_image_are_refused_before_the_crf(tmp_path):
     for suffix, size, problem in [
         (".webp", (1, 17000), "WEBP holds at most 16383 pixels a side, the image is 1×17000"),
