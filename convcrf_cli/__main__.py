@@ -1,5 +1,5 @@
 """``python -m convcrf_cli``."""
 
-from convcrf_cli.cli import main
+from convcrf_cli.entry import main
 
-main(prog_name="convcrf")
+main()

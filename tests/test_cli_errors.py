@@ -4,12 +4,15 @@ as one ``convcrf: error: ...`` line on stderr with the documented exit status.""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
+from convcrf_cli import entry
 from convcrf_cli.cli import main
 
 
@@ -62,3 +65,35 @@ def test_a_full_stdout_is_one_line_and_status_1(command, what):
     assert done.stderr.decode().splitlines() == [
         f"convcrf: error: stdout: cannot write {what}: No space left on device"
     ]
+
+
+def test_the_first_interrupt_raises_and_later_ones_are_ignored():
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, entry.interrupt_once)
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)  # ignored: nothing is raised while stopping
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_while_starting_up_is_one_line_and_status_130(tmp_path):
+    # SIGINT arrives while torch and the commands are being imported (about a second here),
+    # or, on a faster machine, while the batch waits for its list on stdin: the same either way.
+    (tmp_path / "unaries").mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "convcrf_cli", "batch", "--from-list", "-", "unaries", "-o", "o"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr, stdout) == (130, "convcrf: error: interrupted\n", "")
