@@ -8,6 +8,7 @@ import fnmatch
 import hashlib
 import io
 import json
+import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -63,22 +64,38 @@ def split_globs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return globs or default
 
 
-def find_files(root: Path, globs: tuple[str, ...]) -> dict[str, Path]:
+def find_files(root: Path, globs: tuple[str, ...], skip: Iterable[Path] = ()) -> dict[str, Path]:
     """Files under ``root`` (recursive) whose name matches a glob, ignoring case (``*.png``
-    matches ``A.PNG``), keyed by relative path without suffix. Two files with one key
-    (``a.jpg`` and ``a.png``) are an error."""
+    matches ``A.PNG``), keyed by relative path without suffix.
+
+    Symlinked directories are followed (each real directory searched once, so a loop ends);
+    a symlink whose target is missing counts as a file, so that reading it fails by name
+    instead of dropping it. Directories in ``skip`` (output directories inside ``root``) are
+    not searched. Two files with one key (``a.jpg`` and ``a.png``) are an error.
+    """
+    if not root.exists():
+        raise BadInputError(root, "no such directory")
     if not root.is_dir():
         raise BadInputError(root, "not a directory")
     patterns = [glob.lower() for glob in globs]
+    skipped = {directory.resolve() for directory in skip}
+    searched: set[Path] = set()
     found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        name = path.name.lower()
-        if not path.is_file() or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        real = Path(directory).resolve()
+        if real in searched or real in skipped:
+            subdirectories.clear()
             continue
-        key = path.relative_to(root).with_suffix("").as_posix()
-        if key in found:
-            raise BadInputError(path, f"same name as {found[key]} (pairing is by name)")
-        found[key] = path
+        searched.add(real)
+        subdirectories.sort()
+        for name in sorted(names):
+            if not any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns):
+                continue
+            path = Path(directory) / name
+            key = path.relative_to(root).with_suffix("").as_posix()
+            if key in found:
+                raise BadInputError(path, f"same name as {found[key]} (pairing is by name)")
+            found[key] = path
     return found
 
 
@@ -87,10 +104,20 @@ def pair_directories(
     unaries_dir: Path,
     image_globs: tuple[str, ...] = IMAGE_GLOBS,
     unary_globs: tuple[str, ...] = UNARY_GLOBS,
+    outputs: Iterable[tuple[Path, str]] = (),
 ) -> Pairing:
-    """Pair ``images_dir/REL.ext`` with ``unaries_dir/REL.npy`` (same relative path and stem)."""
-    images = find_files(images_dir, image_globs)
-    unaries = find_files(unaries_dir, unary_globs)
+    """Pair ``images_dir/REL.ext`` with ``unaries_dir/REL.npy`` (same relative path and stem).
+
+    ``outputs``: (directory, suffix) of what the batch writes, so that the outputs of an
+    earlier run are not read as inputs (see :func:`output_dirs_to_skip`).
+    """
+    outputs = list(outputs)
+    images = find_files(
+        images_dir, image_globs, output_dirs_to_skip(outputs, images_dir, image_globs, "images")
+    )
+    unaries = find_files(
+        unaries_dir, unary_globs, output_dirs_to_skip(outputs, unaries_dir, unary_globs, "unaries")
+    )
     pairs = [Pair(key, images[key], unaries[key]) for key in sorted(images.keys() & unaries.keys())]
     return Pairing(
         pairs,
@@ -99,8 +126,36 @@ def pair_directories(
     )
 
 
+def output_dirs_to_skip(
+    outputs: list[tuple[Path, str]], root: Path, globs: tuple[str, ...], role: str
+) -> list[Path]:
+    """The output directories below the input directory ``root`` (of the ``role`` images or
+    unaries) whose files, of the given suffix, match ``globs``: the search for inputs leaves
+    them out. One that is ``root`` itself is a :class:`BadInputError`: its outputs would be
+    read as inputs by the next run."""
+    patterns = [glob.lower() for glob in globs]
+    real_root = root.resolve()
+    skipped = []
+    for directory, suffix in outputs:
+        if not any(fnmatch.fnmatchcase(f"x{suffix.lower()}", p) for p in patterns):
+            continue
+        real = directory.resolve()
+        if real == real_root:
+            raise BadInputError(
+                directory,
+                f"is the {role} directory too: {suffix} outputs there would be read as {role} "
+                "by the next run; write them to another directory",
+            )
+        if real_root in real.parents:
+            skipped.append(directory)
+    return skipped
+
+
 def pair_image_list(
-    lines: list[str], unaries_dir: Path, unary_globs: tuple[str, ...] = UNARY_GLOBS
+    lines: list[str],
+    unaries_dir: Path,
+    unary_globs: tuple[str, ...] = UNARY_GLOBS,
+    outputs: Iterable[tuple[Path, str]] = (),
 ) -> Pairing:
     """Pair each listed image path with the unary of the same stem in ``unaries_dir``.
 
@@ -108,7 +163,8 @@ def pair_image_list(
     Only the listed images count: a listed image that does not exist is missing, one without
     a unary unpaired; unaries that no listed image names are not reported.
     """
-    unaries = {path.stem: path for path in find_files(unaries_dir, unary_globs).values()}
+    skipped = output_dirs_to_skip(list(outputs), unaries_dir, unary_globs, "unaries")
+    unaries = {path.stem: path for path in find_files(unaries_dir, unary_globs, skipped).values()}
     pairs, unpaired, missing = [], [], []
     for line in lines:
         image = Path(line)

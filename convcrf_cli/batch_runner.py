@@ -197,7 +197,7 @@ class _Run:
         while not self.stopping and (waiting or self.loads):
             while waiting and len(self.loads) < lookahead:
                 item = waiting.popleft()
-                if self.settings.skip_existing and all(p.exists() for p in item.outputs()):
+                if self.settings.skip_existing and all(p.is_file() for p in item.outputs()):
                     yield ItemReport(item, SKIPPED)
                 else:
                     self.loads.append((item, pool.submit(self._load, item)))

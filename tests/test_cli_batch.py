@@ -128,7 +128,7 @@ def test_collisions_are_refused_before_any_work(tmp_path):
     escape = _batch("--manifest", root / "up.csv", "-o", root / "out")
     assert escape.returncode == 2 and "without '..'" in escape.stderr.decode()
     overwrite = _batch(root / "img", root / "un", "-o", root / "img")
-    assert overwrite.returncode == 2 and "overwrite an input" in overwrite.stderr.decode()
+    assert overwrite.returncode == 2 and "is the images directory too" in overwrite.stderr.decode()
 
 
 def test_bad_items_in_the_middle_are_reported_and_the_batch_goes_on(tmp_path):
@@ -400,3 +400,94 @@ def test_report_on_a_full_stdout_stops_with_one_line_and_status_1(tmp_path):
     assert done.returncode == 1
     assert lines[-1] == ("convcrf: error: stdout: cannot write the report: No space left on device")
     assert "Traceback" not in done.stderr.decode()
+
+
+def _cli_batch(*args: object):
+    return CliRunner().invoke(main, ["batch", *map(str, args)])
+
+
+def test_outputs_inside_the_input_directories_are_not_read_back_as_inputs(tmp_path):
+    root = _dataset(tmp_path, ["a", "b"], size=(12, 12))
+    img, un = root / "img", root / "un"
+    args = (img, un, "-o", img / "refined", "--overlay-dir", img / "ov", "--probs-dir", un / "p")
+    first = _cli_batch(*args)
+    assert first.exit_code == 0, first.stderr
+    again = _cli_batch(*args, "--skip-existing", "-v")
+    assert again.exit_code == 0, again.stderr
+    assert "without" not in again.stderr  # no outputs taken for unpaired inputs
+    assert again.stderr.count("convcrf: skipped:") == 2
+    for output_dir, role, options in [
+        (img, "images", ("-o", img)),
+        (img, "images", ("-o", tmp_path / "o2", "--overlay-dir", img)),
+        (un, "unaries", ("-o", tmp_path / "o2", "--probs-dir", un)),
+    ]:
+        refused = _cli_batch(img, un, *options)
+        assert refused.exit_code == 2
+        assert refused.stderr.startswith(f"convcrf: error: {output_dir}: is the {role} directory")
+    labels_beside_unaries = _cli_batch(img, un, "-o", un)  # .png labels are no unaries
+    assert labels_beside_unaries.exit_code == 0, labels_beside_unaries.stderr
+
+
+def test_symlinked_directories_are_followed_and_dangling_links_fail_by_name(tmp_path):
+    root = _dataset(tmp_path / "data", ["a"], size=(12, 12))
+    _dataset(tmp_path / "other", ["sub/b"], size=(12, 12))
+    (root / "img" / "linked").symlink_to(tmp_path / "other" / "img" / "sub")
+    (root / "un" / "linked").symlink_to(tmp_path / "other" / "un" / "sub")
+    (root / "img" / "loop").symlink_to(root / "img")  # searched once
+    (root / "img" / "gone.png").symlink_to(root / "img" / "nowhere.png")
+    np.save(root / "un" / "gone.npy", np.full((3, 12, 12), 1 / 3, np.float32))
+    result = _cli_batch(root / "img", root / "un", "-o", root / "out")
+    assert result.exit_code == 1
+    assert f"convcrf: error: {root / 'img' / 'gone.png'}: no such file" in result.stderr
+    assert _files(root / "out") == ["a.png", "linked/b.png"]
+
+
+def test_an_empty_shard_writes_an_empty_report(tmp_path):
+    root = _dataset(tmp_path, ["a"], size=(12, 12))
+    for index in range(2):
+        report = tmp_path / f"r{index}.jsonl"
+        result = _cli_batch(root / "img", root / "un", "-o", root / "out", "--shard",
+                            f"{index}/2", "--report", report)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        assert len(_report(report)) == len(report.read_text().splitlines())
+    assert sorted(len(_report(tmp_path / f"r{i}.jsonl")) for i in range(2)) == [0, 1]
+    assert (tmp_path / "r0.jsonl").read_bytes() == b"" or (
+        tmp_path / "r1.jsonl"
+    ).read_bytes() == b""
+
+
+def test_skip_existing_does_not_take_a_directory_for_an_output(tmp_path):
+    root = _dataset(tmp_path, ["a"], size=(12, 12))
+    (root / "out" / "a.png").mkdir(parents=True)
+    result = _cli_batch(root / "img", root / "un", "-o", root / "out", "--skip-existing")
+    assert result.exit_code == 1 and "is a directory" in result.stderr
+
+
+def test_nothing_to_refine_names_the_directories(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "un").mkdir()
+    empty = _cli_batch(tmp_path / "img", tmp_path / "un", "-o", tmp_path / "out")
+    assert empty.exit_code == 2
+    assert (
+        empty.stderr == f"convcrf: error: {tmp_path / 'img'}: no images found (see --image-glob)\n"
+    )
+    _item(tmp_path, "a", (12, 12))
+    (tmp_path / "un" / "a.npy").rename(tmp_path / "un" / "b.npy")
+    unpaired = _cli_batch(tmp_path / "img", tmp_path / "un", "-o", tmp_path / "out")
+    assert unpaired.exit_code == 2
+    assert unpaired.stderr.splitlines()[-1] == (
+        f"convcrf: error: {tmp_path / 'img'}: no image has a unary of the same relative path in "
+        f"{tmp_path / 'un'}"
+    )
+    missing = _cli_batch(tmp_path / "nope", tmp_path / "un", "-o", tmp_path / "out")
+    assert missing.stderr == f"convcrf: error: {tmp_path / 'nope'}: no such directory\n"
+
+
+def test_verbose_says_why_auto_chose_the_cpu(tmp_path):
+    from convcrf_cli.backends import select_backend
+
+    if select_backend("auto").name != "cpu":
+        pytest.skip("--device auto uses a GPU here")
+    root = _dataset(tmp_path, ["a"], size=(12, 12))
+    result = _cli_batch(root / "img", root / "un", "-o", root / "out", "--device", "auto", "-v")
+    assert result.exit_code == 0 and "(auto chose the CPU: " in result.stderr

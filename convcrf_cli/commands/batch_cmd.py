@@ -32,6 +32,7 @@ from convcrf_cli.batch_runner import (
 from convcrf_cli.commands.common import (
     DEVICE_HELP,
     crf_options,
+    device_line,
     device_option,
     echo_err,
     echo_out,
@@ -196,14 +197,16 @@ def batch_command(
     params = params_from_options(options)
     unary = unary_options_from(options)
     spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
-    pairing = _pairing(sources, manifest, image_list, image_glob, unary_glob)
+    outputs = [(output_dir, f".{out_format}"), (overlay_dir, ".png"), (probs_dir, ".npy")]
+    written = [(directory, suffix) for directory, suffix in outputs if directory is not None]
+    pairing = _pairing(sources, manifest, image_list, image_glob, unary_glob, written)
     selected = None if shard is None else batch_items.parse_shard(shard)
     if selected is not None and image_list is not None:
         pairing = batch_items.select_listed_shard(pairing, *selected)
     _report_unpaired(pairing)
     _report_missing(pairing)
     if not pairing.pairs:
-        raise BadInputError(None, "no image/unary pairs found")
+        raise _nothing_to_refine(pairing, sources, manifest, image_list)
     report_file = None if report_path in (None, "-") else Path(report_path)
     items = batch_items.plan_outputs(
         pairing.pairs,
@@ -228,8 +231,8 @@ def batch_command(
     )
     if verbose:
         echo_err(
-            f"convcrf: device: {describe_backend(backend)}; {len(items)} items, "
-            f"{settings.jobs} I/O workers, up to {settings.batch_size} per CRF call"
+            f"{device_line(backend)}; {len(items)} items, {settings.jobs} I/O workers, up to "
+            f"{settings.batch_size} per CRF call"
         )
 
     def spec_for(item: BatchItem) -> OutputSpec:
@@ -294,8 +297,10 @@ def _pairing(
     image_list: str | None,
     image_glob: str | None,
     unary_glob: str | None,
+    outputs: list[tuple[Path, str]],
 ) -> Pairing:
-    """Items from two directories, a manifest, or a list of images and a unary directory."""
+    """Items from two directories, a manifest, or a list of images and a unary directory;
+    ``outputs`` (directory, suffix) are not searched for inputs."""
     if manifest is not None and image_list is not None:
         raise click.UsageError("give --manifest or --from-list, not both")
     if manifest is not None:
@@ -307,13 +312,25 @@ def _pairing(
         if len(sources) != 1:
             raise click.UsageError("--from-list takes one argument: UNARIES_DIR")
         lines = batch_items.read_lines(image_list)
-        return batch_items.pair_image_list(lines, Path(sources[0]), unary_globs)
+        return batch_items.pair_image_list(lines, Path(sources[0]), unary_globs, outputs)
     if len(sources) != 2:
         raise click.UsageError("give IMAGES_DIR and UNARIES_DIR, --manifest, or --from-list")
     image_globs = batch_items.split_globs(image_glob, batch_items.IMAGE_GLOBS)
     return batch_items.pair_directories(
-        Path(sources[0]), Path(sources[1]), image_globs, unary_globs
+        Path(sources[0]), Path(sources[1]), image_globs, unary_globs, outputs
     )
+
+
+def _nothing_to_refine(
+    pairing: Pairing, sources: tuple[str, ...], manifest: str | None, image_list: str | None
+) -> BadInputError:
+    """The error for a run that found no image/unary pair, naming where it looked."""
+    if manifest is not None or image_list is not None:
+        return BadInputError(None, "no image/unary pairs found")
+    images, unaries = sources
+    if not pairing.unpaired_images:
+        return BadInputError(images, "no images found (see --image-glob)")
+    return BadInputError(images, f"no image has a unary of the same relative path in {unaries}")
 
 
 def _other_inputs(pairing: Pairing, manifest: str | None, image_list: str | None) -> list[Path]:
@@ -417,7 +434,7 @@ def _write_report(path: Path, other_records: list[dict], reports: list[ItemRepor
     lines = [json.dumps(record) for record in records]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode())
     except OSError as exc:
         fail(f"{path}: cannot write the report: {exc.strerror or exc}", 1)
 

@@ -11,12 +11,12 @@ from typing import Any, NoReturn
 
 import click
 
-from convcrf_cli.backends import DeviceError
+from convcrf_cli.backends import Backend, DeviceError
 from convcrf_cli.core import InputError
 from convcrf_cli.errors import OUT_OF_MEMORY_ADVICE, ConvCRFError
 from convcrf_cli.outputs import PROBS_DTYPES, stdout_failure
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
-from convcrf_cli.pipeline import UnaryOptions
+from convcrf_cli.pipeline import UnaryOptions, describe_backend
 from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS, UNARY_TYPES
 
 _DEFAULTS = CRFParams()
@@ -223,6 +223,13 @@ def echo_out(text: str, what: str, newline: bool = True) -> None:
         click.echo(text, nl=newline)
     except OSError as exc:
         raise stdout_failure(exc, what) from exc
+
+
+def device_line(backend: Backend) -> str:
+    """``-v``'s line on the device: the backend, and why ``--device auto`` chose the CPU."""
+    fallback = getattr(backend, "fallback_reason", None)
+    reason = f" (auto chose the CPU: {fallback})" if fallback else ""
+    return f"convcrf: device: {describe_backend(backend)}{reason}"
 
 
 def echo_err(message: str) -> None:

@@ -11,6 +11,7 @@ from convcrf_cli.backends import select_backend
 from convcrf_cli.commands.common import (
     DEVICE_HELP,
     crf_options,
+    device_line,
     device_option,
     echo_err,
     output_format_options,
@@ -23,7 +24,7 @@ from convcrf_cli.commands.common import (
 )
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.outputs import STDOUT, OutputSpec
-from convcrf_cli.pipeline import ItemResult, describe_backend, refine_item
+from convcrf_cli.pipeline import ItemResult, refine_item
 
 
 @click.command("refine")
@@ -90,11 +91,7 @@ def refine_command(
     unary = unary_options_from(options)
     backend = select_backend(device, tune=tune)
     if verbose:
-        fallback = getattr(backend, "fallback_reason", None)
-        echo_err(
-            f"convcrf: device: {describe_backend(backend)}"
-            + (f" (auto chose the CPU: {fallback})" if fallback else "")
-        )
+        echo_err(device_line(backend))
     spec = OutputSpec(
         labels=output,
         overlay=overlay,
