@@ -1,4 +1,5 @@
-"""Atomic file output: write to a temporary name in the target directory, then rename.
+"""Atomic file output: write to a temporary name in the target directory, then rename
+(through symlinks: the link's target is what is replaced).
 
 :func:`staged_outputs` does this for several files at once: each is written under a temporary
 name, and all are renamed only when every one was written, so that a failure leaves none.
@@ -33,9 +34,10 @@ class StagedFiles:
     def output(self, path: Path) -> Iterator[BinaryIO]:
         """Yield a binary file that is staged for ``path`` if the block finishes without error.
 
-        On any exception the temporary file is removed and ``path`` is left untouched.
+        On any exception the temporary file is removed and ``path`` is left untouched. A
+        symlink is written through: its target is replaced and the link kept.
         """
-        path = Path(path)
+        path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
         directory = path.parent if str(path.parent) else Path(".")
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
         try:

@@ -4,11 +4,16 @@ Ctrl-C stops a command once: the first SIGINT raises ``KeyboardInterrupt``, whic
 report as ``convcrf: error: interrupted`` with exit status 130, and later ones are ignored
 while the command stops (a second Ctrl-C broke the shutdown of a batch's worker threads and
 aborted the process). A Ctrl-C while the commands' modules (torch) are still being imported
-gives the same line and status instead of a traceback.
+gives the same line and status instead of a traceback. An interrupted or terminated command
+exits at once, without waiting for a computation still running in a worker thread (the CRF
+and training run in the thread that flushes denormals): its outputs are written by the
+command itself, which has removed what it had begun to write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 from typing import NoReturn
@@ -21,7 +26,24 @@ def main() -> None:
         from convcrf_cli.cli import main as command_group
     except KeyboardInterrupt:
         _interrupted()
-    command_group(prog_name="convcrf")
+    try:
+        command_group(prog_name="convcrf")
+    except SystemExit as exc:
+        if exc.code in STOPPED:
+            _exit_now(exc.code)
+        raise
+
+
+STOPPED = (130, 143)
+"""Exit statuses of a command interrupted (SIGINT) or terminated (SIGTERM)."""
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Exit with ``status`` without joining the worker threads (their work is not needed)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def interrupt_once(signum: int, frame: object) -> None:

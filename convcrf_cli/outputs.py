@@ -149,12 +149,18 @@ def _create_directories(spec: OutputSpec) -> None:
 
 
 def check_output_file(path: Path) -> None:
-    """Raise :class:`BadInputError` naming ``path`` unless it can be written: not a directory,
-    in a directory :func:`check_output_directory` accepts. Creates nothing: the writer makes
-    the missing directories."""
+    """Raise :class:`BadInputError` naming ``path`` unless it can be written: not a directory
+    nor a device, FIFO or socket, in a directory :func:`check_output_directory` accepts (for
+    a symlink, its target's). Creates nothing: the writer makes the missing directories."""
+    path = Path(path)
     if path.is_dir():
         raise BadInputError(path, "is a directory; give a file name")
-    check_output_directory(path.parent, path)
+    if path.exists() and not path.is_file():
+        raise BadInputError(
+            path, "is a device, FIFO or socket, not a file: outputs are files (stdout is -)"
+        )
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    check_output_directory(target.parent, path)
 
 
 def check_output_directory(directory: Path, named: Path | None = None) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -332,3 +334,23 @@ def test_cli_fit_that_diverges_exits_1_without_output(dataset, tmp_path):
     assert run.stderr.startswith("convcrf: error: training diverged at step ")
     assert run.stderr.endswith("; lower the learning rate (--lr)\n")
     assert not learned.exists()
+
+
+def test_ctrl_c_stops_training_at_once_without_output(dataset, tmp_path):
+    # Training runs in the worker thread that flushes denormals; the interrupted command must
+    # not wait for it to finish its 100000 epochs.
+    command = [sys.executable, "-m", "convcrf_cli", "fit", dataset / "images",
+               dataset / "unaries", dataset / "labels", "--epochs", "100000", "--crop-size",
+               "24", "-v", "-o", tmp_path / "p.json"]  # fmt: skip
+    process = subprocess.Popen(list(map(str, command)), stderr=subprocess.PIPE, text=True)
+    assert process.stderr.readline().startswith("synth_")  # the files are read: training next
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    try:
+        _, rest = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("still training a minute after Ctrl-C")
+    assert process.returncode == 130
+    assert rest.endswith("convcrf: error: interrupted\n") and "Traceback" not in rest
+    assert not (tmp_path / "p.json").exists()

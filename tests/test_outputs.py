@@ -4,6 +4,7 @@ that writes the outputs of one item all or none."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,22 @@ def test_probabilities_of_confident_scores_flush_below_the_normal_range(tmp_path
     exact = np.exp(gaps.astype(np.float64)) / np.exp(gaps.astype(np.float64)).sum()
     assert probs[1] == 0 and probs[2] == 0  # exact values 1e-87 and 5.8e-42 (denormal)
     np.testing.assert_allclose(probs[[0, 3, 4]], exact[[0, 3, 4]], rtol=1e-6)
+
+
+def test_outputs_are_written_through_symlinks_and_never_over_special_files(tmp_path):
+    image, scores, labels = _item()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.npy").symlink_to(tmp_path / "real" / "l.npy")  # dangling for now
+    spec = OutputSpec(labels=tmp_path / "link.npy")
+    check_outputs(spec, [])
+    write_outputs(spec, image, scores, labels, "CHW")
+    assert (tmp_path / "link.npy").is_symlink()  # the link is kept, its target written
+    np.testing.assert_array_equal(np.load(tmp_path / "real" / "l.npy"), labels)
+    write_outputs(spec, image, scores, labels + 1, "CHW")  # and replaced through the link
+    np.testing.assert_array_equal(np.load(tmp_path / "link.npy"), labels + 1)
+    os.mkfifo(tmp_path / "fifo.png")
+    with pytest.raises(BadInputError, match="fifo.png: is a device, FIFO or socket, not a"):
+        check_outputs(OutputSpec(labels=tmp_path / "fifo.png"), [])
+    with pytest.raises(BadInputError, match="^/dev/null: is a device, FIFO or socket"):
+        outputs.check_output_file(Path("/dev/null"))
+    assert (tmp_path / "fifo.png").is_fifo()
