@@ -113,6 +113,24 @@ def write_dataset(
     return names
 
 
+def foreign_files(out_dir: str | Path, count: int) -> list[Path]:
+    """Files in ``out_dir``'s ``images``, ``unaries`` and ``labels`` that
+    :func:`write_dataset` with ``count`` samples would not replace (sorted): samples of an
+    earlier, larger run, or anything else."""
+    written = {f"synth_{index:05d}" for index in range(count)}
+    suffixes = {"images": ".png", "unaries": ".npy", "labels": ".png"}
+    found = []
+    for sub, suffix in suffixes.items():
+        directory = Path(out_dir) / sub
+        if directory.is_dir():
+            found += [
+                path
+                for path in directory.iterdir()
+                if not (path.suffix == suffix and path.stem in written and path.is_file())
+            ]
+    return sorted(found)
+
+
 def synthetic_sample(
     seed: int, index: int, height: int, width: int, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -124,3 +124,21 @@ def test_synth_command(tmp_path):
     with pytest.raises(ValueError, match="at least 2 classes"):
         write_dataset(tmp_path / "g", 1, 8, 8, 1, seed=0)
     assert not (tmp_path / "g").exists()
+
+
+def test_synth_refuses_to_mix_two_runs_and_negative_seeds(tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "d")
+    common = ["--size", "8x8", "--classes", "3"]
+    assert runner.invoke(main, ["synth", out, "--count", "3", *common]).exit_code == 0
+    same = runner.invoke(main, ["synth", out, "--count", "3", "--seed", "4", *common])
+    assert same.exit_code == 0, same.output  # every file replaced
+    larger = runner.invoke(main, ["synth", out, "--count", "4", *common])
+    assert larger.exit_code == 0, larger.output
+    smaller = runner.invoke(main, ["synth", out, "--count", "2", *common])
+    assert smaller.exit_code == 2
+    assert smaller.stderr.startswith(f"convcrf: error: {out}: holds 6 file(s) that this run")
+    assert "synth_00002.png" in smaller.stderr and "mix two runs" in smaller.stderr
+    assert len(list((tmp_path / "d" / "images").iterdir())) == 4  # nothing written
+    negative = runner.invoke(main, ["synth", str(tmp_path / "e"), "--seed", "-1"])
+    assert negative.exit_code == 2 and "'--seed': -1 is not in the range x>=0" in negative.stderr

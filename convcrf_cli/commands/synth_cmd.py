@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from convcrf_cli.commands.common import echo_err, reports_errors
+from convcrf_cli.commands.common import echo_err, reports_errors, some_paths
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.synthetic import write_dataset
+from convcrf_cli.synthetic import foreign_files, write_dataset
 
 
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -44,7 +44,7 @@ def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     default=0,
     show_default=True,
     help="Random seed; sample i depends only on (seed, i).",
@@ -59,10 +59,18 @@ def synth_command(
     OUT_DIR/labels/NAME.png (palette PNG whose pixel values are the class ids) and
     OUT_DIR/unaries/NAME.npy ([C,H,W] float32 probabilities: the labels one-hot encoded,
     downsampled x8 and back up, with 20% of the coarse cells replaced by a random class).
-    Refining a unary with `convcrf refine` should recover the boundaries.
+    Refining a unary with `convcrf refine` should recover the boundaries. OUT_DIR may hold an
+    earlier run's files only where this run replaces them (the same or a larger --count).
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise BadInputError(out_dir, "exists and is not a directory")
+    foreign = foreign_files(out_dir, count)
+    if foreign:
+        raise BadInputError(
+            out_dir,
+            f"holds {len(foreign)} file(s) that this run would not replace "
+            f"({some_paths(foreign)}): the dataset would mix two runs; use an empty directory",
+        )
     try:
         names = write_dataset(out_dir, count, size[0], size[1], classes, seed)
     except OSError as exc:
