@@ -11,9 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from convcrf_cli.backends import Array, Backend, array_library, select_backend
-from convcrf_cli.params import CRFParams
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
+from convcrf_cli.params import FLOAT32_MAX, CRFParams
 
 
 class InputError(ValueError):

@@ -204,7 +204,12 @@ def _fit(
             loss = _batch_loss(module, crops, log_temperature, options.ignore_label, target)
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as exc:  # lr / (1 - beta) beyond float32: Adam cannot step
+                if "overflow" not in str(exc):
+                    raise
+                raise _diverged(len(losses) + 1, "the step overflows float32") from exc
             losses.append(float(loss.detach()))
             _check_finite(module, losses)
             epoch_losses.append(losses[-1])

@@ -14,6 +14,10 @@ T = TypeVar("T")
 
 INIT_CHOICES = ("softmax", "log")
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: the CRF computes in float32, so every real field must fit it."""
+FLOAT32_TINY = 1.1754943508222875e-38
+"""The smallest normal float32: the feature scales divide, and smaller ones flush to 0."""
 TRANSFORM_KEYS = ("compat_transform", "feature_transform")
 """Extra keys of a parameter file written by ``convcrf fit --learn ...,C,T``: the learned "+C"
 and "+T" matrices, which only :class:`convcrf_cli.torch.ConvCRF` applies."""
@@ -71,14 +75,19 @@ class CRFParams:
             raise ParamsError(f"blur must be >= 1, got {self.blur}")
         if self.iterations < 1:
             raise ParamsError(f"iterations must be >= 1, got {self.iterations}")
-        for name in ("pos_sdims", "col_schan"):
+        for name in ("pos_sdims", "col_schan"):  # divisors: normal float32 numbers
             value = getattr(self, name)
-            if not _is_real(value) or not value > 0 or not math.isfinite(value):
-                raise ParamsError(f"{name} must be a positive finite number, got {value!r}")
+            if not _is_real(value) or not FLOAT32_TINY <= value <= FLOAT32_MAX:
+                raise ParamsError(
+                    f"{name} must be a positive number in float32's range (1.2e-38 to "
+                    f"3.4e38), got {value!r}"
+                )
         for name in ("pos_compat", "col_compat", "weight", "unary_weight"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value):
-                raise ParamsError(f"{name} must be a finite number, got {value!r}")
+            if not _is_real(value) or not abs(value) <= FLOAT32_MAX:
+                raise ParamsError(
+                    f"{name} must be a finite number in float32's range (±3.4e38), got {value!r}"
+                )
         if self.init not in INIT_CHOICES:
             raise ParamsError(f"init must be one of {', '.join(INIT_CHOICES)}, got {self.init!r}")
 

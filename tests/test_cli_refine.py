@@ -247,7 +247,7 @@ def _bad_cases(tmp_path, image, probs):
         ("params not utf-8", img, good, ["--params", tmp_path / "latin1.json"],
          tmp_path / "latin1.json", "not UTF-8"),
         ("params long int", img, good, ["--params", tmp_path / "long.json"],
-         tmp_path / "long.json", "pos_sdims must be a positive finite number"),
+         tmp_path / "long.json", "pos_sdims must be a positive number in float32's range"),
         ("params longer int", img, good, ["--params", tmp_path / "longer.json"],
          tmp_path / "longer.json", "filter_size must be an integer"),
     ]  # fmt: skip

@@ -11,6 +11,9 @@ import pytest
 from convcrf_cli import CRFParams, ParamsError
 from convcrf_cli.params import ORIGINAL, PRESETS
 
+POSITIVE = "must be a positive number in float32's range (1.2e-38 to 3.4e38)"
+FINITE = "must be a finite number in float32's range (±3.4e38)"
+
 
 @pytest.mark.parametrize(
     ("changes", "message"),
@@ -22,12 +25,15 @@ from convcrf_cli.params import ORIGINAL, PRESETS
         ({"filter_size": "3"}, "filter_size must be an integer, got '3'"),
         ({"blur": 0}, "blur must be >= 1, got 0"),
         ({"iterations": 0}, "iterations must be >= 1, got 0"),
-        ({"pos_sdims": 0.0}, "pos_sdims must be a positive finite number, got 0.0"),
-        ({"col_schan": float("nan")}, "col_schan must be a positive finite number, got nan"),
-        ({"col_schan": np.float32("inf")}, "col_schan must be a positive finite number, got inf"),
-        ({"weight": float("inf")}, "weight must be a finite number, got inf"),
-        ({"unary_weight": "1"}, "unary_weight must be a finite number, got '1'"),
-        ({"pos_compat": False}, "pos_compat must be a finite number, got False"),
+        ({"pos_sdims": 0.0}, f"pos_sdims {POSITIVE}, got 0.0"),
+        ({"pos_sdims": 1e-320}, f"pos_sdims {POSITIVE}, got 1e-320"),  # 0 in float32
+        ({"col_schan": 1e39}, f"col_schan {POSITIVE}, got 1e+39"),
+        ({"col_schan": float("nan")}, f"col_schan {POSITIVE}, got nan"),
+        ({"col_schan": np.float32("inf")}, f"col_schan {POSITIVE}, got inf"),
+        ({"weight": float("inf")}, f"weight {FINITE}, got inf"),
+        ({"pos_compat": -1e39}, f"pos_compat {FINITE}, got -1e+39"),  # -inf in float32
+        ({"unary_weight": "1"}, f"unary_weight {FINITE}, got '1'"),
+        ({"pos_compat": False}, f"pos_compat {FINITE}, got False"),
         ({"init": "random"}, "init must be one of softmax, log, got 'random'"),
     ],
 )
