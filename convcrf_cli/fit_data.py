@@ -59,12 +59,13 @@ def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPa
     if not image_files:
         raise BadInputError(images, f"no images ({', '.join(IMAGE_GLOBS)})")
     for key, path in sorted(image_files.items()):
-        for files, directory, kind in (
-            (unary_files, unaries, "unary"),
-            (label_files, labels, "label map"),
+        for files, directory, kind, globs in (
+            (unary_files, unaries, "unary", UNARY_GLOBS),
+            (label_files, labels, "label map", LABEL_GLOBS),
         ):
             if key not in files:
-                raise BadInputError(path, f"no {kind} named {key}.* in {directory}")
+                names = ", ".join(glob.replace("*", key, 1) for glob in globs)
+                raise BadInputError(path, f"no {kind} in {directory} ({names})")
     unused = {
         kind: sorted(str(files[key]) for key in files.keys() - image_files.keys())
         for files, kind in ((unary_files, "unary"), (label_files, "label map"))

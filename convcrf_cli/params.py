@@ -151,13 +151,14 @@ def _json_text(data: dict[str, Any]) -> str:
 
 
 def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
-    """Read the JSON object in ``path`` (UTF-8) and ``build`` something from it; every fault
+    """Read the JSON object in ``path`` (UTF-8, with or without a byte-order mark) and
+    ``build`` something from it; every fault
     (an unreadable file, invalid JSON, a rejected value) is a :class:`ParamsError` naming the
     file. Integers too long for Python to convert are read as infinite floats, which the
     validation then refuses by name."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_int=_parse_int)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), parse_int=_parse_int)
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:

@@ -242,7 +242,7 @@ class ConvCRF(nn.Module):
         if features is not None:
             num_features = features.shape[0]
         if learn is None:
-            learn = _default_learn(compat is not None, features is not None)
+            learn = default_learn(compat is not None, features is not None)
         return cls(
             params,
             num_classes,
@@ -271,7 +271,7 @@ class ConvCRF(nn.Module):
         )
 
 
-def _default_learn(has_compat: bool, has_features: bool) -> tuple[str, ...]:
+def default_learn(has_compat: bool, has_features: bool) -> tuple[str, ...]:
     """:data:`DEFAULT_LEARN` plus the groups ``"C"`` / ``"T"`` of the matrices present."""
     present = (("C", has_compat), ("T", has_features))
     return DEFAULT_LEARN + tuple(group for group, held in present if held)

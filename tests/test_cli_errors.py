@@ -26,6 +26,14 @@ from convcrf_cli.cli import main
         (["synth", "d", "--size", "48"], "HEIGHTxWIDTH"),
         (["batch", "i", "u", "-o", "o", "--jobs", "0"], "'--jobs'"),
         (["bogus"], "No such command 'bogus'"),
+        (
+            ["refine", "a.png", "b.npy", "-o", "c.png", "-k", "8"],
+            "--filter-size must be a positive",
+        ),
+        (["refine", "a.png", "b.npy", "-o", "c.png", "--weight", "1e39"], "--weight must be a"),
+        (["params", "--preset", "original", "--params", "p.json"], "give --preset or --params"),
+        (["fit", "i", "u", "l", "-o", "p.json", "--val-fraction", "1"], "--val-fraction must lie"),
+        (["fit", "i", "u", "l", "-o", "p.json", "--learn", "x"], "unknown learnable group(s) x"),
     ],
 )
 def test_usage_errors_are_one_line(tmp_path, args, message):

@@ -228,7 +228,9 @@ def test_cli_fit_bad_label_map_fails_without_output(dataset, tmp_path):
     assert run.exit_code == 2 and "label values must lie in [0, 4)" in run.stderr
     (labels / "synth_00003.png").unlink()
     run = _in_process("fit", dataset / "images", dataset / "unaries", labels, "-o", learned)
-    assert run.exit_code == 2 and "no label map named synth_00003.*" in run.stderr
+    assert run.exit_code == 2 and f"no label map in {labels} (synth_00003.png, synth_00003.tif" in (
+        run.stderr
+    )
     assert not learned.exists()
 
 
@@ -309,6 +311,14 @@ def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):
     resumed = np.asarray(json.loads(second.read_text())["compat_transform"])
     assert resumed.shape == start.shape == (CLASSES, CLASSES)
     assert not np.array_equal(resumed, start)  # trained further, from the loaded matrix
+    third = tmp_path / "third.json"  # without --learn: the file's C goes on training too
+    assert _in_process("fit", *dirs, "-o", third, "--params", first, *common).exit_code == 0
+    assert not np.array_equal(np.asarray(json.loads(third.read_text())["compat_transform"]), start)
+    frozen = tmp_path / "frozen.json"  # an explicit --learn without C keeps it as it was
+    run_frozen = _in_process("fit", *dirs, "-o", frozen, "--params", first, "--learn", "compat",
+                             *common)  # fmt: skip
+    assert run_frozen.exit_code == 0
+    assert np.array_equal(np.asarray(json.loads(frozen.read_text())["compat_transform"]), start)
 
 
 def test_cli_fit_start_matrix_of_other_class_count_names_the_file(dataset, tmp_path):

@@ -78,6 +78,12 @@ def test_dict_and_file_round_trips(tmp_path):
     assert PRESETS["original"] == ORIGINAL and ORIGINAL.init == "log"
 
 
+def test_a_parameter_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + CRFParams(filter_size=5).to_json().encode())
+    assert CRFParams.load(path) == CRFParams(filter_size=5)
+
+
 def test_params_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         CRFParams().blur = 2  # type: ignore[misc]

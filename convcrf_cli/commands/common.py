@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -79,7 +80,22 @@ def params_from_options(options: dict[str, Any], base: CRFParams | None = None) 
         base = CRFParams.load(params_file)
     base = base or CRFParams()
     given = {name: options.pop(name) for name in PARAM_FIELDS if name in options}
-    return base.replace(**{k: v for k, v in given.items() if v is not None})
+    with options_named(PARAM_FIELDS):
+        return base.replace(**{k: v for k, v in given.items() if v is not None})
+
+
+@contextlib.contextmanager
+def options_named(fields: Iterable[str]) -> Iterator[None]:
+    """Turn a :class:`ParamsError` into a usage error (exit status 2, with the ``--help``
+    hint), naming the option where it begins with one of ``fields`` (the options' field
+    names): ``filter_size must be ...`` becomes ``--filter-size must be ...``."""
+    try:
+        yield
+    except ParamsError as exc:
+        field, _, problem = str(exc).partition(" ")
+        if field in set(fields):
+            raise click.UsageError(f"--{field.replace('_', '-')} {problem}") from exc
+        raise click.UsageError(str(exc)) from exc
 
 
 _UNARY_TYPE_HELP = (

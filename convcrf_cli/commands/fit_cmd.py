@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from convcrf_cli.commands.common import (
     device_option,
     echo_err,
     echo_out,
+    options_named,
     params_from_options,
     reports_errors,
     some_paths,
@@ -28,10 +30,11 @@ from convcrf_cli.fit_data import (
 )
 from convcrf_cli.outputs import check_output_file
 from convcrf_cli.params import CRFParams
-from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF
+from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF, default_learn
 from convcrf_cli.unary import Unary
 
 _FIT_DEFAULTS = FitOptions()
+FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
 
 
 @click.command("fit")
@@ -56,12 +59,12 @@ _FIT_DEFAULTS = FitOptions()
 )
 @click.option(
     "--learn",
-    default=",".join(DEFAULT_LEARN),
-    show_default=True,
-    help=f"Comma-separated groups to learn, from {','.join(LEARNABLE_GROUPS)}. C (compatibility "
-    "transform) and T (colour-feature transform) add matrices to the output file that only the "
-    "PyTorch module convcrf_cli.torch.ConvCRF applies; `convcrf refine` refuses such a file, "
-    "`convcrf fit --params` starts from it.",
+    default=None,
+    help=f"Comma-separated groups to learn, from {','.join(LEARNABLE_GROUPS)} (default: "
+    f"{','.join(DEFAULT_LEARN)}, plus C and T when the --params file holds their matrices). C "
+    "(compatibility transform) and T (colour-feature transform) add matrices to the output "
+    "file that only the PyTorch module convcrf_cli.torch.ConvCRF applies; `convcrf refine` "
+    "refuses such a file, `convcrf fit --params` starts from it.",
 )
 @click.option("--seed", type=int, default=_FIT_DEFAULTS.seed, show_default=True)
 @click.option(
@@ -98,7 +101,7 @@ def fit_command(
     output: Path,
     epochs: int,
     lr: float,
-    learn: str,
+    learn: str | None,
     seed: int,
     val_fraction: float,
     crop_size: int,
@@ -125,16 +128,19 @@ def fit_command(
     params_file = options.pop("params_file")
     base, transforms = read_start(params_file) if params_file else (None, {})
     start: CRFParams | ConvCRF = params_from_options(options, base)
-    fit_options = FitOptions(
-        epochs=epochs,
-        lr=lr,
-        learn=learn,
-        seed=seed,
-        val_fraction=val_fraction,
-        crop_size=crop_size,
-        batch_size=batch_size,
-        ignore_label=ignore_label,
-    )
+    if learn is None:  # go on training the matrices the file holds, as ConvCRF.load does
+        learn = default_learn("compat_transform" in transforms, "feature_transform" in transforms)
+    with options_named(FIT_FIELDS):
+        fit_options = FitOptions(
+            epochs=epochs,
+            lr=lr,
+            learn=learn,
+            seed=seed,
+            val_fraction=val_fraction,
+            crop_size=crop_size,
+            batch_size=batch_size,
+            ignore_label=ignore_label,
+        )
     files, unused = pair_training_files(images, unaries, labels)
     for kind, paths in unused.items():
         if paths:

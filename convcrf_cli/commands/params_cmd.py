@@ -20,5 +20,7 @@ from convcrf_cli.params import PRESETS
 @reports_errors
 def params_command(preset: str | None, **options) -> None:
     """Print CRF parameters as JSON (the format --params reads)."""
+    if preset is not None and options.get("params_file") is not None:
+        raise click.UsageError("give --preset or --params, not both")
     params = params_from_options(options, PRESETS[preset] if preset else None)
     echo_out(params.to_json(), "the parameters", newline=False)
