@@ -133,6 +133,9 @@ class BatchStats:
 
     crf_seconds: float = 0.0
     io_wait_seconds: float = 0.0
+    finished_while_stopping: list[ItemReport] = dataclasses.field(default_factory=list)
+    """Items whose outputs were being written when the run stopped early (interrupted, or
+    closed by its caller) and were then completed: done, though never yielded."""
 
 
 def run_batch(
@@ -162,6 +165,7 @@ def run_batch(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if reported < len(items):
+            run.stats.finished_while_stopping.extend(run.completed_writes())
             remove_empty_directories(missing)
 
 
@@ -208,6 +212,17 @@ class _Run:
         for _, future in self.loads:
             future.cancel()
         yield from self._finished_writes(limit=0)
+
+    def completed_writes(self) -> list[ItemReport]:
+        """Reports of the queued writes that completed (after the pool has shut down: the
+        others were cancelled or failed, and left no output)."""
+        completed = [
+            ItemReport(item, DONE, future.result())
+            for item, future in self.writes
+            if future.done() and not future.cancelled() and future.exception() is None
+        ]
+        self.writes.clear()
+        return completed
 
     def _load(self, item: BatchItem) -> PreparedItem:
         return prepare_item(

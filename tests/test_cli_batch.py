@@ -328,11 +328,13 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, signum, st
     keys = [f"i{n:02d}" for n in range(16)]
     root = _dataset(tmp_path, keys, size=(160, 160))
     slow = ["--blur", "1", "-k", "11", "-n", "8", "--jobs", "1"]
+    report = tmp_path / "report.jsonl"
     process = subprocess.Popen(
-        [*CONVCRF, "batch", root / "img", root / "un", "-o", root / "out", *slow],
+        [*CONVCRF, "batch", root / "img", root / "un", "-o", root / "out", *slow,
+         "--report", report],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )
+    )  # fmt: skip
     deadline = time.monotonic() + 120
     while len(list((root / "out").glob("*.png"))) < 2 and time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()
@@ -346,6 +348,9 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, signum, st
     assert all(name.endswith(".png") and not name.startswith(".") for name in written)
     for name in written:
         Image.open(root / "out" / name).load()  # complete files only
+    # every item written is in the report as done, also one whose write was in flight
+    done = [f"{r['key']}.png" for r in _report(report) if r["status"] == "done"]
+    assert sorted(done) == written
 
     resumed = _batch(root / "img", root / "un", "-o", root / "out", *slow, "--skip-existing")
     assert resumed.returncode == 0, resumed.stderr.decode()

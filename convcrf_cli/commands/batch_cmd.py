@@ -276,6 +276,11 @@ def batch_command(
             stopped = ("terminated", 143)
         except StdoutFailed as exc:
             stopped = (str(exc), 1)
+    for report in stats.finished_while_stopping:  # written while the run stopped
+        reports.append(report)
+        if stream_report and (stopped is None or stopped[1] != 1):  # 1: stdout failed
+            with contextlib.suppress(StdoutFailed):
+                _echo_record(report.to_json())
     wall = time.perf_counter() - start
     if verbose:
         report_tunings(backend)
