@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import numbers
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,26 +152,33 @@ def _json_text(data: dict[str, Any]) -> str:
 
 
 def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
-    """Read the JSON object in ``path`` (UTF-8, with or without a byte-order mark) and
-    ``build`` something from it; every fault
-    (an unreadable file, invalid JSON, a rejected value) is a :class:`ParamsError` naming the
-    file. Integers too long for Python to convert are read as infinite floats, which the
-    validation then refuses by name."""
+    """Read the JSON object in ``path`` (UTF-8, with or without a byte-order mark; ``-``:
+    stdin) and ``build`` something from it; every fault (an unreadable file, invalid JSON, a
+    rejected value) is a :class:`ParamsError` naming the file (or stdin). Integers too long
+    for Python to convert are read as infinite floats, which the validation then refuses by
+    name."""
     path = Path(path)
+    name = "stdin" if str(path) == "-" else str(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"), parse_int=_parse_int)
+        data = json.loads(_read_text(path), parse_int=_parse_int)
     except OSError as exc:
-        raise ParamsError(f"{path}: cannot read parameter file: {exc.strerror}") from exc
+        raise ParamsError(f"{name}: cannot read parameter file: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
         raise ParamsError(
-            f"{path}: not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})"
+            f"{name}: not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from exc
     except json.JSONDecodeError as exc:
-        raise ParamsError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+        raise ParamsError(f"{name}: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
     try:
         return build(data)
     except (ParamsError, TypeError) as exc:
-        raise ParamsError(f"{path}: {exc}") from exc
+        raise ParamsError(f"{name}: {exc}") from exc
+
+
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``, or of stdin for ``-``."""
+    data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    return data.decode("utf-8-sig")
 
 
 def _check_known(names: Iterable[str]) -> None:

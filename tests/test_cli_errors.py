@@ -34,6 +34,8 @@ from convcrf_cli.cli import main
         (["params", "--preset", "original", "--params", "p.json"], "give --preset or --params"),
         (["fit", "i", "u", "l", "-o", "p.json", "--val-fraction", "1"], "--val-fraction must lie"),
         (["fit", "i", "u", "l", "-o", "p.json", "--learn", "x"], "unknown learnable group(s) x"),
+        (["refine", "a.png", "-", "-o", "c.png", "--params", "-"], "UNARY and --params cannot"),
+        (["batch", "--manifest", "-", "-o", "o", "--params", "-"], "--manifest and --params"),
     ],
 )
 def test_usage_errors_are_one_line(tmp_path, args, message):

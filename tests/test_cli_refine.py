@@ -439,3 +439,23 @@ def test_full_stdout_is_a_runtime_failure(case):
         status, stderr = _run_png_to_stdout(tmp_path, stdout=full)
     assert status == 1
     assert stderr == "convcrf: error: stdout: cannot write the PNG: No space left on device\n"
+
+
+def test_parameters_can_come_from_stdin(case):
+    tmp_path, _, _ = case
+    piped = CRFParams(filter_size=3, iterations=2, init="log").to_json()
+    inputs = (tmp_path / "img.png", tmp_path / "probs.npy")
+    result = CliRunner().invoke(
+        main, ["refine", *map(str, inputs), "-o", str(tmp_path / "a.npy"), "--params", "-"],
+        input=piped,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert (
+        _run(*inputs, "-o", tmp_path / "b.npy", "-k", "3", "-n", "2", "--init", "log").exit_code
+        == 0
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    bad = CliRunner().invoke(main, ["refine", *map(str, inputs), "-o", "c.npy", "--params", "-"],
+                             input="[1]")  # fmt: skip
+    assert bad.exit_code == 2
+    assert bad.stderr == "convcrf: error: stdin: expected a JSON object of parameters, got list\n"

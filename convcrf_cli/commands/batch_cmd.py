@@ -37,6 +37,7 @@ from convcrf_cli.commands.common import (
     echo_err,
     echo_out,
     fail,
+    one_stdin_reader,
     output_format_options,
     params_from_options,
     report_tunings,
@@ -194,6 +195,9 @@ def batch_command(
     image has no unary), 2 bad usage or input before any work (collisions, unreadable manifest,
     an output directory that cannot be written), 130 interrupted, 143 terminated.
     """
+    one_stdin_reader(
+        {"--manifest": manifest, "--from-list": image_list, "--params": options.get("params_file")}
+    )
     params = params_from_options(options)
     unary = unary_options_from(options)
     spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}

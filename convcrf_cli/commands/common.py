@@ -61,13 +61,21 @@ def crf_options(func: Callable) -> Callable:
         "params_file",
         type=click.Path(dir_okay=False, path_type=Path),
         default=None,
-        help="JSON file of parameters (as written by `convcrf params` or `convcrf fit`); "
-        "options given explicitly override it.",
+        help="JSON file of parameters (as written by `convcrf params` or `convcrf fit`; - reads "
+        "stdin); options given explicitly override it.",
     )(func)
     return func
 
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(CRFParams))
+
+
+def one_stdin_reader(sources: dict[str, object]) -> None:
+    """Refuse, as a usage error, more than one of ``sources`` (what the user called each:
+    an option or argument name) reading stdin (``-``)."""
+    readers = [name for name, source in sources.items() if str(source) == "-"]
+    if len(readers) > 1:
+        raise click.UsageError(f"{' and '.join(readers)} cannot both read stdin (-)")
 
 
 def params_from_options(options: dict[str, Any], base: CRFParams | None = None) -> CRFParams:

@@ -14,6 +14,7 @@ from convcrf_cli.commands.common import (
     device_line,
     device_option,
     echo_err,
+    one_stdin_reader,
     output_format_options,
     params_from_options,
     report_tunings,
@@ -87,6 +88,7 @@ def refine_command(
         )
     if output == STDOUT and sys.stdout is not None and sys.stdout.isatty():
         raise BadInputError(None, "-o - writes a PNG to stdout, which is a terminal; redirect it")
+    one_stdin_reader({"UNARY": unary_source, "--params": options.get("params_file")})
     params = params_from_options(options)
     unary = unary_options_from(options)
     backend = select_backend(device, tune=tune)
