@@ -133,11 +133,10 @@ def output_dirs_to_skip(
     unaries) whose files, of the given suffix, match ``globs``: the search for inputs leaves
     them out. One that is ``root`` itself is a :class:`BadInputError`: its outputs would be
     read as inputs by the next run."""
-    patterns = [glob.lower() for glob in globs]
     real_root = root.resolve()
     skipped = []
     for directory, suffix in outputs:
-        if not any(fnmatch.fnmatchcase(f"x{suffix.lower()}", p) for p in patterns):
+        if not any(_may_end_in(glob, suffix) for glob in globs):
             continue
         real = directory.resolve()
         if real == real_root:
@@ -149,6 +148,15 @@ def output_dirs_to_skip(
         if real_root in real.parents:
             skipped.append(directory)
     return skipped
+
+
+def _may_end_in(glob: str, suffix: str) -> bool:
+    """Whether ``glob`` can match a file named ``STEM + suffix`` (ignoring case): its ending
+    after the last dot is ``suffix``, or that ending has wildcards, or it has no dot."""
+    _, dot, ending = glob.lower().rpartition(".")
+    if not dot or any(wildcard in ending for wildcard in "*?["):
+        return True
+    return f".{ending}" == suffix.lower()
 
 
 def pair_image_list(

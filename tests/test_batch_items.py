@@ -133,3 +133,18 @@ def test_plan_outputs_refuses_to_overwrite_an_input(tmp_path):
     with pytest.raises(BadInputError, match="overwrite an input"):
         bi.plan_outputs(pairs, tmp_path, ".png")
     assert bi.plan_outputs(pairs, tmp_path, ".npy")[0].output == tmp_path / "a.npy"
+
+
+def test_output_directories_are_left_out_where_their_files_could_match_the_globs(tmp_path):
+    refined = tmp_path / "refined"
+    # outputs keep the input stems, so img_*.png matches the labels img_001.png written back
+    for globs in [("*.png",), ("img_*.png",), ("*",), ("*.[pP][nN][gG]",), ("IMG_*.PNG",)]:
+        assert bi.output_dirs_to_skip([(refined, ".png")], tmp_path, globs, "images") == [refined]
+        with pytest.raises(BadInputError, match="is the images directory too"):
+            bi.output_dirs_to_skip([(tmp_path, ".png")], tmp_path, globs, "images")
+    for globs in [("*.jpg",), ("img_*.jpeg", "*.npz")]:
+        assert bi.output_dirs_to_skip([(refined, ".png")], tmp_path, globs, "images") == []
+        assert bi.output_dirs_to_skip([(tmp_path, ".png")], tmp_path, globs, "images") == []
+    assert (
+        bi.output_dirs_to_skip([(tmp_path / "elsewhere" / "x", ".png")], refined, ("*",), "x") == []
+    )
