@@ -125,7 +125,7 @@ def report_record(status: str, error: str | None, **fields: object) -> dict:
 
 @dataclasses.dataclass
 class BatchStats:
-    """Times of a run, for the summary and the benchmark.
+    """What a run measured and left behind, for the summary, the report and the benchmark.
 
     crf_seconds: the compute stage running the CRF; io_wait_seconds: the compute stage
     waiting for the I/O workers (the share of the run that I/O bounds).
