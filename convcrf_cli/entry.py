@@ -53,5 +53,7 @@ def interrupt_once(signum: int, frame: object) -> None:
 
 
 def _interrupted() -> NoReturn:
+    # Not sys.exit: a KeyboardInterrupt that passed through code run by PyRun_* during torch's
+    # import marks the interpreter, which then ends itself with SIGINT (status -2) on exit.
     sys.stderr.write("convcrf: error: interrupted\n")
-    sys.exit(130)
+    _exit_now(130)

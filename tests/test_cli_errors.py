@@ -89,9 +89,26 @@ def test_the_first_interrupt_raises_and_later_ones_are_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_an_interrupt_while_starting_up_is_one_line_and_status_130(tmp_path):
-    # SIGINT arrives while torch and the commands are being imported (about a second here),
-    # or, on a faster machine, while the batch waits for its list on stdin: the same either way.
+def test_an_interrupt_during_the_imports_ends_the_process_at_once(monkeypatch, capsys):
+    # Not through the interpreter's shutdown: after a KeyboardInterrupt that went through
+    # torch's C++ import code, that shutdown ends the process with SIGINT instead of 130.
+    exits = []
+
+    def record_exit(status):
+        exits.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(entry.os, "_exit", record_exit)
+    with pytest.raises(SystemExit):
+        entry._interrupted()
+    assert (exits, capsys.readouterr().err) == ([130], "convcrf: error: interrupted\n")
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.7])
+def test_an_interrupt_while_starting_up_is_one_line_and_status_130(tmp_path, delay):
+    # SIGINT arrives while the interpreter starts, while torch and the commands are being
+    # imported (about a second here), or, on a faster machine, while the batch waits for its
+    # list on stdin: the same either way, and a second SIGINT changes nothing.
     (tmp_path / "unaries").mkdir()
     process = subprocess.Popen(
         [sys.executable, "-m", "convcrf_cli", "batch", "--from-list", "-", "unaries", "-o", "o"],
@@ -101,7 +118,7 @@ def test_an_interrupt_while_starting_up_is_one_line_and_status_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.3)
+    time.sleep(delay)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
