@@ -106,14 +106,18 @@ def load_image(path: str | Path, *, apply_exif: bool = True) -> LoadedImage:
         notes: list[str] = []
         if getattr(image, "n_frames", 1) > 1:
             notes.append(f"{image.n_frames} frames; using the first")
-        gray_alpha_16 = _is_16_bit_gray_alpha_png(image)  # before getexif(), which may decode
+        png_16_bit = _png_16_bit_raw_mode(image)  # before getexif(), which may decode
         orientation = _exif_orientation(image)
         _decode(path, image)
-        if gray_alpha_16:  # Pillow decodes it as 8-bit RGBA with three equal channels
+        if png_16_bit == "LA":  # Pillow decodes it as 8-bit RGBA with three equal channels
             image = image.getchannel("R")
             notes.append(
                 "16-bit grayscale PNG with alpha: Pillow reads 8 bits (values 0–255, "
                 "--col-schan in these units); alpha dropped"
+            )
+        elif png_16_bit in ("RGB", "RGBA"):
+            notes.append(
+                "16-bit colour PNG: Pillow reads 8 bits (values 0–255, --col-schan in these units)"
             )
         # Some Pillow versions turn TIFFs to their orientation while decoding (and drop the tag)
         shown_by_pillow = orientation != 1 and _exif_orientation(image) == 1
@@ -232,12 +236,15 @@ def _decode(path: str | Path, image: Image.Image) -> None:
         raise BadInputError(path, f"corrupt or truncated image data ({exc})") from exc
 
 
-def _is_16_bit_gray_alpha_png(image: Image.Image) -> bool:
-    """Whether ``image`` (opened, not decoded) is a 16-bit grayscale PNG with alpha."""
+def _png_16_bit_raw_mode(image: Image.Image) -> str | None:
+    """The stored mode (``"LA"``, ``"RGB"``, ``"RGBA"``, ...) of a 16-bit PNG, else ``None``;
+    ``image`` opened, not decoded. Pillow decodes 16-bit PNGs other than grayscale to 8 bits."""
     if image.format != "PNG" or not image.tile:
-        return False
-    rawmode = image.tile[0][3]  # the tile's decoder arguments: the raw mode for PNG
-    return isinstance(rawmode, str) and rawmode.startswith("LA;16")
+        return None
+    raw_mode = image.tile[0][3]  # the tile's decoder arguments: the raw mode for PNG
+    if not isinstance(raw_mode, str) or ";16" not in raw_mode:
+        return None
+    return raw_mode.split(";")[0]
 
 
 def _exif_orientation(image: Image.Image) -> int:

@@ -219,6 +219,16 @@ def test_16_bit_gray_with_alpha_png_is_one_channel_of_its_high_bytes(tmp_path):
     assert any("16-bit grayscale PNG with alpha" in note for note in loaded.notes)
 
 
+@pytest.mark.parametrize(("colour_type", "channels"), [(2, 3), (6, 4)])
+def test_16_bit_colour_png_is_read_as_its_high_bytes_with_a_note(tmp_path, colour_type, channels):
+    stored = (np.arange(H * W * channels).reshape(H, W, channels) * 157 % 65536).astype(">u2")
+    rows = b"".join(b"\0" + row.tobytes() for row in stored)  # filter 0 (none) per row
+    (tmp_path / "c16.png").write_bytes(raw_png(W, H, 16, colour_type, rows))
+    loaded = load_image(tmp_path / "c16.png")
+    np.testing.assert_array_equal(loaded.pixels, (stored[:, :, :3] >> 8).astype(np.uint8))
+    assert any(note.startswith("16-bit colour PNG: Pillow reads 8 bits") for note in loaded.notes)
+
+
 def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
     (tmp_path / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
     assert "too large" in _error(tmp_path / "bomb.png")
