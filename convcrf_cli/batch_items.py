@@ -50,12 +50,14 @@ class BatchItem:
 @dataclass(frozen=True)
 class Pairing:
     """The pairs, the files left without a partner, and (from a list) the listed images that
-    do not exist."""
+    do not exist; ``keys`` holds the key each unpaired or missing file would have as an item
+    (what :func:`select_unpaired_shard` shards them by)."""
 
     pairs: list[Pair]
     unpaired_images: list[Path]
     unpaired_unaries: list[Path]
     missing_images: list[Path] = field(default_factory=list)
+    keys: dict[Path, str] = field(default_factory=dict)
 
 
 def split_globs(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -119,10 +121,13 @@ def pair_directories(
         unaries_dir, unary_globs, output_dirs_to_skip(outputs, unaries_dir, unary_globs, "unaries")
     )
     pairs = [Pair(key, images[key], unaries[key]) for key in sorted(images.keys() & unaries.keys())]
+    image_keys = sorted(images.keys() - unaries.keys())
+    unary_keys = sorted(unaries.keys() - images.keys())
     return Pairing(
         pairs,
-        [images[k] for k in sorted(images.keys() - unaries.keys())],
-        [unaries[k] for k in sorted(unaries.keys() - images.keys())],
+        [images[key] for key in image_keys],
+        [unaries[key] for key in unary_keys],
+        keys={images[key]: key for key in image_keys} | {unaries[key]: key for key in unary_keys},
     )
 
 
@@ -183,7 +188,7 @@ def pair_image_list(
             unpaired.append(image)
         else:
             pairs.append(Pair(image.stem, image, unary))
-    return Pairing(pairs, unpaired, [], missing)
+    return Pairing(pairs, unpaired, [], missing, {path: path.stem for path in unpaired + missing})
 
 
 def read_lines(source: str) -> list[str]:
@@ -311,14 +316,14 @@ def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict]]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    """``"I/N"`` -> (I, N) with 0 <= I < N; :class:`ValueError` saying what is wrong else."""
     try:
         index_text, count_text = text.split("/")
         index, count = int(index_text), int(count_text)
     except ValueError:
-        raise BadInputError(None, f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+        raise ValueError(f"must look like I/N (e.g. 0/4), got {text!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise BadInputError(None, f"--shard {text}: need 0 <= I < N")
+        raise ValueError(f"{text}: need 0 <= I < N")
     return index, count
 
 
@@ -331,18 +336,18 @@ def shard_of(key: str, count: int) -> int:
 Keyed = TypeVar("Keyed", Pair, BatchItem)
 
 
-def select_listed_shard(pairing: Pairing, index: int, count: int) -> Pairing:
-    """``pairing`` of :func:`pair_image_list` with only the listed images of shard ``index``
-    of ``count`` among those without a unary or that do not exist (keyed by stem, as the
-    listed pairs are), so that each is reported by one shard; the pairs stay whole (the
-    planned items are split by :func:`select_shard`)."""
+def select_unpaired_shard(pairing: Pairing, index: int, count: int) -> Pairing:
+    """``pairing`` with only the unpaired and missing files of shard ``index`` of ``count``
+    (by their keys, as items are), so that each is reported by one shard; the pairs stay whole
+    (the planned items are split by :func:`select_shard`)."""
 
     def mine(paths: list[Path]) -> list[Path]:
-        return [path for path in paths if shard_of(path.stem, count) == index]
+        return [path for path in paths if shard_of(pairing.keys[path], count) == index]
 
     return replace(
         pairing,
         unpaired_images=mine(pairing.unpaired_images),
+        unpaired_unaries=mine(pairing.unpaired_unaries),
         missing_images=mine(pairing.missing_images),
     )
 

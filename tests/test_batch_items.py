@@ -96,7 +96,7 @@ def test_shards_cover_every_item_exactly_once():
 
 @pytest.mark.parametrize("text", ["3/3", "-1/2", "a/b", "1"])
 def test_bad_shard_spec(text):
-    with pytest.raises(BadInputError, match="shard"):
+    with pytest.raises(ValueError, match="I/N|0 <= I < N"):
         bi.parse_shard(text)
 
 

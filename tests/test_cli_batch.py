@@ -306,8 +306,33 @@ def test_shards_cover_every_item_exactly_once(tmp_path):
         seen += [json.loads(line)["key"] for line in done.stdout.decode().splitlines()]
     assert sorted(seen) == keys
     assert _files(root / "out") == [f"{k}.png" for k in keys]
-    bad = _batch(root / "img", root / "un", "-o", root / "out", "--shard", "3/3")
-    assert bad.returncode == 2 and "--shard 3/3" in bad.stderr.decode()
+    for spec, problem in (("3/3", "3/3: need 0 <= I < N"), ("abc", "must look like I/N")):
+        bad = _batch(root / "img", root / "un", "-o", root / "out", "--shard", spec)
+        message = bad.stderr.decode()
+        assert bad.returncode == 2 and message.startswith("convcrf: error: Invalid value for ")
+        assert problem in message and message.endswith("(see 'convcrf batch --help')\n")
+
+
+def test_directory_shards_report_each_unpaired_file_once(tmp_path):
+    keys = [f"k{i}" for i in range(4)]
+    root = _dataset(tmp_path, keys, size=(8, 8))
+    (root / "img" / "sub").mkdir()
+    for name in ("sub/lone0", "lone1"):
+        Image.new("RGB", (8, 8)).save(root / "img" / f"{name}.png")
+    np.save(root / "un" / "orphan.npy", np.zeros((2, 8, 8), np.float32))
+    lines, warnings = [], []
+    for index in range(5):
+        done = _batch(root / "img", root / "un", "-o", root / "out", "--shard", f"{index}/5",
+                      "--report", "-")  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()
+        lines += [json.loads(line) for line in done.stdout.decode().splitlines()]
+        warnings += [line for line in done.stderr.decode().splitlines() if "without" in line]
+    unpaired = sorted(r["image"] or r["unary"] for r in lines if r["status"] == "unpaired")
+    assert unpaired == sorted(
+        str(root / name) for name in ("img/sub/lone0.png", "img/lone1.png", "un/orphan.npy")
+    )  # each from one shard only, as the items are
+    assert sorted(r["key"] for r in lines if r["status"] == "done") == keys
+    assert 1 <= len(warnings) <= 3
 
 
 def test_batched_calls_give_the_same_labels(tmp_path):

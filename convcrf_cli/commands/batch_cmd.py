@@ -67,6 +67,18 @@ class StdoutFailed(Exception):
     disk); the message says which."""
 
 
+def _parse_shard(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    """``--shard I/N`` -> (I, N), a usage error naming the option when it is malformed."""
+    if value is None:
+        return None
+    try:
+        return batch_items.parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command("batch")
 @click.argument("sources", nargs=-1, metavar="[IMAGES_DIR] [UNARIES_DIR]")
 @click.option(
@@ -152,6 +164,7 @@ class StdoutFailed(Exception):
 @click.option(
     "--shard",
     default=None,
+    callback=_parse_shard,
     help="I/N: refine only shard I of N (0-based), a stable share by hash of each item's "
     "relative path; N runs with I = 0..N-1 cover every item once.",
 )
@@ -177,7 +190,7 @@ def batch_command(
     skip_existing: bool,
     fail_fast: bool,
     report_path: str | None,
-    shard: str | None,
+    shard: tuple[int, int] | None,
     quiet: bool,
     device: str,
     tune: bool,
@@ -203,14 +216,12 @@ def batch_command(
     spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
     outputs = [(output_dir, f".{out_format}"), (overlay_dir, ".png"), (probs_dir, ".npy")]
     written = [(directory, suffix) for directory, suffix in outputs if directory is not None]
-    pairing = _pairing(sources, manifest, image_list, image_glob, unary_glob, written)
-    selected = None if shard is None else batch_items.parse_shard(shard)
-    if selected is not None and image_list is not None:
-        pairing = batch_items.select_listed_shard(pairing, *selected)
+    found = _pairing(sources, manifest, image_list, image_glob, unary_glob, written)
+    pairing = found if shard is None else batch_items.select_unpaired_shard(found, *shard)
     _report_unpaired(pairing)
     _report_missing(pairing)
     if not pairing.pairs:
-        raise _nothing_to_refine(pairing, sources, manifest, image_list)
+        raise _nothing_to_refine(found, sources, manifest, image_list)
     report_file = None if report_path in (None, "-") else Path(report_path)
     items = batch_items.plan_outputs(
         pairing.pairs,
@@ -219,12 +230,12 @@ def batch_command(
         overlay_dir,
         probs_dir,
         report=report_file,
-        inputs=_other_inputs(pairing, manifest, image_list),
+        inputs=_other_inputs(found, manifest, image_list),
     )
     if report_file is not None:
         check_output_file(report_file)
-    if selected is not None:
-        items = batch_items.select_shard(items, *selected)
+    if shard is not None:
+        items = batch_items.select_shard(items, *shard)
     _check_output_directories(items)
     backend = select_backend(device, tune=tune)
     settings = BatchSettings(
