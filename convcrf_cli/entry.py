@@ -5,9 +5,9 @@ report as ``convcrf: error: interrupted`` with exit status 130, and later ones a
 while the command stops (a second Ctrl-C broke the shutdown of a batch's worker threads and
 aborted the process). A Ctrl-C while the commands' modules (torch) are still being imported
 gives the same line and status instead of a traceback. An interrupted or terminated command
-exits at once, without waiting for a computation still running in a worker thread (the CRF
-and training run in the thread that flushes denormals): its outputs are written by the
-command itself, which has removed what it had begun to write.
+exits at once, without waiting for a computation still running in a worker thread (a batch's
+CRF, or the CRF and training where denormals are flushed in a worker of their own): its
+outputs are written by the command itself, which has removed what it had begun to write.
 """
 
 from __future__ import annotations

@@ -164,8 +164,8 @@ def fit(
     module and the held-out mean IoU before and after. Raises :class:`InputError` for
     inconsistent examples or training labels that hold only the ignore label, and
     :class:`~convcrf_cli.errors.RuntimeFailure` when the training diverges. On the CPU it runs
-    with denormal floats flushed to zero (:mod:`convcrf_cli.denormals`); ``progress`` is then
-    called from that worker thread.
+    with denormal floats flushed to zero (:mod:`convcrf_cli.denormals`), in the calling thread
+    (``progress`` is called from the fallback worker thread where that one flushes instead).
     """
     target = torch_device(device)
     if target.type == "cpu":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -29,25 +30,65 @@ def _nonzero_doubled(values: torch.Tensor) -> int:
     return int(torch.count_nonzero(values * 2))
 
 
-def test_denormals_are_flushed_in_the_worker_and_its_intra_op_threads():
+@pytest.fixture(params=["calling team", "worker thread"])
+def way(request, monkeypatch):
+    """Each way of flushing: the calling thread's OpenMP team, and the fallback worker."""
+    denormals.flushing_supported()  # finds the team
+    if request.param == "worker thread":
+        monkeypatch.setattr(denormals, "_team", None)
+    elif denormals._team is None:
+        pytest.skip("torch's OpenMP runtime is not reachable here")
+    return request.param
+
+
+def test_the_calling_team_is_found_where_torch_uses_openmp():
+    if not os.path.exists("/proc/self/maps") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("no /proc/self/maps or torch without OpenMP")
+    assert denormals.flushing_supported() and denormals._team is not None
+
+
+def test_denormals_are_flushed_in_the_computation_and_its_intra_op_threads(way):
     small, large = _tiny(1), _tiny(1 << 22)  # 2^22 elements split over torch's threads
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        _nonzero_doubled(large)  # the calling thread's own team exists already
         counts = run_flushing_denormals(lambda: (_nonzero_doubled(small), _nonzero_doubled(large)))
     finally:
         torch.set_num_threads(threads)
     assert counts == (0, 0)
 
 
-def test_the_calling_thread_keeps_its_denormals():
+def test_the_calling_thread_and_its_team_keep_their_own_mode(way):
     large = _tiny(1 << 22)
-    run_flushing_denormals(_nonzero_doubled, large)
-    assert _nonzero_doubled(large) == large.numel()
-    assert (_tiny(1) * 2).item() == pytest.approx(2 * TINY, rel=1e-6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_flushing_denormals(_nonzero_doubled, large)
+        assert _nonzero_doubled(large) == large.numel()
+        assert (_tiny(1) * 2).item() == pytest.approx(2 * TINY, rel=1e-6)
+        torch.set_flush_denormal(True)  # a caller that flushes already still does afterwards
+        try:
+            run_flushing_denormals(_nonzero_doubled, large)
+            assert (_tiny(1) * 2).item() == 0
+        finally:
+            torch.set_flush_denormal(False)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def test_results_exceptions_thread_count_and_nested_calls():
+def test_an_error_on_a_team_thread_is_raised_in_the_caller():
+    if denormals._team is None:
+        pytest.skip("torch's OpenMP runtime is not reachable here")
+
+    def fail() -> None:
+        raise ValueError("on a team thread")
+
+    with pytest.raises(ValueError, match="on a team thread"):
+        denormals._team.on_each_thread(2, fail)
+
+
+def test_results_exceptions_thread_count_and_nested_calls(way):
     assert run_flushing_denormals(divmod, 7, 2) == (3, 1)
     with pytest.raises(ZeroDivisionError):
         run_flushing_denormals(divmod, 1, 0)
@@ -64,8 +105,8 @@ def _child_computes() -> None:
     assert run_flushing_denormals(_nonzero_doubled, _tiny(1 << 16)) == 0
 
 
-def test_a_forked_child_starts_a_worker_of_its_own():
-    run_flushing_denormals(_nonzero_doubled, _tiny(1))  # the parent's worker exists
+def test_a_forked_child_starts_a_worker_of_its_own(way):
+    run_flushing_denormals(_nonzero_doubled, _tiny(1))  # the parent's team or worker exists
     child = multiprocessing.get_context("fork").Process(target=_child_computes)
     child.start()
     child.join(timeout=120)

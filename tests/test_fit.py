@@ -348,8 +348,8 @@ def test_cli_fit_that_diverges_exits_1_without_output(dataset, tmp_path, lr):
 
 
 def test_ctrl_c_stops_training_at_once_without_output(dataset, tmp_path):
-    # Training runs in the worker thread that flushes denormals; the interrupted command must
-    # not wait for it to finish its 100000 epochs.
+    # Training runs with denormals flushed (in the calling thread's team, or in a worker thread
+    # of its own); the interrupted command must not wait for it to finish its 100000 epochs.
     command = [sys.executable, "-m", "convcrf_cli", "fit", dataset / "images",
                dataset / "unaries", dataset / "labels", "--epochs", "100000", "--crop-size",
                "24", "-v", "-o", tmp_path / "p.json"]  # fmt: skip
