@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from convcrf_cli import denormals
 from convcrf_cli.backends.cpu import CPUBackend
 from convcrf_cli.denormals import run_flushing_denormals
+from convcrf_cli.params import CRFParams
 
 TINY = 1e-39
 """A float32 denormal (below FLT_MIN ~1.18e-38)."""
@@ -115,3 +117,27 @@ def test_a_forked_child_starts_a_worker_of_its_own(way):
 
 def test_the_cpu_backend_says_it_flushes():
     assert CPUBackend().describe().endswith(" threads, denormals flushed to zero)")
+
+
+def test_concurrent_callers_each_flush_and_get_the_same_numbers(way):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 255, (1, 3, 60, 80)).astype(np.float32)
+    logits = rng.normal(0, 8, (1, 6, 60, 80)).astype(np.float32)  # confident scores
+    params = CRFParams(filter_size=7, blur=2)
+    want = CPUBackend().run(image, logits, params)
+    results: list[np.ndarray] = []
+
+    def refine_and_probe() -> None:
+        for _ in range(3):
+            results.append(CPUBackend().run(image, logits, params))
+        results.append(run_flushing_denormals(_nonzero_doubled, _tiny(1 << 20)))
+
+    callers = [threading.Thread(target=refine_and_probe) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(timeout=120)
+    assert not any(caller.is_alive() for caller in callers)
+    scores = [r for r in results if isinstance(r, np.ndarray)]
+    assert len(scores) == 12 and all(np.array_equal(s, want) for s in scores)
+    assert [r for r in results if not isinstance(r, np.ndarray)] == [0, 0, 0, 0]
