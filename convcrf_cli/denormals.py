@@ -116,7 +116,8 @@ def _in_calling_team(
         return function(*args, **kwargs)
     finally:
         _thread.flushing = False
-        team.on_each_thread(threads, restore)
+        # threads that joined the team meanwhile (more torch threads) started flushing: off
+        team.on_each_thread(max(threads, torch.get_num_threads()), restore)
 
 
 def _flushing_here() -> bool:

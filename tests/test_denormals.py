@@ -141,3 +141,21 @@ def test_concurrent_callers_each_flush_and_get_the_same_numbers(way):
     scores = [r for r in results if isinstance(r, np.ndarray)]
     assert len(scores) == 12 and all(np.array_equal(s, want) for s in scores)
     assert [r for r in results if not isinstance(r, np.ndarray)] == [0, 0, 0, 0]
+
+
+def test_threads_a_computation_adds_to_the_team_do_not_flush_afterwards():
+    if denormals._team is None:
+        pytest.skip("torch's OpenMP runtime is not reachable here")
+    large = _tiny(1 << 22)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+
+        def grow_the_team() -> int:
+            torch.set_num_threads(4)  # threads started now inherit the flushing mode
+            return _nonzero_doubled(large)
+
+        run_flushing_denormals(grow_the_team)
+        assert _nonzero_doubled(large) == large.numel()  # all four threads keep denormals
+    finally:
+        torch.set_num_threads(threads)
