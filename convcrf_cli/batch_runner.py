@@ -249,8 +249,9 @@ class _Run:
         """Report finished writes, waiting for the oldest while more than ``limit`` are
         in flight (``limit`` bounds the refined results held in memory)."""
         while self.writes and (self.writes[0][1].done() or len(self.writes) > limit):
-            item, future = self.writes.popleft()
-            outcome = self._wait(item, future)
+            item, future = self.writes[0]
+            outcome = self._wait(item, future)  # a signal here leaves it for completed_writes
+            self.writes.popleft()
             yield outcome if isinstance(outcome, ItemReport) else ItemReport(item, DONE, outcome)
 
     def _next_group(self):

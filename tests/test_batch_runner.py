@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convcrf_cli import batch_runner
 from convcrf_cli.backends.cpu import CPUBackend
 from convcrf_cli.batch_items import BatchItem
 from convcrf_cli.batch_runner import DONE, FAILED, SKIPPED, BatchSettings, BatchStats, run_batch
@@ -110,3 +111,23 @@ def test_existing_outputs_are_skipped(tmp_path):
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="at least 1"):
         BatchSettings(jobs=0)
+
+
+def test_a_signal_while_waiting_for_a_write_keeps_the_item_for_the_report(tmp_path, monkeypatch):
+    # SIGINT/SIGTERM raise in the main thread, here while it waits for an item's write: the
+    # write completes (the pool is shut down with wait), so the item is reported as done.
+    items = _items(tmp_path, [(20, 30)])
+    waiting = batch_runner._Run._wait
+
+    def interrupted_wait(run, item, future):
+        if any(future is write for _, write in run.writes):
+            future.result()  # the write finishes; the signal arrives just then
+            raise KeyboardInterrupt
+        return waiting(run, item, future)
+
+    monkeypatch.setattr(batch_runner._Run, "_wait", interrupted_wait)
+    stats = BatchStats()
+    with pytest.raises(KeyboardInterrupt):
+        _run(items, CPUBackend(), BatchSettings(jobs=1), stats)
+    assert [(r.item.key, r.status) for r in stats.finished_while_stopping] == [("0", DONE)]
+    assert items[0].output.is_file()
