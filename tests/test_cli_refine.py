@@ -11,12 +11,14 @@ import sys
 import numpy as np
 import pytest
 import reference
+import torch
 from click.testing import CliRunner
 from conftest import _gpu_available
 from PIL import Image
 from test_imageio import bomb_png
 
 from convcrf_cli import CRFParams, outputs
+from convcrf_cli.backends import cpu
 from convcrf_cli.backends.cpu import CPUBackend
 from convcrf_cli.cli import main
 from convcrf_cli.errors import BadInputError, RuntimeFailure
@@ -304,6 +306,24 @@ def test_a_failed_write_leaves_none_of_the_outputs(case, monkeypatch):
     expected = f"convcrf: error: {part / 'sub' / 'o.png'}: cannot write: Disk quota exceeded\n"
     assert result.stderr == expected
     assert sorted(tmp_path.iterdir()) == before  # no output, no directory made for them
+
+
+def test_torch_running_out_of_memory_is_one_line_exit_1_without_output(case, monkeypatch):
+    tmp_path, _, _ = case
+
+    def allocate_too_much(image, logits, params):
+        return torch.empty(1 << 60, dtype=torch.uint8)  # torch's RuntimeError, not MemoryError
+
+    monkeypatch.setattr(cpu, "mean_field_scores", allocate_too_much)
+    before = sorted(tmp_path.iterdir())
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", tmp_path / "l.png",
+                  "--device", "cpu")  # fmt: skip
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "convcrf: error: out of memory: the image is too large for this machine (try a larger "
+        "--blur or a smaller image)\n",
+    )
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_invalid_pixel_limit_variable_fails_only_where_it_is_used(case):

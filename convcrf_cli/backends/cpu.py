@@ -32,7 +32,16 @@ class CPUBackend:
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
         image_t = torch.from_numpy(np.ascontiguousarray(as_numpy(image), dtype=np.float32))
         logits_t = torch.from_numpy(np.ascontiguousarray(as_numpy(logits), dtype=np.float32))
-        return run_flushing_denormals(mean_field_scores, image_t, logits_t, params)
+        try:
+            return run_flushing_denormals(mean_field_scores, image_t, logits_t, params)
+        except RuntimeError as exc:
+            if _CPU_ALLOCATION_FAILED in str(exc):  # torch's allocator: no MemoryError of its own
+                raise MemoryError(str(exc)) from exc
+            raise
+
+
+_CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
+"""What torch's RuntimeError says when the CPU allocator fails (e.g. under ``ulimit -v``)."""
 
 
 def mean_field_scores(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> np.ndarray:
