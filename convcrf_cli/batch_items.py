@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from convcrf_cli.errors import BadInputError
+from convcrf_cli.errors import BadInputError, unreadable
 from convcrf_cli.outputs import LABEL_OUTPUT_SUFFIXES
 
 IMAGE_GLOBS = ("*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.bmp")
@@ -268,7 +268,7 @@ def _read_text(source: str) -> str:
     try:
         data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
-        raise BadInputError(name, f"cannot read: {exc.strerror or exc}") from exc
+        raise unreadable(name, exc) from exc
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

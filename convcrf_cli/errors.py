@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 OUT_OF_MEMORY_ADVICE = "try a larger --blur or a smaller image"
@@ -29,3 +30,20 @@ class RuntimeFailure(ConvCRFError):
     """Inputs were valid but the computation or output failed (exit status 1)."""
 
     exit_code = 1
+
+
+FILE_ERRNOS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP}
+    | {errno.ENAMETOOLONG, errno.ENXIO}
+)
+"""``errno`` values that say the file itself cannot be read (missing, no permission)."""
+
+
+def unreadable(path: str | Path, exc: OSError) -> ConvCRFError:
+    """The error for an input ``path`` that could not be read: :class:`BadInputError` when
+    the file is the problem (missing, no permission), :class:`RuntimeFailure` when the machine
+    is (too many open files, no memory, an I/O error): the file may be fine."""
+    reason = exc.strerror or str(exc)
+    if exc.errno is None or exc.errno in FILE_ERRNOS:
+        return BadInputError(path, f"cannot read: {reason}")
+    return RuntimeFailure(f"{path}: cannot read: {reason}")

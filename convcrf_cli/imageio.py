@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from convcrf_cli.errors import BadInputError
+from convcrf_cli.errors import BadInputError, unreadable
 
 MAX_PIXELS_VARIABLE = "CONVCRF_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
@@ -95,7 +95,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image as ``[H,W,F]`` raw values (``uint8``/``uint16``/``float32``), EXIF applied.
 
     Raises :class:`BadInputError` naming the file when it is missing, unreadable, corrupt or
-    too large.
+    too large, :class:`~convcrf_cli.errors.RuntimeFailure` when the machine could not read it
+    (too many open files, no memory, an I/O error).
     """
     return load_image(path).pixels
 
@@ -203,7 +204,7 @@ def _open(path: str | Path) -> Iterator[Image.Image]:
     try:
         handle = open(path, "rb")  # closed by the with block below
     except OSError as exc:
-        raise BadInputError(path, f"cannot read: {exc.strerror or exc}") from exc
+        raise unreadable(path, exc) from exc
     with handle:
         try:
             with warnings.catch_warnings():
@@ -214,7 +215,7 @@ def _open(path: str | Path) -> Iterator[Image.Image]:
         except UnidentifiedImageError as exc:
             raise BadInputError(path, "not an image format Pillow can read (corrupt?)") from exc
         except OSError as exc:
-            raise BadInputError(path, f"cannot read: {exc.strerror or exc}") from exc
+            raise unreadable(path, exc) from exc
         with image:
             width, height = image.size
             if width * height > limit:

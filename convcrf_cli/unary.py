@@ -38,7 +38,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from convcrf_cli.errors import BadInputError
+from convcrf_cli.errors import BadInputError, unreadable
 from convcrf_cli.imageio import check_label_size, read_label_image
 
 UNARY_TYPES = ("auto", "prob", "logit", "energy")
@@ -352,8 +352,8 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
     try:
         with open(path, "rb") as handle:
             return _parse(handle, name, is_npz=suffix == ".npz", path=path)
-    except PermissionError as exc:
-        raise BadInputError(name, f"cannot read: {exc.strerror}") from exc
+    except OSError as exc:  # opening it; errors of its contents are _parse's
+        raise unreadable(name, exc) from exc
 
 
 def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) -> np.ndarray:
@@ -392,7 +392,11 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) 
                 name, f"{kind} holds Python objects, which are not loaded; save a numeric array"
             ) from exc
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
-    except (EOFError, OSError, zipfile.BadZipFile, KeyError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # reading failed (too many open files, no memory, EIO)
+            raise unreadable(name, exc) from exc
+        raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
+    except (EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
 
 

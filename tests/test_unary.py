@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from convcrf_cli.errors import BadInputError
+from convcrf_cli.errors import BadInputError, RuntimeFailure, unreadable
 from convcrf_cli.unary import PROB_EPS, count_classes, load_unary, read_unary
 
 H, W, C = 24, 32, 5
@@ -287,3 +291,48 @@ def test_label_image_class_count_and_confidence_checks(tmp_path):
     zeros = _label_png(tmp_path, np.zeros((H, W)), "zeros.png")
     assert "holds only label 0: pass --num-classes" in _error(zeros)
     assert "--num-classes 1: a CRF needs at least 2 classes" in _error(zeros, num_classes=1)
+
+
+_READ_UNDER_FD_LIMIT = """
+import os, resource, sys
+from convcrf_cli.errors import ConvCRFError
+from convcrf_cli.unary import read_unary
+open_now = len(os.listdir("/proc/self/fd")) - 1
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + int(sys.argv[2]), hard))
+try:
+    read_unary(sys.argv[1], (int(sys.argv[3]), int(sys.argv[4])))
+    print("read")
+except ConvCRFError as exc:
+    print(type(exc).__name__, exc.exit_code, exc)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("spare", [0, 1])  # no descriptor left to open it, or to map it
+def test_too_many_open_files_is_a_runtime_failure_not_a_corrupt_file(tmp_path, spare):
+    path = _npy(tmp_path, _probs())
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_UNDER_FD_LIMIT, str(path), str(spare), str(H), str(W)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == f"RuntimeFailure 1 {path}: cannot read: Too many open files\n", (
+        done.stderr
+    )
+
+
+def test_read_errors_of_the_file_are_bad_input_and_of_the_machine_runtime_failures():
+    cases = [
+        (OSError(errno.EACCES, "Permission denied"), BadInputError, 2),
+        (OSError(errno.ENOENT, "No such file or directory"), BadInputError, 2),
+        (OSError("not a zip file"), BadInputError, 2),  # no errno: the contents
+        (OSError(errno.EMFILE, "Too many open files"), RuntimeFailure, 1),
+        (OSError(errno.EIO, "Input/output error"), RuntimeFailure, 1),
+        (OSError(errno.ENOMEM, "Cannot allocate memory"), RuntimeFailure, 1),
+    ]
+    for exc, kind, status in cases:
+        error = unreadable("u.npy", exc)
+        assert type(error) is kind and error.exit_code == status
+        assert str(error) == f"u.npy: cannot read: {exc.strerror or exc}"
