@@ -73,7 +73,8 @@ def find_files(root: Path, globs: tuple[str, ...], skip: Iterable[Path] = ()) ->
     Symlinked directories are followed (each real directory searched once, so a loop ends);
     a symlink whose target is missing counts as a file, so that reading it fails by name
     instead of dropping it. Directories in ``skip`` (output directories inside ``root``) are
-    not searched. Two files with one key (``a.jpg`` and ``a.png``) are an error.
+    not searched. Two files with one key (``a.jpg`` and ``a.png``) are an error, and so is a
+    directory that cannot be listed (its files are not dropped without a word).
     """
     if not root.exists():
         raise BadInputError(root, "no such directory")
@@ -83,7 +84,10 @@ def find_files(root: Path, globs: tuple[str, ...], skip: Iterable[Path] = ()) ->
     skipped = {directory.resolve() for directory in skip}
     searched: set[Path] = set()
     found: dict[str, Path] = {}
-    for directory, subdirectories, names in os.walk(root, followlinks=True):
+    def unlisted(exc: OSError) -> None:  # a directory that cannot be listed is not skipped
+        raise BadInputError(exc.filename or root, f"cannot list directory: {exc.strerror or exc}")
+
+    for directory, subdirectories, names in os.walk(root, onerror=unlisted, followlinks=True):
         real = Path(directory).resolve()
         if real in searched or real in skipped:
             subdirectories.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,21 @@ def test_output_directories_are_left_out_where_their_files_could_match_the_globs
     assert (
         bi.output_dirs_to_skip([(tmp_path / "elsewhere" / "x", ".png")], refined, ("*",), "x") == []
     )
+
+
+def test_a_directory_that_cannot_be_listed_is_an_error_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.png").touch()
+    (tmp_path / "sub" / "b.png").touch()
+    listing = os.scandir
+
+    def forbidden_sub(path="."):
+        if Path(path).name == "sub":  # as chmod 000 would, for a user other than root
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", forbidden_sub)
+    with pytest.raises(BadInputError) as caught:
+        bi.find_files(tmp_path, ("*.png",))
+    assert str(caught.value) == f"{tmp_path / 'sub'}: cannot list directory: Permission denied"
+    assert caught.value.exit_code == 2
