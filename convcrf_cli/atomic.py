@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -104,3 +106,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _remove(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def write_npy(handle: BinaryIO, array: np.ndarray) -> None:
+    """``np.save(handle, array)`` through ``handle.write`` in chunks, so that a failed write
+    (a full disk) raises an :class:`OSError` with its reason: NumPy's own path for real files
+    (``fwrite``) reports only how many bytes were written."""
+    np.lib.format.write_array(_Writes(handle), np.asanyarray(array), allow_pickle=False)
+
+
+class _Writes:
+    """A file that only writes, which :func:`numpy.lib.format.write_array` fills chunk by chunk."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.write = handle.write

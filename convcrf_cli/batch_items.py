@@ -84,6 +84,7 @@ def find_files(root: Path, globs: tuple[str, ...], skip: Iterable[Path] = ()) ->
     skipped = {directory.resolve() for directory in skip}
     searched: set[Path] = set()
     found: dict[str, Path] = {}
+
     def unlisted(exc: OSError) -> None:  # a directory that cannot be listed is not skipped
         raise BadInputError(exc.filename or root, f"cannot list directory: {exc.strerror or exc}")
 

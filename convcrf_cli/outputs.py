@@ -27,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from convcrf_cli.atomic import StagedFiles, atomic_output, staged_outputs
+from convcrf_cli.atomic import StagedFiles, atomic_output, staged_outputs, write_npy
 from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.palette import palette_png, voc_palette
 
@@ -227,7 +227,7 @@ def write_labels(
         _write_stdout(_palette_png(path, labels))
         return
     if Path(path).suffix.lower() == ".npy":
-        _write(path, lambda handle: np.save(handle, labels.astype(np.int32)), staged)
+        _write(path, lambda handle: write_npy(handle, labels.astype(np.int32)), staged)
     else:
         data = _palette_png(path, labels)
         _write(path, lambda handle: handle.write(data), staged)
@@ -249,7 +249,7 @@ def write_probabilities(
         raise BadInputError(path, f"probabilities dtype must be one of {', '.join(PROBS_DTYPES)}")
     array = np.moveaxis(probs, 0, -1) if layout == "HWC" else probs
     array = np.ascontiguousarray(array, dtype=dtype)
-    _write(path, lambda handle: np.save(handle, array), staged)
+    _write(path, lambda handle: write_npy(handle, array), staged)
 
 
 def write_overlay(

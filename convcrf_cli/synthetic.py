@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convcrf_cli.atomic import atomic_output, atomic_write_bytes
+from convcrf_cli.atomic import atomic_output, atomic_write_bytes, write_npy
 from convcrf_cli.palette import palette_png
 
 MIN_COLOUR_DISTANCE = 40.0
@@ -107,7 +107,7 @@ def write_dataset(
         with atomic_output(out_dir / "images" / f"{name}.png") as handle:
             Image.fromarray(image).save(handle, format="PNG")
         with atomic_output(out_dir / "unaries" / f"{name}.npy") as handle:
-            np.save(handle, unary)
+            write_npy(handle, unary)
         atomic_write_bytes(out_dir / "labels" / f"{name}.png", palette_png(labels))
         names.append(name)
     return names

@@ -3,7 +3,11 @@ that writes the outputs of one item all or none."""
 
 from __future__ import annotations
 
+import io
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +272,47 @@ def test_outputs_are_written_through_symlinks_and_never_over_special_files(tmp_p
     with pytest.raises(BadInputError, match="^/dev/null: is a device, FIFO or socket"):
         outputs.check_output_file(Path("/dev/null"))
     assert (tmp_path / "fifo.png").is_fifo()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(2 * 30 * 40, dtype=np.float32).reshape(2, 30, 40),
+        np.asfortranarray(np.arange(12, dtype=np.int32).reshape(3, 4)),
+        np.zeros((0, 3), np.float16),
+    ],
+)
+def test_write_npy_writes_the_bytes_of_np_save(array):
+    written, saved = io.BytesIO(), io.BytesIO()
+    atomic.write_npy(written, array)
+    np.save(saved, array)
+    assert written.getvalue() == saved.getvalue()
+
+
+_WRITE_OVER_SIZE_LIMIT = """
+import resource, signal, sys
+import numpy as np
+from convcrf_cli import outputs
+from convcrf_cli.errors import RuntimeFailure
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    outputs.write_probabilities(sys.argv[1], np.zeros((2, 40, 50)), "CHW", "float32")
+except RuntimeFailure as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE and SIGXFSZ")
+def test_a_write_that_stops_part_way_says_why(tmp_path):
+    # the header and part of the data are written, then the file may not grow (as on a full
+    # disk): NumPy's own writer said only "N requested and M written"
+    target = tmp_path / "p.npy"
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_OVER_SIZE_LIMIT, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout == f"{target}: cannot write: File too large\n", done.stderr
+    assert list(tmp_path.iterdir()) == []
