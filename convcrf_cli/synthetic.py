@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convcrf_cli.atomic import atomic_output, atomic_write_bytes, write_npy
+from convcrf_cli.atomic import staged_outputs, write_npy
+from convcrf_cli.errors import RuntimeFailure
+from convcrf_cli.outputs import missing_directories, remove_empty_directories
 from convcrf_cli.palette import palette_png
 
 MIN_COLOUR_DISTANCE = 40.0
@@ -98,19 +100,42 @@ def write_dataset(
     if num_classes < 2:
         raise ValueError(f"a dataset needs at least 2 classes, got {num_classes}")
     out_dir = Path(out_dir)
+    created = missing_directories(out_dir / sub / "x" for sub in ("images", "unaries", "labels"))
     for sub in ("images", "unaries", "labels"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     names = []
     for index in range(count):
         name = f"synth_{index:05d}"
         image, labels, unary = synthetic_sample(seed, index, height, width, num_classes)
-        with atomic_output(out_dir / "images" / f"{name}.png") as handle:
-            Image.fromarray(image).save(handle, format="PNG")
-        with atomic_output(out_dir / "unaries" / f"{name}.npy") as handle:
-            write_npy(handle, unary)
-        atomic_write_bytes(out_dir / "labels" / f"{name}.png", palette_png(labels))
+        try:
+            _write_sample(out_dir, name, image, labels, unary)
+        except RuntimeFailure:
+            if not names:
+                remove_empty_directories(created)
+            raise
         names.append(name)
     return names
+
+
+def _write_sample(
+    out_dir: Path, name: str, image: np.ndarray, labels: np.ndarray, unary: np.ndarray
+) -> None:
+    """The three files of one sample, all or none; a failed write is a
+    :class:`RuntimeFailure` naming the file."""
+    files = {
+        out_dir / "images" / f"{name}.png": lambda h: Image.fromarray(image).save(h, "PNG"),
+        out_dir / "unaries" / f"{name}.npy": lambda h: write_npy(h, unary),
+        out_dir / "labels" / f"{name}.png": lambda h: h.write(palette_png(labels)),
+    }
+    path = out_dir
+    try:
+        with staged_outputs() as staged:
+            for path, fill in files.items():
+                with staged.output(path) as handle:
+                    fill(handle)
+            path = out_dir
+    except OSError as exc:
+        raise RuntimeFailure(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
 def foreign_files(out_dir: str | Path, count: int) -> list[Path]:

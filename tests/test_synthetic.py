@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -142,3 +146,30 @@ def test_synth_refuses_to_mix_two_runs_and_negative_seeds(tmp_path):
     assert len(list((tmp_path / "d" / "images").iterdir())) == 4  # nothing written
     negative = runner.invoke(main, ["synth", str(tmp_path / "e"), "--seed", "-1"])
     assert negative.exit_code == 2 and "'--seed': -1 is not in the range x>=0" in negative.stderr
+
+
+_SYNTH_UNDER_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+from convcrf_cli.entry import main
+sys.argv = ["convcrf", "synth", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE and SIGXFSZ")
+def test_a_failed_write_is_exit_1_naming_the_file_and_leaves_whole_samples(tmp_path):
+    # 48x64 samples: images and labels of a few kB fit in 16 kB, the 5 classes' unary does not
+    out = tmp_path / "data"
+    done = subprocess.run(
+        [sys.executable, "-c", _SYNTH_UNDER_SIZE_LIMIT, str(16 * 1024), str(out),
+         "--count", "2", "--size", "48x64", "--classes", "5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"convcrf: error: {out / 'unaries' / 'synth_00000.npy'}: cannot write: File too large\n"
+    )
+    assert list(tmp_path.iterdir()) == []  # no half sample, nor the directories made for it
