@@ -4,10 +4,12 @@ Ctrl-C stops a command once: the first SIGINT raises ``KeyboardInterrupt``, whic
 report as ``convcrf: error: interrupted`` with exit status 130, and later ones are ignored
 while the command stops (a second Ctrl-C broke the shutdown of a batch's worker threads and
 aborted the process). A Ctrl-C while the commands' modules (torch) are still being imported
-gives the same line and status instead of a traceback. An interrupted or terminated command
-exits at once, without waiting for a computation still running in a worker thread (a batch's
-CRF, or the CRF and training where denormals are flushed in a worker of their own): its
-outputs are written by the command itself, which has removed what it had begun to write.
+gives the same line and status instead of a traceback, and a failure to load torch (too little
+memory under ``ulimit -v``, a broken install) is one line with exit status 1. An interrupted or
+terminated command exits at once, without waiting for a computation still running in a worker
+thread (a batch's CRF, or the CRF and training where denormals are flushed in a worker of
+their own): its outputs are written by the command itself, which has removed what it had
+begun to write.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
         from convcrf_cli.cli import main as command_group
     except KeyboardInterrupt:
         _interrupted()
+    except (ImportError, MemoryError) as exc:  # torch cannot load (too little memory, ...)
+        _cannot_start(exc)
     try:
         command_group(prog_name="convcrf")
     except SystemExit as exc:
@@ -50,6 +54,15 @@ def interrupt_once(signum: int, frame: object) -> None:
     """The SIGINT handler: ignore further SIGINTs, then raise ``KeyboardInterrupt``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+def _cannot_start(exc: ImportError | MemoryError) -> NoReturn:
+    reason = "out of memory" if isinstance(exc, MemoryError) else str(exc)
+    sys.stderr.write(
+        f"convcrf: error: cannot start: loading torch and NumPy failed ({reason}); is the "
+        "process's memory limited (ulimit -v)?\n"
+    )
+    _exit_now(1)
 
 
 def _interrupted() -> NoReturn:

@@ -124,3 +124,26 @@ def test_an_interrupt_while_starting_up_is_one_line_and_status_130(tmp_path, del
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert (process.returncode, stderr, stdout) == (130, "convcrf: error: interrupted\n", "")
+
+
+_START_WITH_LITTLE_MEMORY = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (300 << 20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+sys.argv = ["convcrf", "params"]
+from convcrf_cli.entry import main
+main()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS as on Linux")
+def test_torch_that_cannot_load_is_one_line_and_status_1():
+    done = subprocess.run(
+        [sys.executable, "-c", _START_WITH_LITTLE_MEMORY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("convcrf: error: cannot start: loading torch and NumPy failed (")
+    assert done.stderr.endswith("; is the process's memory limited (ulimit -v)?\n")
