@@ -16,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+try:
+    import resource
+except ImportError:  # Windows: no address-space limit to read
+    resource = None
+
 from convcrf_cli import outputs, unary
 from convcrf_cli.backends import Backend, as_numpy
 from convcrf_cli.core import refine
@@ -287,7 +292,14 @@ def estimate_memory_bytes(
 
 
 def available_memory_bytes() -> int | None:
-    """Memory available to a new allocation now (Linux ``MemAvailable``), None if unknown."""
+    """Memory available to a new allocation now, None if unknown: the smaller of the memory
+    free on the machine (Linux ``MemAvailable``) and what the process's address-space limit
+    (``ulimit -v``) leaves it."""
+    known = [left for left in (_physical_available(), _address_space_left()) if left is not None]
+    return min(known) if known else None
+
+
+def _physical_available() -> int | None:
     try:
         with open("/proc/meminfo") as handle:
             for line in handle:
@@ -299,6 +311,23 @@ def available_memory_bytes() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _address_space_left() -> int | None:
+    """``RLIMIT_AS`` minus the process's virtual size (Linux ``VmSize``); None without a limit."""
+    if resource is None:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmSize:"):
+                    return max(0, limit - int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _check_memory(

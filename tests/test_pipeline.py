@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -17,3 +21,23 @@ def test_class_argmax_equals_numpy_argmax_with_first_index_on_ties(classes):
     np.testing.assert_array_equal(labels, scores.argmax(axis=0))
     hwc_view = np.moveaxis(rng.normal(size=(7, 9, classes)).astype(np.float32), -1, 0)
     np.testing.assert_array_equal(class_argmax(hwc_view), hwc_view.argmax(axis=0))
+
+
+_MEMORY_UNDER_LIMIT = """
+import resource
+from convcrf_cli.pipeline import available_memory_bytes
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+resource.setrlimit(resource.RLIMIT_AS, (size + (300 << 20), hard))
+print(available_memory_bytes() >> 20)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc/self/status")
+def test_available_memory_counts_the_address_space_limit():
+    # ulimit -v: what the limit leaves the process, not what the machine has free
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_UNDER_LIMIT], capture_output=True, text=True, timeout=120
+    )
+    assert 290 <= int(done.stdout) <= 300, done.stderr
