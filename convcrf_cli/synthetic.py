@@ -95,7 +95,10 @@ def write_dataset(
     Files per sample NAME: ``images/NAME.png`` (RGB), ``unaries/NAME.npy`` (``[C,H,W]``
     float32 probabilities) and ``labels/NAME.png`` (palette PNG in Pascal VOC colours whose
     pixel values are the class ids). Sample ``i`` depends only on ``(seed, i)``. At least two
-    classes: a one-channel unary would be read as a foreground score (two classes).
+    classes: a one-channel unary would be read as a foreground score (two classes). Each
+    sample's files are written together or not at all; a failed write raises
+    :class:`RuntimeFailure` naming the file (and removes the directories made here when no
+    sample was written).
     """
     if num_classes < 2:
         raise ValueError(f"a dataset needs at least 2 classes, got {num_classes}")
@@ -127,15 +130,15 @@ def _write_sample(
         out_dir / "unaries" / f"{name}.npy": lambda h: write_npy(h, unary),
         out_dir / "labels" / f"{name}.png": lambda h: h.write(palette_png(labels)),
     }
-    path = out_dir
+    writing = out_dir  # what the error names: the file being written, else the directory
     try:
         with staged_outputs() as staged:
-            for path, fill in files.items():
-                with staged.output(path) as handle:
+            for writing, fill in files.items():
+                with staged.output(writing) as handle:
                     fill(handle)
-            path = out_dir
+            writing = out_dir  # the staged files are renamed together on leaving the block
     except OSError as exc:
-        raise RuntimeFailure(f"{path}: cannot write: {exc.strerror or exc}") from exc
+        raise RuntimeFailure(f"{writing}: cannot write: {exc.strerror or exc}") from exc
 
 
 def foreign_files(out_dir: str | Path, count: int) -> list[Path]:
