@@ -17,9 +17,9 @@ program had used torch itself.
 
 Where that runtime cannot be reached (no ``/proc/self/maps``, another threading library), and in
 a forked child (whose copy of the forking thread's team is stale), the function runs in one
-dedicated worker thread that sets the mode before its first torch
-operation, so the intra-op threads it starts inherit it. Where the CPU cannot flush denormals
-(``torch.set_flush_denormal`` returns False) the function runs in the calling thread as is.
+dedicated worker thread that sets the mode before its first torch operation, so the intra-op
+threads it starts inherit it. Where the CPU cannot flush denormals (``torch.set_flush_denormal``
+returns False) the function runs in the calling thread as is.
 """
 
 from __future__ import annotations
@@ -58,17 +58,12 @@ def run_flushing_denormals(function: Callable[..., Result], *args, **kwargs) -> 
     """
     if getattr(_thread, "flushing", False):
         return function(*args, **kwargs)
-    if not _flushing_available():
+    if not flushing_supported():
         return function(*args, **kwargs)
     if _team is not None:
         return _in_calling_team(_team, function, args, kwargs)
     threads = torch.get_num_threads()
     return _worker().submit(_with_threads, threads, function, args, kwargs).result()
-
-
-def flushing_supported() -> bool:
-    """Whether this CPU flushes denormals in :func:`run_flushing_denormals`."""
-    return _flushing_available()
 
 
 class _OpenMPTeam:
@@ -125,9 +120,9 @@ def _flushing_here() -> bool:
     return bool(np.float32(1e-30) * np.float32(1e-10) == 0)
 
 
-def _flushing_available() -> bool:
-    """Whether denormals can be flushed, finding the way on first use (the caller's team
-    through the OpenMP runtime, else the worker thread)."""
+def flushing_supported() -> bool:
+    """Whether this CPU flushes denormals in :func:`run_flushing_denormals`; the first call
+    also finds the way (the caller's team through the OpenMP runtime, else the worker)."""
     global _supported, _team
     with _lock:
         if _supported is None:

@@ -103,6 +103,7 @@ def write_dataset(
     if num_classes < 2:
         raise ValueError(f"a dataset needs at least 2 classes, got {num_classes}")
     out_dir = Path(out_dir)
+    # missing_directories takes files: a name inside each subdirectory counts it too
     created = missing_directories(out_dir / sub / "x" for sub in ("images", "unaries", "labels"))
     for sub in ("images", "unaries", "labels"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
