@@ -30,12 +30,17 @@ def pool(x: torch.Tensor, blur: int) -> torch.Tensor:
     return F.avg_pool2d(x, blur, stride=blur, padding=padding, count_include_pad=False)
 
 
-def gaussian_kernel(features: torch.Tensor, filter_size: int) -> torch.Tensor:
+def gaussian_kernel(
+    features: torch.Tensor, filter_size: int, scale: float | torch.Tensor
+) -> torch.Tensor:
     """Truncated Gaussian weights ``[N,k,k,h,w]`` from coarse features ``[N,F,h,w]`` (§2.3).
 
-    ``G[n,a,c,x,y] = exp(-0.5·||f[:,x+a-s,y+c-s] - f[:,x,y]||²)``, 0 where the neighbour lies
-    outside the grid; the centre weight is 1. Computed one window row ``a`` at a time, so the
-    temporary buffer is ``F·k·h·w``.
+    ``G[n,a,c,x,y] = exp(-0.5·||(f[:,x+a-s,y+c-s] - f[:,x,y]) / scale||²)``, 0 where the
+    neighbour lies outside the grid; the centre weight is 1. ``features`` are unscaled (raw
+    pooled values): the differences are divided by ``scale``, not the features, so that large
+    features keep their float32 precision and a tiny ``scale`` gives 0 off the centre instead
+    of ``inf - inf``. Computed one window row ``a`` at a time, so the temporary buffer is
+    ``F·k·h·w``.
     """
     n, _, h, w = features.shape
     s = filter_size // 2
@@ -45,7 +50,7 @@ def gaussian_kernel(features: torch.Tensor, filter_size: int) -> torch.Tensor:
     rows = []
     for a in range(filter_size):
         window = padded[:, :, a : a + h].unfold(3, w, 1)  # view [N,F,h,k,w]
-        dist2 = (window - centre).square().sum(dim=1)  # [N,h,k,w]
+        dist2 = ((window - centre) / scale).square().sum(dim=1)  # [N,h,k,w]
         mask = inside[:, a : a + h].unfold(2, w, 1)  # [1,h,k,w]
         rows.append((torch.exp(-0.5 * dist2) * mask).transpose(1, 2))  # [N,k,h,w]
     return torch.stack(rows, dim=1)
@@ -72,8 +77,8 @@ def crf_kernel(
     col_compat = params.col_compat if col_compat is None else col_compat
     height, width = image.shape[-2:]
     g_pos = position_kernel(height, width, params.blur, params.filter_size, pos_sdims, like=image)
-    col = pool(image / col_schan, params.blur)
-    kernel = pos_compat * g_pos + col_compat * gaussian_kernel(col, params.filter_size)
+    col = pool(image, params.blur)
+    kernel = pos_compat * g_pos + col_compat * gaussian_kernel(col, params.filter_size, col_schan)
     return kernel.contiguous()  # the window sum reads [h,w] planes of it
 
 
@@ -91,23 +96,29 @@ def position_kernel(
     The pooled row feature of a coarse cell depends only on its row and the column feature only
     on its column, so ``G[a,c,x,y] = R[a,x]·S[c,y]`` with 1-D truncated Gaussians ``R [k,h]``
     and ``S [k,w]``: equal (up to rounding) to ``gaussian_kernel(P(pos))`` with the
-    features ``pos = (row, col) / pos_sdims`` of §2.1, for one ``k²·h·w`` product.
-    dtype/device of ``like``; differentiable in ``pos_sdims``.
+    features ``pos = (row, col) / pos_sdims`` of §2.1, for one ``k²·h·w`` product. The pooled
+    pixel indices are exact in float32 (means of consecutive integers), and so are their
+    differences, which alone are divided by ``pos_sdims``: far from the origin of a large
+    image the weights keep full precision. dtype/device of ``like``; differentiable in
+    ``pos_sdims``.
     """
-    rows = _pooled_positions(height, blur, like) / pos_sdims
-    cols = _pooled_positions(width, blur, like) / pos_sdims
-    row_kernel, col_kernel = _gaussian_1d(rows, filter_size), _gaussian_1d(cols, filter_size)
+    rows = _pooled_positions(height, blur, like)
+    cols = _pooled_positions(width, blur, like)
+    row_kernel = _gaussian_1d(rows, filter_size, pos_sdims)
+    col_kernel = _gaussian_1d(cols, filter_size, pos_sdims)
     return (row_kernel[:, None, :, None] * col_kernel[None, :, None, :]).unsqueeze(0)
 
 
-def _gaussian_1d(values: torch.Tensor, filter_size: int) -> torch.Tensor:
+def _gaussian_1d(
+    values: torch.Tensor, filter_size: int, scale: float | torch.Tensor
+) -> torch.Tensor:
     """:func:`gaussian_kernel` along one axis: ``values [n]`` -> ``[k,n]`` weights
-    ``exp(-0.5·(v[x+a-s] - v[x])²)``, 0 where ``x+a-s`` lies outside ``[0,n)``."""
+    ``exp(-0.5·((v[x+a-s] - v[x]) / scale)²)``, 0 where ``x+a-s`` lies outside ``[0,n)``."""
     s = filter_size // 2
     n = values.shape[0]
     windows = F.pad(values, (s, s)).unfold(0, n, 1)  # view [k,n]: windows[a,x] = v[x+a-s]
     inside = F.pad(values.new_ones(n), (s, s)).unfold(0, n, 1)
-    return torch.exp(-0.5 * (windows - values).square()) * inside
+    return torch.exp(-0.5 * ((windows - values) / scale).square()) * inside
 
 
 def _pooled_positions(length: int, blur: int, like: torch.Tensor) -> torch.Tensor:

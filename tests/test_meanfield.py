@@ -78,6 +78,30 @@ def test_grayscale_image_and_torch_input():
     _assert_close(refine(torch.from_numpy(image), torch.from_numpy(logits), params), expected)
 
 
+@pytest.mark.parametrize("blur", [1, 2])
+def test_sixteen_bit_image_at_high_values_matches_reference(blur):
+    # A smooth 16-bit image near 60000: features I / col_schan ~ 4600 lose ~3e-4 in float32,
+    # so dividing before the differences put the scores 4e-4 (relative) off the reference.
+    rng = np.random.default_rng(9)
+    image = np.clip(60000 + rng.normal(0, 13, (24, 24)), 0, 65535).astype(np.uint16)
+    logits = rng.normal(0, 2, (3, 24, 24)).astype(np.float32)
+    params = CRFParams(filter_size=5, blur=blur, init="log")
+    _assert_close(refine(image, logits, params), reference.refine(image, logits, params))
+
+
+@pytest.mark.parametrize("field", ["pos_sdims", "col_schan"])
+def test_tiny_feature_scales_give_finite_scores(field):
+    # 19 / 2e-38 overflows float32: features divided before their differences gave inf - inf,
+    # NaN scores; the reference (float64) has 0 off the centre, which the differences give too.
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (20, 20, 3)).astype(np.uint8)
+    logits = rng.normal(0, 1, (3, 20, 20)).astype(np.float32)
+    params = CRFParams(filter_size=3, blur=1, **{field: 2e-38})
+    scores = refine(image, logits, params)
+    assert np.isfinite(scores).all()
+    _assert_close(scores, reference.refine(image, logits, params))
+
+
 def test_pool_padding_hand_computed():
     # length 10, blur 4: pad total 2, 1 each side; cells cover rows [-1,3), [3,7), [7,11).
     assert meanfield.pool_padding(10, 4) == 1
@@ -101,7 +125,7 @@ def test_upsample_hand_computed():
 
 def test_gaussian_zero_outside_window_and_centre_one():
     features = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # [1,1,2,2]
-    g = meanfield.gaussian_kernel(features, 3)[0]  # [3,3,2,2]
+    g = meanfield.gaussian_kernel(features, 3, 1.0)[0]  # [3,3,2,2]
     # Centre offset is exp(0) = 1 everywhere.
     np.testing.assert_allclose(g[1, 1].numpy(), np.ones((2, 2)))
     # Pixel (0,0): up or left neighbours lie outside -> 0.
