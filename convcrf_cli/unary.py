@@ -32,7 +32,9 @@ import dataclasses
 import io
 import math
 import sys
+import tokenize
 import zipfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -396,7 +398,9 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) 
         if exc.errno is not None:  # reading failed (too many open files, no memory, EIO)
             raise unreadable(name, exc) from exc
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
-    except (EOFError, zipfile.BadZipFile, KeyError) as exc:
+    except tokenize.TokenError as exc:  # NumPy tokenizes the header before it parses it
+        raise BadInputError(name, f"corrupt {kind} header ({exc.args[0]})") from exc
+    except (EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import io
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -181,6 +183,27 @@ def test_truncated_npy_names_the_file(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     message = _error(path)
     assert str(path) in message and "truncated" in message
+
+
+def test_damaged_npy_header_and_npz_data_name_the_file(tmp_path):
+    # One byte changed: an unbalanced parenthesis in the header ('shape': N3, 24, 32)), and a
+    # compressed member that does not inflate; NumPy raises neither as a ValueError.
+    path = _npy(tmp_path, _probs())
+    data = path.read_bytes()
+    start = data.index(b"(", data.index(b"shape"))
+    path.write_bytes(data[:start] + b"N" + data[start + 1 :])
+    assert _error(path).endswith("corrupt .npy header (EOF in multi-line statement)")
+    assert "corrupt .npy header" in _error("-", stdin=io.BytesIO(path.read_bytes()))
+    with zipfile.ZipFile(tmp_path / "bad_header.npz", "w") as archive:
+        archive.writestr("unary.npy", path.read_bytes())
+    assert "corrupt .npz header" in _error(tmp_path / "bad_header.npz")
+    np.savez_compressed(tmp_path / "z.npz", unary=_probs())
+    packed = bytearray((tmp_path / "z.npz").read_bytes())
+    name_length, extra_length = struct.unpack("<HH", packed[26:30])  # the local file header
+    packed[30 + name_length + extra_length] ^= 0xFF  # the first deflate block's header
+    (tmp_path / "z.npz").write_bytes(bytes(packed))
+    message = _error(tmp_path / "z.npz")
+    assert message.startswith(f"{tmp_path / 'z.npz'}: corrupt or truncated .npz data (")
 
 
 def test_npy_shape_is_checked_before_its_data_are_read(tmp_path):
