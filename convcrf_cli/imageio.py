@@ -105,8 +105,9 @@ def load_image(path: str | Path, *, apply_exif: bool = True) -> LoadedImage:
     """Read an image with the details of how it was read (see :class:`LoadedImage`)."""
     with _open(path) as image:
         notes: list[str] = []
-        if getattr(image, "n_frames", 1) > 1:
-            notes.append(f"{image.n_frames} frames; using the first")
+        frames = _frame_count(path, image)
+        if frames > 1:
+            notes.append(f"{frames} frames; using the first")
         png_16_bit = _png_16_bit_raw_mode(image)  # before getexif(), which may decode
         orientation = _exif_orientation(image)
         _decode(path, image)
@@ -214,6 +215,8 @@ def _open(path: str | Path) -> Iterator[Image.Image]:
             raise BadInputError(path, f"image too large: {exc}") from exc
         except UnidentifiedImageError as exc:
             raise BadInputError(path, "not an image format Pillow can read (corrupt?)") from exc
+        except ValueError as exc:  # a damaged header, e.g. a PNG's 'Truncated IHDR chunk'
+            raise _corrupt(path, exc) from exc
         except OSError as exc:
             raise unreadable(path, exc) from exc
         with image:
@@ -227,14 +230,34 @@ def _open(path: str | Path) -> Iterator[Image.Image]:
             yield image
 
 
+_CORRUPT_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError)
+"""What Pillow raises for damaged image data (its plugins' parsing errors, unwrapped)."""
+
+
 def _decode(path: str | Path, image: Image.Image) -> None:
     """Decode the pixel data now, so that corrupt or truncated data is reported here."""
     try:
         image.load()
     except MemoryError as exc:
         raise BadInputError(path, "image too large for the memory of this machine") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadInputError(path, f"corrupt or truncated image data ({exc})") from exc
+    except _CORRUPT_ERRORS as exc:
+        raise _corrupt(path, exc) from exc
+
+
+def _corrupt(path: str | Path, exc: Exception) -> BadInputError:
+    """The error for damaged image data at ``path`` that Pillow raised as ``exc``."""
+    detail = f"no entry {exc}" if isinstance(exc, KeyError) else str(exc)
+    return BadInputError(path, f"corrupt or truncated image data ({detail})")
+
+
+def _frame_count(path: str | Path, image: Image.Image) -> int:
+    """The number of frames (TIFF pages, GIF/WebP/APNG frames) of ``image``, opened, not
+    decoded. Pillow reads every frame's header to count them, so a damaged later frame is
+    reported here, naming the file."""
+    try:
+        return getattr(image, "n_frames", 1)
+    except _CORRUPT_ERRORS as exc:
+        raise _corrupt(path, exc) from exc
 
 
 def _png_16_bit_raw_mode(image: Image.Image) -> str | None:

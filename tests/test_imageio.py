@@ -188,6 +188,30 @@ def test_corrupt_and_truncated_images(tmp_path):
     assert "corrupt or truncated" in _error(tmp_path / "cut.png")
 
 
+def test_damaged_later_frame_and_damaged_png_header_name_the_file(tmp_path):
+    # Counting the frames reads every page's header: an empty second IFD raised TypeError
+    # ('Missing dimensions'), a traceback; a PNG header chunk too short, ValueError.
+    buffer = io.BytesIO()
+    pages = [Image.fromarray(_rgb(1)), Image.fromarray(_rgb(2))]
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    data = bytearray(buffer.getvalue())
+    (first,) = struct.unpack("<I", data[4:8])
+    (entries,) = struct.unpack("<H", data[first : first + 2])
+    end = first + 2 + 12 * entries
+    (second,) = struct.unpack("<I", data[end : end + 4])
+    data[second : second + 2] = struct.pack("<H", 0)  # the second page has no tags
+    (tmp_path / "pages.tif").write_bytes(bytes(data))
+    message = _error(tmp_path / "pages.tif")
+    assert message.endswith("corrupt or truncated image data (Missing dimensions)")
+    png = raw_png(W, H, 8, 2, b"\0" * (1 + 3 * W) * H)
+    short = png[:8] + struct.pack(">I", 5) + b"IHDR" + png[16:21]
+    short += struct.pack(">I", zlib.crc32(short[12:]))
+    (tmp_path / "short.png").write_bytes(short + png[33:])
+    assert "corrupt or truncated image data (Truncated IHDR chunk)" in _error(
+        tmp_path / "short.png"
+    )
+
+
 def raw_png(width: int, height: int, bit_depth: int, colour_type: int, data: bytes) -> bytes:
     """A PNG with the given header and ``data`` (filtered scanlines) as its one IDAT chunk."""
 
