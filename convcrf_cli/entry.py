@@ -9,7 +9,8 @@ memory under ``ulimit -v``, a broken install) is one line with exit status 1. An
 terminated command exits at once, without waiting for a computation still running in a worker
 thread (a batch's CRF, or the CRF and training where denormals are flushed in a worker of
 their own): its outputs are written by the command itself, which has removed what it had
-begun to write.
+begun to write. Pillow's warnings about damaged metadata (a malformed EXIF block, TIFF tags
+that point past the end of the file) are not shown: the file is read or refused with one line.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import contextlib
 import os
 import signal
 import sys
+import warnings
 from typing import NoReturn
 
 
 def main() -> None:
     """Run the ``convcrf`` command group on ``sys.argv``."""
     signal.signal(signal.SIGINT, interrupt_once)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     try:
         from convcrf_cli.cli import main as command_group
     except KeyboardInterrupt:

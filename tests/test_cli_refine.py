@@ -388,6 +388,37 @@ def _subprocess(args: list[object], stdin: bytes) -> subprocess.CompletedProcess
     )
 
 
+def test_pillow_warnings_on_damaged_metadata_stay_off_stderr(case):
+    # Pillow warns (two lines naming its own source: 'Tag data larger than file') about an EXIF
+    # block cut short, which a JPEG can carry and still be read, and about a TIFF cut inside
+    # its tags; stderr is to hold the tool's lines only.
+    tmp_path, image, _ = case
+    exif = Image.Exif()
+    exif[0x010E] = "a description long enough to be stored after the tags"
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", exif=exif)
+    data = buffer.getvalue()
+    start = data.index(b"Exif\0\0")
+    length = int.from_bytes(data[start - 2 : start], "big")
+    body = data[start : start - 2 + length][:-30]  # the description cut off
+    jpeg = data[: start - 2] + (len(body) + 2).to_bytes(2, "big") + body
+    (tmp_path / "exif.jpg").write_bytes(jpeg + data[start - 2 + length :])
+    done = _subprocess(
+        [tmp_path / "exif.jpg", tmp_path / "probs.npy", "-o", tmp_path / "l.png"], b""
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="TIFF")
+    (tmp_path / "cut.tif").write_bytes(buffer.getvalue()[:50])
+    done = _subprocess(
+        [tmp_path / "cut.tif", tmp_path / "probs.npy", "-o", tmp_path / "t.png"], b""
+    )
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        f"convcrf: error: {tmp_path / 'cut.tif'}: not an image format Pillow can read (corrupt?)"
+    ]
+
+
 def test_stdin_unary_and_stdout_png_through_a_real_process(case):
     tmp_path, image, probs = case
     buffer = io.BytesIO()
