@@ -398,7 +398,7 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) 
         if exc.errno is not None:  # reading failed (too many open files, no memory, EIO)
             raise unreadable(name, exc) from exc
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
-    except tokenize.TokenError as exc:  # NumPy tokenizes the header before it parses it
+    except (tokenize.TokenError, SyntaxError) as exc:  # NumPy parses the header's literals
         raise BadInputError(name, f"corrupt {kind} header ({exc.args[0]})") from exc
     except (EOFError, zipfile.BadZipFile, KeyError, zlib.error) as exc:
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc

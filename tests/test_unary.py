@@ -194,6 +194,8 @@ def test_damaged_npy_header_and_npz_data_name_the_file(tmp_path):
     path.write_bytes(data[:start] + b"N" + data[start + 1 :])
     assert _error(path).endswith("corrupt .npy header (EOF in multi-line statement)")
     assert "corrupt .npy header" in _error("-", stdin=io.BytesIO(path.read_bytes()))
+    path.write_bytes(data.replace(b"'<f4'", b"',f4'"))  # a dtype NumPy parses as a literal
+    assert _error(path).endswith("corrupt .npy header (invalid syntax)")
     with zipfile.ZipFile(tmp_path / "bad_header.npz", "w") as archive:
         archive.writestr("unary.npy", path.read_bytes())
     assert "corrupt .npz header" in _error(tmp_path / "bad_header.npz")
