@@ -43,7 +43,9 @@ def refine(
     labels are its argmax over classes, probabilities its softmax. NumPy on the CPU backend;
     the CUDA backend returns device arrays when given them.
 
-    Raises :class:`InputError` for shapes, dtypes or values that do not fit, ``TypeError``
+    Raises :class:`InputError` for shapes, dtypes or values that do not fit (also when the
+    mean field overflows float32, which weights and compatibilities far beyond the usual
+    make it do: scores are never NaN or infinite), ``TypeError``
     for ``params`` or ``device`` of the wrong type, and
     :class:`~convcrf_cli.backends.DeviceError` for a device that cannot be used.
     """
@@ -61,6 +63,11 @@ def refine(
                     f"{name} hold NaN, infinite values or values beyond the float32 range"
                 )
     scores = backend.run(image_nfhw, logits_nchw, params)
+    if not _finite_in_float32(scores):
+        raise InputError(
+            "the mean field overflowed float32 (NaN or infinite scores): weight, pos_compat, "
+            "col_compat or unary_weight are too large for these logits"
+        )
     return scores if batched else scores[0]
 
 

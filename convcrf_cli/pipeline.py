@@ -23,7 +23,7 @@ except ImportError:  # Windows: no address-space limit to read
 
 from convcrf_cli import outputs, unary
 from convcrf_cli.backends import Backend, as_numpy
-from convcrf_cli.core import refine
+from convcrf_cli.core import InputError, refine
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.grid import coarse_size
 from convcrf_cli.imageio import LoadedImage, load_image
@@ -217,10 +217,22 @@ def refine_prepared(
 
     On a backend with device arrays (``to_device``, the CUDA backend) the labels are taken on
     the device, and only they (and the scores of items that write probabilities) are copied
-    back; elsewhere each item gets its scores, ``[C,H,W] float32``.
+    back; elsewhere each item gets its scores, ``[C,H,W] float32``. A mean field that
+    overflows float32 is a :class:`BadInputError` naming the unary of a single item (an
+    :class:`InputError` for several: a batch retries them one by one).
     """
     if len({item.group_key for item in items}) != 1:
         raise ValueError("refine_prepared needs items of one size, channel and class count")
+    try:
+        return _refine_group(items, params, backend)
+    except InputError as exc:  # convert_unary and load_image checked the inputs: an overflow
+        if len(items) > 1:
+            raise
+        raise BadInputError(items[0].unary_name, str(exc)) from exc
+
+
+def _refine_group(items: list[PreparedItem], params: CRFParams, backend: Backend) -> list[Refined]:
+    """:func:`refine_prepared` without its checks and error naming."""
     if len(items) == 1:  # views, no copy
         pixels, logits = items[0].image.pixels[None], items[0].unary.logits[None]
     else:

@@ -272,6 +272,19 @@ def test_each_bad_input_is_one_line_exit_2_and_leaves_no_output(tmp_path):
         assert not (tmp_path / "out").exists(), name
 
 
+def test_a_mean_field_overflowing_float32_names_the_unary_and_writes_nothing(case):
+    # weight 1e38 is within float32's range, the message times it is not: NaN scores, which
+    # gave an all-0 label map and exit 0.
+    tmp_path, _, _ = case
+    out = tmp_path / "out" / "labels.png"
+    result = _run(tmp_path / "img.png", tmp_path / "probs.npy", "-o", out, "--weight", "1e38")
+    assert result.exit_code == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"convcrf: error: {tmp_path / 'probs.npy'}: the mean field over")
+    assert not (tmp_path / "out").exists()
+
+
 def test_single_channel_foreground_takes_num_classes_2(case):
     tmp_path, _, probs = case
     np.save(tmp_path / "fg.npy", probs[1:2])

@@ -64,6 +64,21 @@ def test_large_values_within_float32_are_fine():
     assert np.isfinite(scores).all()
 
 
+@pytest.mark.parametrize(
+    "overflowing",
+    [
+        {"weight": 1e38},
+        {"pos_compat": 3e38, "col_compat": 3e38},
+        {"weight": 3e38, "unary_weight": -3e38},
+    ],
+)
+def test_a_mean_field_overflowing_float32_is_an_input_error(overflowing):
+    # Parameters within float32's range whose products are not: the scores were all NaN.
+    params = CRFParams(filter_size=3, blur=2, iterations=2, **overflowing)
+    with pytest.raises(InputError, match=r"the mean field overflowed float32 \(NaN or infinite"):
+        refine(IMAGE, LOGITS, params)
+
+
 def test_params_and_device_of_the_wrong_type_are_type_errors():
     with pytest.raises(TypeError, match="params must be a CRFParams or None, got str; give the"):
         refine(IMAGE, LOGITS, "cpu")
