@@ -8,6 +8,8 @@ distribution (see :mod:`convcrf_cli.unary` for probabilities and energies).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from convcrf_cli.backends import Array, Backend, array_library, select_backend
@@ -63,7 +65,7 @@ def refine(
                     f"{name} hold NaN, infinite values or values beyond the float32 range"
                 )
     scores = backend.run(image_nfhw, logits_nchw, params)
-    if not _finite_in_float32(scores):
+    if not _all_finite(scores):
         raise InputError(
             "the mean field overflowed float32 (NaN or infinite scores): weight, pos_compat, "
             "col_compat or unary_weight are too large for these logits"
@@ -121,6 +123,13 @@ def _finite_in_float32(array) -> bool:
     else:
         floating = array.dtype.kind == "f"
     return not floating or bool((abs(array) <= FLOAT32_MAX).all())  # False for NaN too
+
+
+def _all_finite(scores: Array) -> bool:
+    """Whether float32 ``scores`` (NumPy, CuPy or torch) hold no NaN or infinite value,
+    computed where they are by their own library's ``isfinite``."""
+    library = sys.modules[array_library(scores)]
+    return bool(library.isfinite(scores).all())
 
 
 def _ndim(array) -> int:
