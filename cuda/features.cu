@@ -4,14 +4,16 @@
 // blockIdx.z = image of the batch.
 
 // image [N,F,H,W] float32 (raw values) -> feat [N,2+F,h,w] float32 with
-//   feat[:,0] = mean row / pos_sdims, feat[:,1] = mean column / pos_sdims,
-//   feat[:,2+f] = mean image[f] / col_schan,
+//   feat[:,0] = mean row, feat[:,1] = mean column, feat[:,2+f] = mean image[f],
 // each mean over the valid pixels of the blur x blur cell (padding pad_y/pad_x not counted).
+// Unscaled: the message kernels divide the differences of features by pos_sdims / col_schan,
+// so that large values (16-bit images, far pixels) keep their float32 precision and a tiny
+// scale gives weights of 0 instead of inf - inf.
 extern "C" __global__ void convcrf_pool_features(const float* __restrict__ image,
                                                  float* __restrict__ feat, int num_features,
                                                  int height, int width, int coarse_h,
-                                                 int coarse_w, int blur, int pad_y, int pad_x,
-                                                 float inv_pos_sdims, float inv_col_schan) {
+                                                 int coarse_w, int blur, int pad_y,
+                                                 int pad_x) {
     const int x = blockIdx.x * blockDim.x + threadIdx.x;
     const int y = blockIdx.y * blockDim.y + threadIdx.y;
     const int n = blockIdx.z;
@@ -25,14 +27,14 @@ extern "C" __global__ void convcrf_pool_features(const float* __restrict__ image
     const long long coarse_plane = (long long)coarse_h * coarse_w;
     float* out = feat + (long long)n * (2 + num_features) * coarse_plane + (long long)y * coarse_w + x;
     // The mean of the consecutive integers a..b-1 is (a + b - 1) / 2.
-    out[0] = 0.5f * (float)(y0 + y1 - 1) * inv_pos_sdims;
-    out[coarse_plane] = 0.5f * (float)(x0 + x1 - 1) * inv_pos_sdims;
+    out[0] = 0.5f * (float)(y0 + y1 - 1);
+    out[coarse_plane] = 0.5f * (float)(x0 + x1 - 1);
     for (int f = 0; f < num_features; ++f) {
         const float* channel = image + ((long long)n * num_features + f) * plane;
         float sum = 0.0f;
         for (int yy = y0; yy < y1; ++yy) {
             for (int xx = x0; xx < x1; ++xx) sum += channel[(long long)yy * width + xx];
         }
-        out[(2 + f) * coarse_plane] = sum / count * inv_col_schan;
+        out[(2 + f) * coarse_plane] = sum / count;
     }
 }

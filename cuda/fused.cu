@@ -34,7 +34,8 @@ extern "C" __global__ void convcrf_step_fused(
     float* __restrict__ pooled_out, float* __restrict__ scores, int write_scores, int num_classes,
     int num_features, int height, int width, int coarse_h, int coarse_w, int blur, int pad_y,
     int pad_x, int tile_rows, int tile_cols, int chunk_classes, int filter_size, int row_groups,
-    float pos_compat, float col_compat, float unary_scale, float msg_scale) {
+    float pos_compat, float col_compat, float inv_pos_sdims, float inv_col_schan,
+    float unary_scale, float msg_scale) {
     extern __shared__ float convcrf_smem[];
     const int n = blockIdx.z;
     const int s = filter_size / 2;
@@ -67,7 +68,8 @@ extern "C" __global__ void convcrf_step_fused(
         for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
         const float* tile_q = tile + (num_feat + chunk * CONVCRF_CLASS_BLOCK) * area;
         add_window_rows(tile, tile_q, area, tile_w, num_feat, cell % win_w, cell / win_w,
-                        filter_size, group, row_groups, pos_compat, col_compat, acc);
+                        filter_size, group, row_groups, pos_compat, col_compat, inv_pos_sdims,
+                        inv_col_schan, acc);
         float* out = partial + (group * padded + chunk * CONVCRF_CLASS_BLOCK) * win + cell;
 #pragma unroll
         for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) out[cc * win] = acc[cc];

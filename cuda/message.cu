@@ -1,6 +1,9 @@
 // The ConvCRF message on the coarse grid (DESIGN §2 steps 3-4, before upsampling):
 //   M[c,x,y] = sum_{a,b} K[a,b,x,y] * Pad0(P)[c, x+a-s, y+b-s],
-//   K = pos_compat * exp(-0.5 |fp(nb) - fp(x)|^2) + col_compat * exp(-0.5 |fc(nb) - fc(x)|^2).
+//   K = pos_compat * exp(-0.5 |(fp(nb) - fp(x)) / pos_sdims|^2)
+//     + col_compat * exp(-0.5 |(fc(nb) - fc(x)) / col_schan|^2),
+// with the unscaled pooled positions fp and colours fc of features.cu (the differences, not the
+// features, are scaled: inv_pos_sdims = 1 / pos_sdims, inv_col_schan = 1 / col_schan).
 //
 // Each block stages the features and CONVCRF_CLASS_BLOCK classes of P for its tile of cells plus
 // a halo of s = k/2 cells in shared memory (zero outside the grid, so neighbours outside
@@ -16,7 +19,8 @@
 //   convcrf_message_tiled  each thread 4 cells of a row (large grids: fewer shared loads).
 //
 // All take (feat [N,2+F,h,w], pooled [N,C,h,w], message [N,C,h,w] float32, num_classes,
-// num_features, coarse_h, coarse_w, filter_size, num_chunks, pos_compat, col_compat).
+// num_features, coarse_h, coarse_w, filter_size, num_chunks, pos_compat, col_compat,
+// inv_pos_sdims, inv_col_schan).
 
 #ifndef CONVCRF_MESSAGE_CU
 #define CONVCRF_MESSAGE_CU
@@ -85,6 +89,7 @@ __device__ inline void stage_message_tile(float* tile, const float* feat_n, cons
 __device__ inline void add_window_rows(const float* tile, const float* tile_q, int area,
                                        int tile_w, int num_feat, int tx, int ty, int filter_size,
                                        int a0, int a_step, float pos_compat, float col_compat,
+                                       float inv_pos_sdims, float inv_col_schan,
                                        float (&acc)[CONVCRF_CLASS_BLOCK]) {
     const int s = filter_size / 2;
     const int centre = (ty + s) * tile_w + tx + s;
@@ -94,12 +99,12 @@ __device__ inline void add_window_rows(const float* tile, const float* tile_q, i
             const int nb = row + b;
             float dist_pos = 0.0f;
             for (int f = 0; f < 2; ++f) {
-                const float d = tile[f * area + nb] - tile[f * area + centre];
+                const float d = (tile[f * area + nb] - tile[f * area + centre]) * inv_pos_sdims;
                 dist_pos += d * d;
             }
             float dist_col = 0.0f;
             for (int f = 2; f < num_feat; ++f) {
-                const float d = tile[f * area + nb] - tile[f * area + centre];
+                const float d = (tile[f * area + nb] - tile[f * area + centre]) * inv_col_schan;
                 dist_col += d * d;
             }
             const float weight =
@@ -147,7 +152,8 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
                                            float* __restrict__ message, int num_classes,
                                            int num_features, int coarse_h, int coarse_w,
                                            int filter_size, int num_chunks, float pos_compat,
-                                           float col_compat) {
+                                           float col_compat, float inv_pos_sdims,
+                                           float inv_col_schan) {
     extern __shared__ float convcrf_smem[];
     const CellTile block =
         stage_cell_tile(convcrf_smem, feat, pooled, num_classes, num_features, coarse_h, coarse_w,
@@ -163,7 +169,8 @@ extern "C" __global__ void convcrf_message(const float* __restrict__ feat,
     for (int cc = 0; cc < CONVCRF_CLASS_BLOCK; ++cc) acc[cc] = 0.0f;
     const float* tile_q = convcrf_smem + block.num_feat * block.area;
     add_window_rows(convcrf_smem, tile_q, block.area, block.tile_w, block.num_feat, threadIdx.x,
-                    threadIdx.y, filter_size, 0, 1, pos_compat, col_compat, acc);
+                    threadIdx.y, filter_size, 0, 1, pos_compat, col_compat, inv_pos_sdims,
+                    inv_col_schan, acc);
 
     float* out = message + (long long)block.n * num_classes * block.plane;
     out += (long long)y * coarse_w + x;
@@ -184,7 +191,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     convcrf_message_split(const float* __restrict__ feat, const float* __restrict__ pooled,
                           float* __restrict__ message, int num_classes, int num_features,
                           int coarse_h, int coarse_w, int filter_size, int num_chunks,
-                          float pos_compat, float col_compat) {
+                          float pos_compat, float col_compat, float inv_pos_sdims,
+                          float inv_col_schan) {
     extern __shared__ float convcrf_smem[];
     const int cells = blockDim.x * blockDim.y;
     const int cell = threadIdx.y * blockDim.x + threadIdx.x;
@@ -204,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         const float* tile_q = convcrf_smem + block.num_feat * block.area;
         add_window_rows(convcrf_smem, tile_q, block.area, block.tile_w, block.num_feat,
                         threadIdx.x, threadIdx.y, filter_size, threadIdx.z, blockDim.z,
-                        pos_compat, col_compat, acc);
+                        pos_compat, col_compat, inv_pos_sdims, inv_col_schan, acc);
     }
     // the partial sums [z][cc][cell], after the staged tile
     float* partial = convcrf_smem + (block.num_feat + CONVCRF_CLASS_BLOCK) * block.area;
@@ -257,6 +265,7 @@ extern "C" __global__ void convcrf_message_tiled(const float* __restrict__ feat,
                                                  int num_features, int coarse_h, int coarse_w,
                                                  int filter_size, int num_chunks,
                                                  float pos_compat, float col_compat,
+                                                 float inv_pos_sdims, float inv_col_schan,
                                                  int row_quarter) {
     extern __shared__ float convcrf_smem[];
     const int s = filter_size / 2;
@@ -319,14 +328,14 @@ extern "C" __global__ void convcrf_message_tiled(const float* __restrict__ feat,
                 float dist_pos = 0.0f;
 #pragma unroll
                 for (int f = 0; f < 2; ++f) {
-                    const float d = nb_feat[f] - centre[r][f];
+                    const float d = (nb_feat[f] - centre[r][f]) * inv_pos_sdims;
                     dist_pos += d * d;
                 }
                 float dist_col = 0.0f;
 #pragma unroll
                 for (int f = 2; f < CONVCRF_MAX_FEATURES; ++f) {
                     if (f < num_feat) {
-                        const float d = nb_feat[f] - centre[r][f];
+                        const float d = (nb_feat[f] - centre[r][f]) * inv_col_schan;
                         dist_col += d * d;
                     }
                 }

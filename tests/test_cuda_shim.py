@@ -115,6 +115,38 @@ FUSED = dataclasses.replace(SMALL, fuse_message=True)
 
 
 @pytest.mark.parametrize(
+    ("config", "blur"), [(kernel, blur) for kernel in KERNELS for blur in (1, 2)] + [("fused", 2)]
+)
+def test_sixteen_bit_image_at_high_values_matches_reference(shim, config, blur):
+    """A smooth 16-bit image near 60000: scaled before their differences, its features
+    (I / col_schan ~ 4600) lose ~3e-4 in float32 and put the scores 4e-4 off the reference; the
+    kernels scale the differences of the raw pooled values."""
+    rng = np.random.default_rng(9)
+    image = np.clip(60000 + rng.normal(0, 13, (1, 24, 24, 1)), 0, 65535).astype(np.uint16)
+    logits = rng.normal(0, 2, (1, 3, 24, 24)).astype(np.float32)
+    params = CRFParams(filter_size=5, blur=blur, init="log")
+    launch = FUSED if config == "fused" else MESSAGE_KERNELS[config]
+    scores, plan = refine_with_shim(shim, image.astype(np.float32), logits, params, launch)
+    assert plan.fused == (config == "fused")
+    assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.mark.parametrize("field", ["pos_sdims", "col_schan"])
+@pytest.mark.parametrize("config", [*KERNELS, "fused"])
+def test_tiny_feature_scales_give_finite_scores(shim, field, config):
+    """19 / 2e-38 overflows float32: features scaled before their differences gave inf - inf
+    and NaN scores; the reference (float64) has weight 0 off the centre, as the scaled
+    differences give."""
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (1, 20, 20, 3)).astype(np.float32)
+    logits = rng.normal(0, 1, (1, 3, 20, 20)).astype(np.float32)
+    params = CRFParams(filter_size=3, blur=2, **{field: 2e-38})
+    launch = FUSED if config == "fused" else MESSAGE_KERNELS[config]
+    scores, _ = refine_with_shim(shim, image, logits, params, launch)
+    assert_matches_reference(scores, image, logits, params)
+
+
+@pytest.mark.parametrize(
     ("height", "width", "classes", "features", "k", "blur", "init", "n", "its"),
     [case for case in CASES if case[5] > 1] + [(30, 41, 21, 3, 13, 3, "log", 2, 3)],
 )

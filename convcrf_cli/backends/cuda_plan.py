@@ -365,7 +365,7 @@ class MeanFieldPlan:
         p, i32, f32 = self.params, np.int32, np.float32
         args = (feat, pooled, message, i32(self.classes), i32(self.features))
         args += (i32(self.coarse_h), i32(self.coarse_w), i32(p.filter_size), i32(self.num_chunks))
-        args += (f32(p.pos_compat), f32(p.col_compat))
+        args += (f32(p.pos_compat), f32(p.col_compat), *self.inverse_scales)
         chunks = self.batch * self.num_chunks
         if self.message_kernel == "per-cell":
             block = (*self.config.cell_block, 1)
@@ -473,7 +473,7 @@ class MeanFieldPlan:
         args = (logits, lse, feat, pooled, pooled_out, scores, i32(last), i32(self.classes))
         args += (i32(self.features), *self.geometry, i32(rows), i32(cols), i32(chunk))
         args += (i32(p.filter_size), i32(groups), f32(p.pos_compat), f32(p.col_compat))
-        args += self.scales(p.weight)
+        args += (*self.inverse_scales, *self.scales(p.weight))
         launch("convcrf_step_fused", self.pool_grid, self._pool_block, args, self.fused_shared)
 
     # -- final: one thread per pixel -------------------------------------------------------
@@ -488,6 +488,12 @@ class MeanFieldPlan:
         """``height, width, coarse_h, coarse_w, blur, pad_y, pad_x`` as kernel arguments."""
         values = (self.height, self.width, self.coarse_h, self.coarse_w, self.blur)
         return tuple(np.int32(v) for v in (*values, self.pad_y, self.pad_x))
+
+    @property
+    def inverse_scales(self) -> tuple[np.float32, np.float32]:
+        """``1 / pos_sdims`` and ``1 / col_schan``: the message kernels scale the differences
+        of the unscaled features by them."""
+        return np.float32(1 / self.params.pos_sdims), np.float32(1 / self.params.col_schan)
 
     def scales(self, weight: float) -> tuple[np.float32, np.float32]:
         """``unary_scale = u - w`` and ``msg_scale = w`` for message weight ``weight``."""
@@ -558,7 +564,7 @@ def run_plan(
     (CuPy on the GPU, NumPy in the shim); scores ``[N,C,H,W]`` float32 is written.
     ``empty(shape, dtype)`` allocates the intermediate buffers.
     """
-    p, i32, f32 = plan.params, np.int32, np.float32
+    p, i32 = plan.params, np.int32
     n, c, f, h, w = plan.batch, plan.classes, plan.features, plan.coarse_h, plan.coarse_w
     feat = empty((n, 2 + f, h, w), np.float32)
     lse = empty((n, plan.height, plan.width), np.float32)
@@ -566,7 +572,6 @@ def run_plan(
     message = empty((n, c, h, w), np.float32)
     cell_block = (*plan.config.cell_block, 1)
     features_args = (image, feat, i32(f), *plan.geometry)
-    features_args += (f32(1 / p.pos_sdims), f32(1 / p.col_schan))
     launch("convcrf_pool_features", plan.cell_grid, cell_block, features_args, 0)
     plan.launch_init(launch, logits, lse, pooled)
     if plan.fused:  # the message buffer holds the next pooled Q: P is read while it is written
