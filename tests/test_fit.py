@@ -292,6 +292,18 @@ def test_cli_fit_refuses_uncreatable_output_directory_before_training(dataset, t
     assert run.stderr == (f"convcrf: error: {learned}: directory {blocker} is not a directory\n")
 
 
+def test_cli_fit_refuses_stdout_as_output(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the old code wrote a file named "-" here
+    dirs = (dataset / "images", dataset / "unaries", dataset / "labels")
+    run = _in_process("fit", *dirs, "-o", "-", "--epochs", "1", "--device", "cpu")
+    assert run.exit_code == 2
+    assert run.stderr == (
+        "convcrf: error: -: the learned parameters are written to a file, not stdout (which "
+        "carries the summary); give a file name\n"
+    )
+    assert run.stdout == "" and not list(tmp_path.iterdir())
+
+
 def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):
     common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu", "--seed", "5")
     dirs = (dataset / "images", dataset / "unaries", dataset / "labels")

@@ -46,7 +46,8 @@ FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
     "--output",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the learned parameters (JSON, as `convcrf refine --params` reads).",
+    help="File to write the learned parameters to (JSON, as `convcrf refine --params` "
+    "reads; not -: stdout carries the summary).",
 )
 @click.option("--epochs", type=int, default=_FIT_DEFAULTS.epochs, show_default=True)
 @click.option(
@@ -125,6 +126,12 @@ def fit_command(
     Exit status: 0 ok, 1 training diverged or the output could not be written, 2 bad usage
     or input (checked before training).
     """
+    if str(output) == "-":
+        raise BadInputError(
+            output,
+            "the learned parameters are written to a file, not stdout (which carries "
+            "the summary); give a file name",
+        )
     params_file = options.pop("params_file")
     base, transforms = read_start(params_file) if params_file else (None, {})
     start: CRFParams | ConvCRF = params_from_options(options, base)
