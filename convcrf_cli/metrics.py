@@ -27,7 +27,8 @@ def confusion_matrix(
     guess = pred[keep].astype(np.int64)
     for name, values in (("label", truth), ("prediction", guess)):
         if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"{name} values must lie in [0, {num_classes}), got {values.max()}")
+            worst = values.min() if values.min() < 0 else values.max()
+            raise ValueError(f"{name} values must lie in [0, {num_classes}), got {worst}")
     counts = np.bincount(truth * num_classes + guess, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 

@@ -66,3 +66,16 @@ def test_errors():
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         confusion_matrix(PRED, LABELS, 2)
     assert not confusion_matrix(PRED, np.full_like(LABELS, 255), 3).any()
+
+
+@pytest.mark.parametrize(
+    ("pred", "labels", "message"),
+    [
+        ([0, -1, 2], [0, 1, 2], r"prediction values must lie in \[0, 3\), got -1"),
+        ([0, 1, 2], [0, -2, 2], r"label values must lie in \[0, 3\), got -2"),
+        ([0, 1, 2], [0, 1, 5], r"label values must lie in \[0, 3\), got 5"),
+    ],
+)
+def test_out_of_range_values_are_named(pred, labels, message):
+    with pytest.raises(ValueError, match=message):
+        confusion_matrix(np.array(pred), np.array(labels), 3)
