@@ -154,13 +154,15 @@ def _json_text(data: dict[str, Any]) -> str:
 def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
     """Read the JSON object in ``path`` (UTF-8, with or without a byte-order mark; ``-``:
     stdin) and ``build`` something from it; every fault (an unreadable file, invalid JSON, a
-    rejected value) is a :class:`ParamsError` naming the file (or stdin). Integers too long
-    for Python to convert are read as infinite floats, which the validation then refuses by
-    name."""
+    key given twice, a rejected value) is a :class:`ParamsError` naming the file (or stdin).
+    Integers too long for Python to convert are read as infinite floats, which the validation
+    then refuses by name."""
     path = Path(path)
     name = "stdin" if str(path) == "-" else str(path)
     try:
-        data = json.loads(_read_text(path), parse_int=_parse_int)
+        data = json.loads(_read_text(path), parse_int=_parse_int, object_pairs_hook=_object)
+    except ParamsError as exc:
+        raise ParamsError(f"{name}: {exc}") from exc
     except OSError as exc:
         raise ParamsError(f"{name}: cannot read parameter file: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -173,6 +175,16 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
         return build(data)
     except (ParamsError, TypeError) as exc:
         raise ParamsError(f"{name}: {exc}") from exc
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's ``(key, value)`` pairs as a dict; a key given twice (of which JSON
+    would keep the last value without a word) is a :class:`ParamsError`."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ParamsError(f"key(s) given more than once: {', '.join(repeated)}")
+    return dict(pairs)
 
 
 def _read_text(path: Path) -> str:

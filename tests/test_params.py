@@ -84,6 +84,13 @@ def test_a_parameter_file_with_a_byte_order_mark_is_read(tmp_path):
     assert CRFParams.load(path) == CRFParams(filter_size=5)
 
 
+def test_a_parameter_file_with_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"blur": 2, "filter_size": 5, "blur": 4}')
+    with pytest.raises(ParamsError, match=r"twice.json: key\(s\) given more than once: blur$"):
+        CRFParams.load(path)
+
+
 def test_params_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         CRFParams().blur = 2  # type: ignore[misc]
