@@ -15,10 +15,11 @@ from convcrf_cli.batch_items import IMAGE_GLOBS, UNARY_GLOBS, find_files
 from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.fit import Example, check_start_module, label_range_problem
-from convcrf_cli.imageio import check_label_size, read_image, read_label_image
+from convcrf_cli.imageio import check_label_size, load_image, read_label_image
 from convcrf_cli.params import CRFParams, ParamsError, read_params_json, split_transforms
+from convcrf_cli.pipeline import check_orientation, orientation_warning
 from convcrf_cli.torch import ConvCRF
-from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, Unary, read_unary
+from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, Unary, convert_unary, load_unary
 
 LABEL_GLOBS = tuple(f"*{suffix}" for suffix in LABEL_IMAGE_SUFFIXES)
 """Label maps of class ids that pairing looks for (the label images a unary may be)."""
@@ -44,9 +45,10 @@ class TrainingPairs(NamedTuple):
     unused: dict[str, list[str]]
 
 
-LoadedCallback = Callable[[TrainingFiles, Unary], None]
+LoadedCallback = Callable[[TrainingFiles, Unary, tuple[str, ...]], None]
 """Called by :func:`load_examples` when an image and its unary have been read (before they
-are checked), with the files and the unary, whose ``warnings`` the caller reports."""
+are checked), with the files, the unary and the warnings on the two (the unary's, and one on
+an EXIF orientation the sizes cannot confirm) that the caller reports."""
 
 
 def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPairs:
@@ -82,17 +84,25 @@ def load_examples(
     unary_type: str,
     ignore_label: int,
     on_loaded: LoadedCallback | None = None,
+    *,
+    apply_exif: bool = True,
 ) -> list[Example]:
     """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]``, logits
-    ``[C,H,W] float32``, labels ``[H,W]`` integers). Every image must have the first one's
+    ``[C,H,W] float32``, labels ``[H,W]`` integers). Images are used in their EXIF orientation
+    (as stored with ``apply_exif`` False), as ``convcrf refine`` uses them; a unary that fits
+    only the other orientation is an error saying so. Every image must have the first one's
     classes and channels, and its label map the image's size and values in ``[0, C)`` or
     ``ignore_label``."""
     examples: list[Example] = []
     for entry in files:
-        image = read_image(entry.image)
-        unary = read_unary(entry.unary, image.shape[:2], unary_type)
+        loaded = load_image(entry.image, apply_exif=apply_exif)
+        image = loaded.pixels
+        source = load_unary(entry.unary)
+        check_orientation(loaded, source, entry.image)
+        unary = convert_unary(source, image.shape[:2], unary_type)
         if on_loaded is not None:
-            on_loaded(entry, unary)
+            warning = orientation_warning(loaded, entry.image)
+            on_loaded(entry, unary, unary.warnings + ((warning,) if warning else ()))
         if examples:
             _check_like_first(entry, image, unary, files[0], examples[0])
         label_map = read_label_image(entry.labels)

@@ -148,7 +148,7 @@ def prepare_item(
     pixels = image.pixels
     height, width = pixels.shape[:2]
     source = unary.load_unary(unary_source)
-    _check_orientation(image, source, image_path)
+    check_orientation(image, source, image_path)
     classes = unary.count_classes(
         source,
         (height, width),
@@ -176,12 +176,9 @@ def prepare_item(
             f"{image_path}: EXIF orientation {image.exif_orientation} ({image.orientation_name})"
             + (" applied" if image.exif_applied else " ignored: pixels used as stored")
         )
-        if image.exif_applied and not _orientation_confirmed(image):
-            warnings.append(
-                f"{image_path}: EXIF orientation {image.exif_orientation} "
-                f"({image.orientation_name}) applied; the unary must be in that orientation "
-                "(--exif-orientation ignore uses the pixels as stored)"
-            )
+        warning = orientation_warning(image, image_path)
+        if warning:
+            warnings.append(warning)
     return PreparedItem(
         image_path=str(image_path),
         unary_name=source.name,
@@ -363,7 +360,7 @@ def _check_memory(
         )
 
 
-def _check_orientation(image: LoadedImage, source: unary.UnarySource, image_path) -> None:
+def check_orientation(image: LoadedImage, source: unary.UnarySource, image_path) -> None:
     """Explain a size mismatch that EXIF orientation causes, instead of a bare shape error."""
     height, width = image.pixels.shape[:2]
     if (
@@ -380,6 +377,18 @@ def _check_orientation(image: LoadedImage, source: unary.UnarySource, image_path
             f"{width}, EXIF orientation {image.exif_orientation} ({image.orientation_name}) "
             f"{action}); pass --exif-orientation {other} if the segmenter saw it that way",
         )
+
+
+def orientation_warning(image: LoadedImage, image_path) -> str | None:
+    """The warning for an EXIF orientation applied to ``image`` that the unary's size cannot
+    confirm (a half turn, a mirror, a square image); None when there is nothing to say."""
+    if image.exif_orientation == 1 or not image.exif_applied or _orientation_confirmed(image):
+        return None
+    return (
+        f"{image_path}: EXIF orientation {image.exif_orientation} ({image.orientation_name}) "
+        "applied; the unary must be in that orientation (--exif-orientation ignore uses the "
+        "pixels as stored)"
+    )
 
 
 def _orientation_confirmed(image: LoadedImage) -> bool:

@@ -304,6 +304,36 @@ def test_cli_fit_refuses_stdout_as_output(dataset, tmp_path, monkeypatch):
     assert run.stdout == "" and not list(tmp_path.iterdir())
 
 
+def _tag_orientation(path, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.open(path).save(path, exif=exif)
+
+
+def test_cli_fit_uses_images_in_their_exif_orientation_as_refine_does(tmp_path):
+    write_dataset(tmp_path, count=3, height=40, width=48, num_classes=CLASSES, seed=1)
+    dirs = (tmp_path / "images", tmp_path / "unaries", tmp_path / "labels")
+    common = ("-o", tmp_path / "learned.json", "--epochs", "1", "-k", "3", "--device", "cpu")
+    turned = tmp_path / "images" / "synth_00000.png"
+    _tag_orientation(turned, 6)  # 90°: the stored-size unary and labels no longer fit
+    run = _in_process("fit", *dirs, *common)
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {tmp_path / 'unaries' / 'synth_00000.npy'}: unary fits {turned} as "
+        "stored (40×48), not as used (48×40, EXIF orientation 6 (rotated 90° clockwise) "
+        "applied); pass --exif-orientation ignore if the segmenter saw it that way\n"
+    )
+    run = _in_process("fit", *dirs, *common, "--exif-orientation", "ignore")
+    assert run.exit_code == 0, run.stderr
+    _tag_orientation(turned, 3)  # a half turn: the sizes cannot tell, so it is said
+    run = _in_process("fit", *dirs, *common)
+    assert run.exit_code == 0, run.stderr
+    assert run.stderr == (
+        f"convcrf: warning: {turned}: EXIF orientation 3 (rotated 180°) applied; the unary "
+        "must be in that orientation (--exif-orientation ignore uses the pixels as stored)\n"
+    )
+
+
 def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):
     common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu", "--seed", "5")
     dirs = (dataset / "images", dataset / "unaries", dataset / "labels")

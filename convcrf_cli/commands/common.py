@@ -124,6 +124,16 @@ unary_type_option = click.option(
 )
 
 
+exif_orientation_option = click.option(
+    "--exif-orientation",
+    type=click.Choice(("apply", "ignore")),
+    default="apply",
+    show_default=True,
+    help="Use the image in its EXIF orientation (as viewers and cv2.imread show it) or as "
+    "stored. The unary must be in the same orientation.",
+)
+
+
 def unary_options(func: Callable) -> Callable:
     """Add the options that say how to read a unary; :func:`unary_options_from` reads them."""
     decorators = [
@@ -158,14 +168,7 @@ def unary_options(func: Callable) -> Callable:
             help="Number of classes: for a label image (default: largest label + 1); for an "
             "array, checked against its class axis.",
         ),
-        click.option(
-            "--exif-orientation",
-            type=click.Choice(("apply", "ignore")),
-            default="apply",
-            show_default=True,
-            help="Use the image in its EXIF orientation (as viewers and cv2.imread show it) or "
-            "as stored. The unary must be in the same orientation.",
-        ),
+        exif_orientation_option,
     ]
     for decorator in reversed(decorators):
         func = decorator(func)

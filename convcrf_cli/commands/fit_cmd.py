@@ -13,6 +13,7 @@ from convcrf_cli.commands.common import (
     device_option,
     echo_err,
     echo_out,
+    exif_orientation_option,
     options_named,
     params_from_options,
     reports_errors,
@@ -91,6 +92,7 @@ FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
     help="Label value left out of the loss and the mean IoU.",
 )
 @unary_type_option
+@exif_orientation_option
 @device_option("auto, cpu, cuda or cuda:N (training runs in PyTorch on that device).")
 @click.option("-v", "--verbose", is_flag=True, help="Report the pairing, split and result.")
 @crf_options
@@ -108,6 +110,7 @@ def fit_command(
     crop_size: int,
     batch_size: int,
     unary_type: str,
+    exif_orientation: str,
     ignore_label: int,
     device: str,
     verbose: bool,
@@ -160,8 +163,8 @@ def fit_command(
         raise BadInputError(output, "output would overwrite an input file")
     check_output_file(output)
 
-    def loaded(entry: TrainingFiles, unary: Unary) -> None:
-        for warning in unary.warnings:
+    def loaded(entry: TrainingFiles, unary: Unary, warnings: tuple[str, ...]) -> None:
+        for warning in warnings:
             echo_err(f"convcrf: warning: {warning}")
         if verbose:
             echo_err(
@@ -169,7 +172,9 @@ def fit_command(
                 f"{unary.num_classes} classes) + {entry.labels}"
             )
 
-    examples = load_examples(files, unary_type, ignore_label, loaded)
+    examples = load_examples(
+        files, unary_type, ignore_label, loaded, apply_exif=exif_orientation == "apply"
+    )
     if transforms:
         start = start_module(params_file, start, transforms, examples, fit_options.learn)
     with tqdm(total=None, desc="fit", unit="step", disable=None, leave=False) as bar:
