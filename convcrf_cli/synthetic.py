@@ -28,6 +28,8 @@ MIN_COLOUR_DISTANCE = 40.0
 """Smallest RGB distance between the base colours of two regions of a scene."""
 GRAIN_MAX = 40.0
 """Largest amplitude of a region's fine texture (RGB units)."""
+SUBDIRECTORIES = ("images", "unaries", "labels")
+"""The directories of a dataset that :func:`write_dataset` writes, under its ``out_dir``."""
 
 
 def random_scene(
@@ -104,8 +106,8 @@ def write_dataset(
         raise ValueError(f"a dataset needs at least 2 classes, got {num_classes}")
     out_dir = Path(out_dir)
     # missing_directories takes files: a name inside each subdirectory counts it too
-    created = missing_directories(out_dir / sub / "x" for sub in ("images", "unaries", "labels"))
-    for sub in ("images", "unaries", "labels"):
+    created = missing_directories(out_dir / sub / "x" for sub in SUBDIRECTORIES)
+    for sub in SUBDIRECTORIES:
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
     names = []
     for index in range(count):

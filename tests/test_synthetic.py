@@ -148,6 +148,17 @@ def test_synth_refuses_to_mix_two_runs_and_negative_seeds(tmp_path):
     assert negative.exit_code == 2 and "'--seed': -1 is not in the range x>=0" in negative.stderr
 
 
+@pytest.mark.parametrize("blocked", ["images", "labels"])
+def test_synth_refuses_a_file_in_place_of_a_dataset_directory(tmp_path, blocked):
+    (tmp_path / blocked).write_text("not a directory")
+    result = CliRunner().invoke(main, ["synth", str(tmp_path), "--count", "1", "--size", "8x8"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"convcrf: error: {tmp_path / blocked}: exists and is not a directory\n"
+    )
+    assert [path.name for path in tmp_path.iterdir()] == [blocked]  # no directory made
+
+
 _SYNTH_UNDER_SIZE_LIMIT = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG

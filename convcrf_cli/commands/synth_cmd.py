@@ -8,7 +8,7 @@ import click
 
 from convcrf_cli.commands.common import echo_err, reports_errors, some_paths
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.synthetic import foreign_files, write_dataset
+from convcrf_cli.synthetic import SUBDIRECTORIES, foreign_files, write_dataset
 
 
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -62,8 +62,9 @@ def synth_command(
     Refining a unary with `convcrf refine` should recover the boundaries. OUT_DIR may hold an
     earlier run's files only where this run replaces them (the same or a larger --count).
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BadInputError(out_dir, "exists and is not a directory")
+    for directory in (out_dir, *(out_dir / sub for sub in SUBDIRECTORIES)):
+        if directory.exists() and not directory.is_dir():
+            raise BadInputError(directory, "exists and is not a directory")
     foreign = foreign_files(out_dir, count)
     if foreign:
         raise BadInputError(
