@@ -28,13 +28,16 @@ uniform distribution on pixels with the ``ignore_label``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import io
 import math
 import sys
 import tokenize
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,13 +86,21 @@ class UnarySource:
     """A unary as stored, before conversion.
 
     name: the source's name for messages (the path, or ``"stdin"``).
-    array: the stored float array (any of the accepted shapes), or ``[H,W] int64`` labels.
+    array: the stored float array (any of the accepted shapes), or ``[H,W] int64`` labels; for
+        an ``.npz`` member, a stand-in of its declared shape and dtype that holds no values
+        (read-only, zero strides): :meth:`values` inflates the member.
     is_labels: whether ``array`` is a label map.
+    inflate: reads the ``.npz`` member's values; ``None`` where ``array`` holds them.
     """
 
     name: str
     array: np.ndarray
     is_labels: bool
+    inflate: Callable[[], np.ndarray] | None = None
+
+    def values(self) -> np.ndarray:
+        """``array`` with its values: the ``.npz`` member, inflated at each call, else ``array``."""
+        return self.array if self.inflate is None else self.inflate()
 
     def fits(self, image_hw: tuple[int, int]) -> bool:
         """Whether the array's spatial size can be read as ``image_hw`` (in some layout)."""
@@ -135,10 +146,10 @@ def read_unary(
 def load_unary(source: str | Path, stdin: BinaryIO | None = None) -> UnarySource:
     """Read a unary file, stdin (``"-"``) or label image without interpreting it."""
     if str(source) == "-":
-        return UnarySource("stdin", _load_array(source, "stdin", stdin), False)
+        return _load_array(source, "stdin", stdin)
     if Path(source).suffix.lower() in LABEL_IMAGE_SUFFIXES:
         return UnarySource(str(source), read_label_image(source), True)
-    return UnarySource(str(source), _load_array(source, str(source), stdin), False)
+    return _load_array(source, str(source), stdin)
 
 
 def convert_unary(
@@ -161,7 +172,10 @@ def convert_unary(
         unused = {"--unary-type": unary_type != "auto", "--layout": layout != "auto"}
         kind = "an array unary (.npy, .npz)"
     else:
-        unary = array_to_unary(source.array, image_hw, source.name, unary_type, layout, num_classes)
+        count_classes(source, image_hw, layout=layout, num_classes=num_classes)  # before inflating
+        unary = array_to_unary(
+            source.values(), image_hw, source.name, unary_type, layout, num_classes
+        )
         unused = {
             "--ignore-label": ignore_label is not None,
             "--label-confidence": label_confidence != DEFAULT_LABEL_CONFIDENCE,
@@ -329,8 +343,8 @@ def _array_classes(chw: np.ndarray, name: str, num_classes: int | None) -> int:
     return classes
 
 
-def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.ndarray:
-    """The array of a ``.npy``/``.npz`` file or of stdin's bytes."""
+def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> UnarySource:
+    """The unary of a ``.npy``/``.npz`` file or of stdin's bytes (see :func:`_parse`)."""
     if str(source) == "-":
         data = (stdin or sys.stdin.buffer).read()
         if not data:
@@ -358,9 +372,10 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> np.nda
         raise unreadable(name, exc) from exc
 
 
-def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) -> np.ndarray:
-    """The array in ``handle``'s ``.npy``/``.npz`` bytes. A ``.npy`` file at ``path`` is
-    memory-mapped (read-only): its shape can be checked before its data are read."""
+def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) -> UnarySource:
+    """The unary in ``handle``'s ``.npy``/``.npz`` bytes. A ``.npy`` file at ``path`` is
+    memory-mapped (read-only) and an ``.npz`` member is inflated only by
+    :meth:`UnarySource.values`: their shapes can be checked before their data are read."""
     kind = ".npz" if is_npz else ".npy"
     magic = _ZIP_MAGIC if is_npz else _NPY_MAGIC
     start = handle.read(len(magic))
@@ -372,27 +387,30 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) 
         )
         raise BadInputError(name, f"not a {kind} file ({problem})")
     handle.seek(0)
-    try:
+    with _reading(name, kind):
         if not is_npz:
-            return _load_npy(handle, path)
+            return UnarySource(name, _load_npy(handle, name, path), False)
         with np.load(handle, allow_pickle=False) as archive:
-            keys = list(archive.keys())
-            if len(keys) == 1:
-                return archive[keys[0]]
-            if NPZ_KEY in keys:
-                return archive[NPZ_KEY]
-            raise BadInputError(
-                name,
-                f".npz holds {len(keys)} arrays ({', '.join(keys[:5])}"
-                f"{', ...' if len(keys) > 5 else ''}); keep one, or name it '{NPZ_KEY}'",
-            )
+            key = _npz_key(list(archive.keys()), name)
+            # NpzFile's lookup: the member named ``key``, else ``key`` + ".npy"
+            member = key if key in archive.zip.namelist() else f"{key}.npy"
+            with archive.zip.open(member) as stream:
+                shape, dtype = _declared(stream, name, kind)
+        stand_in = np.broadcast_to(np.zeros((), dtype), shape)
+    return UnarySource(
+        name, stand_in, False, functools.partial(_inflate, path or handle, key, name)
+    )
+
+
+@contextlib.contextmanager
+def _reading(name: str, kind: str) -> Iterator[None]:
+    """Turn the faults of reading ``kind`` (``".npy"``/``".npz"``) data into errors naming
+    ``name``: :class:`BadInputError`, or a failure of the machine (see :func:`unreadable`)."""
+    try:
+        yield
     except BadInputError:
         raise
     except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
-            raise BadInputError(
-                name, f"{kind} holds Python objects, which are not loaded; save a numeric array"
-            ) from exc
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
     except OSError as exc:
         if exc.errno is not None:  # reading failed (too many open files, no memory, EIO)
@@ -404,21 +422,61 @@ def _parse(handle: BinaryIO, name: str, is_npz: bool, path: Path | None = None) 
         raise BadInputError(name, f"corrupt or truncated {kind} data ({exc})") from exc
 
 
-def _load_npy(handle: BinaryIO, path: Path | None) -> np.ndarray:
-    """A ``.npy`` array: memory-mapped from ``path`` where it has data, else read from
-    ``handle``."""
-    if path is not None:
-        version = np.lib.format.read_magic(handle)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
+def _npz_key(keys: list[str], name: str) -> str:
+    """The ``.npz`` array to read: the only one, else the one named :data:`NPZ_KEY`."""
+    if len(keys) == 1:
+        return keys[0]
+    if NPZ_KEY in keys:
+        return NPZ_KEY
+    raise BadInputError(
+        name,
+        f".npz holds {len(keys)} arrays ({', '.join(keys[:5])}"
+        f"{', ...' if len(keys) > 5 else ''}); keep one, or name it '{NPZ_KEY}'",
+    )
+
+
+def _declared(handle: BinaryIO, name: str, kind: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of the ``.npy`` header at ``handle``'s position, which is left at
+    the array data. Arrays of Python objects are refused (they would need unpickling)."""
+    version = np.lib.format.read_magic(handle)
+    read_header = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read_header(handle)
+    if dtype.hasobject:
+        raise BadInputError(
+            name, f"{kind} holds Python objects, which are not loaded; save a numeric array"
         )
-        shape, _, _ = read_header(handle)
-        handle.seek(0)
-        if math.prod(shape) > 0:  # NumPy cannot map an empty array everywhere
-            return np.load(path, mmap_mode="r", allow_pickle=False)
+    return shape, dtype
+
+
+def _load_npy(handle: BinaryIO, name: str, path: Path | None) -> np.ndarray:
+    """A ``.npy`` array: memory-mapped from ``path`` where it has data, else read from
+    ``handle`` (for stdin, bytes in memory that must hold the data the header declares)."""
+    shape, dtype = _declared(handle, name, ".npy")
+    declared = math.prod(shape) * dtype.itemsize
+    data_start = handle.tell()
+    held = handle.seek(0, io.SEEK_END) - data_start
+    handle.seek(0)
+    if path is not None and declared > 0:  # NumPy cannot map an empty array everywhere
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if declared > held:  # refused before NumPy allocates the declared size
+        raise BadInputError(
+            name,
+            f"corrupt or truncated .npy data (the header declares {declared} bytes of array "
+            f"data, {held} follow)",
+        )
     return np.load(handle, allow_pickle=False)
+
+
+def _inflate(source: Path | BinaryIO, key: str, name: str) -> np.ndarray:
+    """The array ``key`` of the ``.npz`` file at ``source``, or in stdin's bytes ``source``."""
+    if not isinstance(source, Path):
+        source.seek(0)
+    with _reading(name, ".npz"), np.load(source, allow_pickle=False) as archive:
+        return archive[key]
 
 
 def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, requested: str) -> str:

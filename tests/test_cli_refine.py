@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 from conftest import _gpu_available
 from PIL import Image
 from test_imageio import bomb_png
+from test_unary import npy_header
 
 from convcrf_cli import CRFParams, outputs
 from convcrf_cli.backends import cpu
@@ -192,6 +194,8 @@ def _bad_cases(tmp_path, image, probs):
     (tmp_path / "text.npz").write_text("hello\n")
     (tmp_path / "empty.npy").write_bytes(b"")
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with zipfile.ZipFile(tmp_path / "declared.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("unary.npy", npy_header((3, 8000, 8000)))  # header only: not inflated
     (tmp_path / "unaries").mkdir()
     nan = probs.copy()
     nan[1, 2, 3] = np.nan
@@ -228,6 +232,8 @@ def _bad_cases(tmp_path, image, probs):
          "not a .npy file (empty file)"),
         ("object npy", img, tmp_path / "objects.npy", [], tmp_path / "objects.npy",
          "holds Python objects"),
+        ("npz declaring 3×8000×8000", img, tmp_path / "declared.npz", [],
+         tmp_path / "declared.npz", "unary shape (3, 8000, 8000) does not fit the 24×32 image"),
         ("directory as unary", img, tmp_path / "unaries", [], tmp_path / "unaries",
          "is a directory"),
         ("nan", img, tmp_path / "nan.npy", [], tmp_path / "nan.npy", "NaN"),

@@ -222,6 +222,46 @@ def test_npy_shape_is_checked_before_its_data_are_read(tmp_path):
     np.testing.assert_array_equal(reading.logits, np.log(np.maximum(probs, PROB_EPS)))
 
 
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A ``.npy`` header declaring a float32 array of ``shape``, without its data."""
+    buffer = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def test_npz_shape_is_checked_before_the_member_is_inflated(tmp_path):
+    # A compressed member declaring 3×8000×8000 floats (768 MB) that holds only its header:
+    # inflating it fails (truncated), so only a check of the header gives the shape error.
+    path = tmp_path / "big.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("unary.npy", npy_header((3, 8000, 8000)))
+        archive.writestr("other.npy", b"not read")
+    source = load_unary(path)
+    assert source.array.shape == (3, 8000, 8000) and source.array.strides == (0, 0, 0)
+    expected = f"unary shape (3, 8000, 8000) does not fit the {H}×{W} image"
+    assert _error(path) == f"{path}: {expected}: expected (C, {H}, {W}) or ({H}, {W}, C)"
+    assert _error("-", stdin=io.BytesIO(path.read_bytes())).startswith(f"stdin: {expected}")
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:  # it fits: inflated
+        archive.writestr("unary.npy", npy_header((C, H, W)))
+    assert _error(path).startswith(f"{path}: corrupt or truncated .npz data (EOF: ")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", b"hello")
+    assert _error(path).startswith(f"{path}: corrupt or truncated .npz data (")
+    np.savez(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert _error(path).endswith(
+        ".npz holds Python objects, which are not loaded; save a numeric array"
+    )
+
+
+def test_stdin_npy_declaring_more_data_than_it_holds_is_refused_before_allocating():
+    data = npy_header((3, 100_000, 100_000)) + bytes(64)  # 120 GB declared
+    assert _error("-", stdin=io.BytesIO(data)) == (
+        "stdin: corrupt or truncated .npy data (the header declares 120000000000 bytes of "
+        "array data, 64 follow)"
+    )
+
+
 def test_nan_inf_negative_and_integer_arrays(tmp_path):
     probs = _probs()
     probs[2, 3, 4] = np.nan
