@@ -131,11 +131,13 @@ class CRFParams:
 
 def split_transforms(data: object) -> tuple[dict[str, Any], dict[str, Any]]:
     """A parameter file's JSON object as (its CRFParams fields, its C/T matrices by key of
-    :data:`TRANSFORM_KEYS`); a :class:`ParamsError` when ``data`` is no object."""
+    :data:`TRANSFORM_KEYS`; a key set to ``null`` means no matrix, as :class:`ConvCRF
+    <convcrf_cli.torch.ConvCRF>` reads it, and is left out); a :class:`ParamsError` when
+    ``data`` is no object."""
     if not isinstance(data, dict):
         raise ParamsError(f"expected a JSON object of parameters, got {type(data).__name__}")
     fields = {key: value for key, value in data.items() if key not in TRANSFORM_KEYS}
-    return fields, {key: data[key] for key in TRANSFORM_KEYS if key in data}
+    return fields, {key: data[key] for key in TRANSFORM_KEYS if data.get(key) is not None}
 
 
 def write_params_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -363,6 +363,18 @@ def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):
     assert np.array_equal(np.asarray(json.loads(frozen.read_text())["compat_transform"]), start)
 
 
+def test_cli_fit_from_a_file_with_null_matrices_learns_no_matrix(dataset, tmp_path):
+    start = tmp_path / "start.json"
+    start.write_text(json.dumps({**CRFParams().to_dict(), "compat_transform": None}))
+    learned = tmp_path / "learned.json"
+    run = _in_process(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned,
+        "--params", start, "--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu",
+    )  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert "compat_transform" not in json.loads(learned.read_text())
+
+
 def test_cli_fit_start_matrix_of_other_class_count_names_the_file(dataset, tmp_path):
     start = tmp_path / "start.json"
     start.write_text(json.dumps({**CRFParams().to_dict(), "compat_transform": np.eye(3).tolist()}))

@@ -91,6 +91,13 @@ def test_a_parameter_file_with_a_key_given_twice_is_refused(tmp_path):
         CRFParams.load(path)
 
 
+def test_a_matrix_key_set_to_null_means_no_matrix(tmp_path):
+    path = tmp_path / "null.json"
+    data = {"filter_size": 5, "compat_transform": None, "feature_transform": None}
+    path.write_text(json.dumps(data))
+    assert CRFParams.load(path) == CRFParams(filter_size=5)
+
+
 def test_params_are_immutable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         CRFParams().blur = 2  # type: ignore[misc]
