@@ -16,7 +16,13 @@ from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.fit import Example, check_start_module, label_range_problem
 from convcrf_cli.imageio import check_label_size, load_image, read_label_image
-from convcrf_cli.params import CRFParams, ParamsError, read_params_json, split_transforms
+from convcrf_cli.params import (
+    CRFParams,
+    ParamsError,
+    params_file_name,
+    read_params_json,
+    split_transforms,
+)
 from convcrf_cli.pipeline import check_orientation, orientation_warning
 from convcrf_cli.torch import ConvCRF
 from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, Unary, convert_unary, load_unary
@@ -140,8 +146,8 @@ def start_module(
     examples: list[Example],
     learn: tuple[str, ...],
 ) -> ConvCRF:
-    """The starting module: ``params`` with the C/T matrices read from the file ``path``,
-    which must fit the examples' classes and image channels."""
+    """The starting module: ``params`` with the C/T matrices read from the file ``path``
+    (``-``: stdin), which must fit the examples' classes and image channels."""
     num_classes, num_features = examples[0].logits.shape[0], examples[0].image.shape[2]
     try:
         saved = ConvCRF.from_dict(
@@ -150,7 +156,7 @@ def start_module(
         check_start_module(saved, num_classes, num_features)
         return saved
     except (ParamsError, InputError) as exc:
-        raise BadInputError(path, str(exc)) from exc
+        raise BadInputError(params_file_name(path), str(exc)) from exc
 
 
 def _check_like_first(

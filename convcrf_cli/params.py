@@ -160,7 +160,7 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
     Integers too long for Python to convert are read as infinite floats, which the validation
     then refuses by name."""
     path = Path(path)
-    name = "stdin" if str(path) == "-" else str(path)
+    name = params_file_name(path)
     try:
         data = json.loads(_read_text(path), parse_int=_parse_int, object_pairs_hook=_object)
     except ParamsError as exc:
@@ -177,6 +177,11 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
         return build(data)
     except (ParamsError, TypeError) as exc:
         raise ParamsError(f"{name}: {exc}") from exc
+
+
+def params_file_name(path: str | Path) -> str:
+    """The name of the parameter file ``path`` in messages: ``stdin`` for ``-``."""
+    return "stdin" if str(path) == "-" else str(path)
 
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

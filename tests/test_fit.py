@@ -388,6 +388,16 @@ def test_cli_fit_start_matrix_of_other_class_count_names_the_file(dataset, tmp_p
     assert "the data have 4 classes" in run.stderr and not learned.exists()
 
 
+def test_cli_fit_start_matrix_from_stdin_names_stdin(dataset, tmp_path):
+    start = json.dumps({**CRFParams().to_dict(), "compat_transform": np.eye(3).tolist()})
+    learned = tmp_path / "learned.json"
+    args = ["fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned]
+    run = CliRunner().invoke(main, [str(arg) for arg in (*args, "--params", "-")], input=start)
+    assert run.exit_code == 2
+    assert run.stderr.startswith("convcrf: error: stdin: compat_transform is 3x3")
+    assert not learned.exists()
+
+
 @pytest.mark.parametrize("lr", ["1e6", "1e37"])  # 1e37: Adam's step overflows float32
 def test_cli_fit_that_diverges_exits_1_without_output(dataset, tmp_path, lr):
     learned = tmp_path / "learned.json"
