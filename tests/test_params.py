@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from convcrf_cli import CRFParams, ParamsError
+from convcrf_cli.cli import main
 from convcrf_cli.params import ORIGINAL, PRESETS
 
 POSITIVE = "must be a positive number in float32's range (1.2e-38 to 3.4e38)"
@@ -96,6 +98,19 @@ def test_a_matrix_key_set_to_null_means_no_matrix(tmp_path):
     data = {"filter_size": 5, "compat_transform": None, "feature_transform": None}
     path.write_text(json.dumps(data))
     assert CRFParams.load(path) == CRFParams(filter_size=5)
+
+
+def test_the_params_command_says_it_would_drop_a_files_matrices(tmp_path):
+    path = tmp_path / "learned.json"
+    path.write_text(json.dumps({**CRFParams().to_dict(), "compat_transform": [[0.0]]}))
+    run = CliRunner().invoke(main, ["params", "--params", str(path), "-k", "5"])
+    assert run.exit_code == 2 and run.stdout == ""
+    assert run.stderr == (
+        f"convcrf: error: {path}: learned compat_transform matrices present (written by "
+        "`convcrf fit --learn ...,C,T`): `convcrf params` prints only the CRF fields and would "
+        "drop them; pass the file to `convcrf fit --params` with the options to change, or use "
+        "it in PyTorch through convcrf_cli.torch.ConvCRF.load\n"
+    )
 
 
 def test_params_are_immutable():
