@@ -14,12 +14,15 @@ def confusion_matrix(
 ) -> np.ndarray:
     """Counts ``[num_classes, num_classes] int64``: row = true class, column = predicted class.
 
-    ``pred`` and ``labels`` are integer arrays of the same shape. Pixels whose label is
-    ``ignore_label`` are skipped; any other label or prediction outside ``[0, num_classes)`` is
-    an error.
+    ``pred`` and ``labels`` are integer arrays of the same shape (another dtype, float or bool,
+    is a ValueError rather than truncated). Pixels whose label is ``ignore_label`` are skipped;
+    any other label or prediction outside ``[0, num_classes)`` is an error.
     """
     pred = np.asarray(pred)
     labels = np.asarray(labels)
+    for name, values in (("prediction", pred), ("label", labels)):
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{name}s must be integer class ids, got dtype {values.dtype}")
     if pred.shape != labels.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from label shape {labels.shape}")
     keep = labels != ignore_label

@@ -79,3 +79,16 @@ def test_errors():
 def test_out_of_range_values_are_named(pred, labels, message):
     with pytest.raises(ValueError, match=message):
         confusion_matrix(np.array(pred), np.array(labels), 3)
+
+
+@pytest.mark.parametrize(
+    ("pred", "labels", "message"),
+    [
+        ([0.7, 1.9], [0, 1], "predictions must be integer class ids, got dtype float64"),
+        ([0, 1], [0.5, 1.0], "labels must be integer class ids, got dtype float64"),
+        ([True, False], [1, 0], "predictions must be integer class ids, got dtype bool"),
+    ],
+)
+def test_non_integer_class_maps_are_refused(pred, labels, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        confusion_matrix(np.array(pred), np.array(labels), 2)
