@@ -284,6 +284,27 @@ def test_info_reports_the_device_and_auto_takes_it(fake_cupy):
     assert "--device auto uses: cuda:0 (C++ shim of the CUDA kernels" in result.output
 
 
+@pytest.mark.parametrize(
+    ("text", "count", "fault"),
+    [
+        ('{"a": "tiled", "b": 1, "c": "fastest"}', 1,
+         "; the file holds entries that are no launch plan (2 of 3, ignored)"),
+        ('["tiled", "split"]', 0, "; the file holds no JSON object"),
+        ("{not json", 0, "; the file is not valid JSON"),
+        ('{"a": "tiled"}', 1, ""),
+    ],
+)  # fmt: skip
+def test_info_counts_only_the_launch_plans_of_the_tuning_cache(fake_cupy, text, count, fault):
+    from convcrf_cli.cli import main
+
+    cache = Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json"
+    cache.write_text(text)
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    line = f"tuned launch plans: {count} in {cache}{fault} (delete it to time them again)\n"
+    assert line in result.output
+
+
 def test_gpu_benchmark_script_runs_and_prints_its_tables(fake_cupy, monkeypatch, capsys):
     """bench/bench_gpu.py as on a GPU, on two small cases, each timing one run (the shim's
     times mean nothing): each case's row of the main table with the launch variant the backend

@@ -226,6 +226,17 @@ def test_cache_round_trip_and_what_it_ignores(tmp_path):
     assert json.loads(cache.path.read_text()) == {"c": "tiled"}
 
 
+def test_cache_says_what_is_wrong_with_its_file(tmp_path):
+    cache = TuningCache(tmp_path)
+    assert cache.problem() is None and len(cache) == 0  # absent: nothing wrong
+    cache.path.mkdir()
+    assert cache.problem() == "cannot be read (Is a directory)" and len(cache) == 0
+    cache.path.rmdir()
+    cache.path.write_text(json.dumps({"a": "split", "b": "fastest"}))
+    assert cache.problem() == "holds entries that are no launch plan (1 of 2, ignored)"
+    assert len(cache) == 1
+
+
 def test_cache_keeps_the_newest_entries(tmp_path, monkeypatch):
     monkeypatch.setattr(cuda_tune, "CACHE_ENTRIES", 3)
     cache = TuningCache(tmp_path)

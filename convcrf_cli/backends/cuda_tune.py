@@ -228,15 +228,34 @@ def cache_key(device: str, kernel_source: str, plan: MeanFieldPlan, base: Launch
 class TuningCache:
     """Variant names by :func:`cache_key`, in the JSON file ``directory/cuda_tuning.json``.
 
-    A file that cannot be read counts as empty, one that cannot be written is left as it is:
-    the cache only saves time.
+    A file that cannot be read counts as empty, and an entry that is no variant name as
+    absent; one that cannot be written is left as it is: the cache only saves time.
     """
 
     def __init__(self, directory: Path | None = None) -> None:
         self.path = (directory or cache_directory()) / CACHE_FILE
 
     def __len__(self) -> int:
+        """The number of launch plans held: entries whose value is a variant name."""
         return len(self._load())
+
+    def problem(self) -> str | None:
+        """What makes the file unusable, in words ("is not valid JSON"), or that some of its
+        entries are no launch plan; None when it is absent or every entry is a plan."""
+        try:
+            entries = self._read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror})"
+        except ValueError:
+            return "is not valid JSON"
+        if not isinstance(entries, dict):
+            return "holds no JSON object"
+        invalid = len(entries) - len(self._load())
+        if not invalid:
+            return None
+        return f"holds entries that are no launch plan ({invalid} of {len(entries)}, ignored)"
 
     def get(self, key: str) -> str | None:
         """The variant cached for ``key``, None when there is none (or not a variant)."""
@@ -256,9 +275,16 @@ class TuningCache:
         except OSError:
             pass
 
+    def _read(self) -> object:
+        """The file's JSON value; an OSError or ValueError as raised."""
+        return json.loads(self.path.read_text())
+
     def _load(self) -> dict[str, str]:
+        """The entries whose value is a variant name; none when the file is unusable."""
         try:
-            entries = json.loads(self.path.read_text())
+            entries = self._read()
         except (OSError, ValueError):
             return {}
-        return entries if isinstance(entries, dict) else {}
+        if not isinstance(entries, dict):
+            return {}
+        return {key: name for key, name in entries.items() if is_variant(name)}

@@ -27,9 +27,15 @@ def _cupy_lines() -> list[str]:
     if problem is not None:
         lines.append(f"  {problem.splitlines()[0]}")
     lines += _device_lines(cupy, cuda)
-    cache = TuningCache()
-    lines.append(f"tuned launch plans: {len(cache)} in {cache.path} (delete it to time them again)")
+    lines.append(_cache_line(TuningCache()))
     return lines
+
+
+def _cache_line(cache: TuningCache) -> str:
+    """How many launch plans ``cache`` holds, where, and what is wrong with its file."""
+    problem = cache.problem()
+    fault = f"; the file {problem}" if problem else ""
+    return f"tuned launch plans: {len(cache)} in {cache.path}{fault} (delete it to time them again)"
 
 
 def _device_lines(cupy: ModuleType, cuda: ModuleType) -> list[str]:
