@@ -15,7 +15,7 @@ from convcrf_cli.batch_items import IMAGE_GLOBS, UNARY_GLOBS, find_files
 from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.fit import Example, check_start_module, label_range_problem
-from convcrf_cli.imageio import check_label_size, load_image, read_label_image
+from convcrf_cli.imageio import LoadedImage, check_label_size, load_image, read_label_image
 from convcrf_cli.params import (
     CRFParams,
     ParamsError,
@@ -23,7 +23,7 @@ from convcrf_cli.params import (
     read_params_json,
     split_transforms,
 )
-from convcrf_cli.pipeline import check_orientation, orientation_warning
+from convcrf_cli.pipeline import check_orientation, orientation_mismatch, orientation_warning
 from convcrf_cli.torch import ConvCRF
 from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, Unary, convert_unary, load_unary
 
@@ -112,9 +112,25 @@ def load_examples(
         if examples:
             _check_like_first(entry, image, unary, files[0], examples[0])
         label_map = read_label_image(entry.labels)
+        check_label_orientation(entry.labels, label_map, loaded, entry.image)
         check_label_map(entry.labels, label_map, image.shape[:2], unary.num_classes, ignore_label)
         examples.append(Example(entry.key, image, unary.logits, label_map))
     return examples
+
+
+def check_label_orientation(
+    path: Path, labels: np.ndarray, image: LoadedImage, image_path: Path
+) -> None:
+    """Raise BadInputError naming ``path`` when ``labels`` ``[H,W]`` fit only the other EXIF
+    orientation of ``image`` (read from ``image_path``), saying so as
+    :func:`~convcrf_cli.pipeline.check_orientation` does for the unary."""
+    mismatch = orientation_mismatch(image, lambda hw: labels.shape == hw, image_path)
+    if mismatch:
+        raise BadInputError(
+            path,
+            f"label map {mismatch}; label maps are used as stored, so it must be turned to "
+            "match the unary",
+        )
 
 
 def check_label_map(

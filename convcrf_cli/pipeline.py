@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -362,21 +363,34 @@ def _check_memory(
 
 def check_orientation(image: LoadedImage, source: unary.UnarySource, image_path) -> None:
     """Explain a size mismatch that EXIF orientation causes, instead of a bare shape error."""
-    height, width = image.pixels.shape[:2]
-    if (
-        image.exif_orientation in _SWAPPING_ORIENTATIONS
-        and not source.fits((height, width))
-        and source.fits((width, height))
-    ):
-        fitting = "as stored" if image.exif_applied else "in its EXIF orientation"
-        action = "applied" if image.exif_applied else "ignored"
+    mismatch = orientation_mismatch(image, source.fits, image_path)
+    if mismatch:
         other = "ignore" if image.exif_applied else "apply"
         raise BadInputError(
             source.name,
-            f"unary fits {image_path} {fitting} ({width}×{height}), not as used ({height}×"
-            f"{width}, EXIF orientation {image.exif_orientation} ({image.orientation_name}) "
-            f"{action}); pass --exif-orientation {other} if the segmenter saw it that way",
+            f"unary {mismatch}; pass --exif-orientation {other} if the segmenter saw it that way",
         )
+
+
+def orientation_mismatch(
+    image: LoadedImage, fits: Callable[[tuple[int, int]], bool], image_path
+) -> str | None:
+    """How an array that ``fits`` only ``image``'s other orientation (its turned ``(H, W)``)
+    mismatches it, in words ("fits IMAGE as stored (W×H), not as used (H×W, EXIF orientation
+    ... applied)"); None when it fits as used, or fits neither."""
+    height, width = image.pixels.shape[:2]
+    if (
+        image.exif_orientation not in _SWAPPING_ORIENTATIONS
+        or fits((height, width))
+        or not fits((width, height))
+    ):
+        return None
+    fitting = "as stored" if image.exif_applied else "in its EXIF orientation"
+    action = "applied" if image.exif_applied else "ignored"
+    return (
+        f"fits {image_path} {fitting} ({width}×{height}), not as used ({height}×{width}, EXIF "
+        f"orientation {image.exif_orientation} ({image.orientation_name}) {action})"
+    )
 
 
 def orientation_warning(image: LoadedImage, image_path) -> str | None:

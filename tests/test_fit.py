@@ -334,6 +334,24 @@ def test_cli_fit_uses_images_in_their_exif_orientation_as_refine_does(tmp_path):
     )
 
 
+def test_cli_fit_explains_a_label_map_that_fits_the_other_exif_orientation(tmp_path):
+    write_dataset(tmp_path, count=3, height=40, width=48, num_classes=CLASSES, seed=1)
+    dirs = (tmp_path / "images", tmp_path / "unaries", tmp_path / "labels")
+    common = ("-o", tmp_path / "learned.json", "--epochs", "1", "-k", "3", "--device", "cpu")
+    turned = tmp_path / "images" / "synth_00000.png"
+    _tag_orientation(turned, 6)  # 90° clockwise: used as 48×40
+    unary = tmp_path / "unaries" / "synth_00000.npy"
+    np.save(unary, np.ascontiguousarray(np.rot90(np.load(unary), -1, axes=(1, 2))))
+    labels = tmp_path / "labels" / "synth_00000.png"
+    run = _in_process("fit", *dirs, *common)  # the unary is turned, the label map is not
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {labels}: label map fits {turned} as stored (40×48), not as used "
+        "(48×40, EXIF orientation 6 (rotated 90° clockwise) applied); label maps are used as "
+        "stored, so it must be turned to match the unary\n"
+    )
+
+
 def test_cli_fit_resumes_from_a_file_with_its_compat_matrix(dataset, tmp_path):
     common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu", "--seed", "5")
     dirs = (dataset / "images", dataset / "unaries", dataset / "labels")
