@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+import convcrf_cli.forks  # noqa: F401  (notes forks from now on; see its docstring)
+
 if TYPE_CHECKING:
     from convcrf_cli.backends import DeviceError
     from convcrf_cli.core import InputError, refine

@@ -35,6 +35,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from convcrf_cli import forks
+
 Result = TypeVar("Result")
 
 OPENMP_LIBRARIES = ("libgomp", "libiomp5", "libomp")
@@ -122,14 +124,15 @@ def _flushing_here() -> bool:
 
 def flushing_supported() -> bool:
     """Whether this CPU flushes denormals in :func:`run_flushing_denormals`; the first call
-    also finds the way (the caller's team through the OpenMP runtime, else the worker)."""
+    also finds the way (the caller's team through the OpenMP runtime, else the worker; always
+    the worker in a forked child, see :mod:`convcrf_cli.forks`)."""
     global _supported, _team
     with _lock:
         if _supported is None:
             flushing = _flushing_here()
             _supported = bool(torch.set_flush_denormal(True))
             torch.set_flush_denormal(flushing)
-            _team = _find_openmp_team() if _supported else None
+            _team = _find_openmp_team() if _supported and not forks.forked else None
         return _supported
 
 

@@ -115,6 +115,29 @@ def test_a_forked_child_starts_a_worker_of_its_own(way):
     assert child.exitcode == 0  # a stale worker would hang the child (exit code None)
 
 
+def _child_computes_in_parallel() -> None:
+    assert run_flushing_denormals(_nonzero_doubled, _tiny(1 << 22)) == 0
+
+
+def test_a_child_forked_before_its_parent_flushed_does_not_use_the_stale_team(monkeypatch):
+    """The child finds the way itself: the forking thread's team it inherits is stale."""
+    monkeypatch.setattr(denormals, "_supported", None)  # the parent has not flushed yet
+    monkeypatch.setattr(denormals, "_team", None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _nonzero_doubled(_tiny(1 << 22))  # the forking thread's team exists
+        child = multiprocessing.get_context("fork").Process(target=_child_computes_in_parallel)
+        child.start()
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0  # GNU OpenMP hung on the stale team (exit code None)
+
+
 def test_the_cpu_backend_says_it_flushes():
     assert CPUBackend().describe().endswith(" threads, denormals flushed to zero)")
 
