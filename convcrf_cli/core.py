@@ -119,10 +119,18 @@ def _finite_in_float32(array) -> bool:
     """Whether every value of a NumPy, CuPy or torch array is finite in float32 (computed
     where the array is; integers always are)."""
     if array_library(array) == "torch":
-        floating = array.is_floating_point()
+        import torch
+
+        if not array.is_floating_point():
+            return True
+        largest = torch.finfo(array.dtype).max
     else:
-        floating = array.dtype.kind == "f"
-    return not floating or bool((abs(array) <= FLOAT32_MAX).all())  # False for NaN too
+        if array.dtype.kind != "f":
+            return True
+        largest = float(np.finfo(array.dtype).max)
+    # float16's own largest value: FLOAT32_MAX compared in float16 would be inf
+    limit = min(largest, FLOAT32_MAX)
+    return bool((abs(array) <= limit).all())  # False for NaN too
 
 
 def _all_finite(scores: Array) -> bool:

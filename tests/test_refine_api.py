@@ -4,6 +4,8 @@ and device of the wrong type)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import reference
@@ -57,6 +59,27 @@ def test_lists_torch_bfloat16_and_a_torch_device_are_accepted():
 def test_inputs_that_do_not_fit_are_input_errors(image, logits, message):
     with pytest.raises(InputError, match=message):
         refine(image, logits, PARAMS)
+
+
+@pytest.mark.parametrize("half", [np.float16, torch.float16], ids=["numpy", "torch"])
+@pytest.mark.parametrize("which", ["image", "logits"])
+def test_float16_infinities_are_input_errors(half, which):
+    arrays = {"image": IMAGE.copy(), "logits": LOGITS.copy()}
+    arrays[which][1, 2, 0] = np.inf
+    if half is np.float16:
+        image, logits = (arrays[name].astype(half) for name in ("image", "logits"))
+    else:
+        image, logits = (torch.from_numpy(arrays[name]).to(half) for name in ("image", "logits"))
+    with pytest.raises(InputError, match=f"{which} hold NaN, infinite values or values beyond"):
+        refine(image, logits, PARAMS)
+
+
+def test_float16_up_to_its_largest_value_is_fine():
+    image = np.full((6, 7, 3), np.finfo(np.float16).max, np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # was: overflow casting 3.4e38 to float16
+        scores = refine(image, LOGITS.astype(np.float16), PARAMS)
+    assert np.isfinite(scores).all()
 
 
 def test_large_values_within_float32_are_fine():
