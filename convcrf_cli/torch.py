@@ -138,14 +138,19 @@ class ConvCRF(nn.Module):
         """Refine floating ``logits [N,C,H,W]`` given ``image [N,F,H,W]`` (raw value range).
 
         The image is a feature input of any real dtype (``uint8`` included): it is converted to
-        the logits' dtype first, so the result equals passing ``image.to(logits.dtype)``.
+        the logits' dtype first, so the result equals passing ``image.to(logits.dtype)``; the
+        C / T matrices are used in that dtype too, as the scalar parameters are.
         Returns the final Q ``[N,C,H,W]`` (unnormalised scores in the logits' dtype):
         ``log_softmax`` of it is the refined log-probability, ``argmax`` the labels.
         """
         self._check_shapes(image, logits)
         image = image.to(logits.dtype)
-        if self.feature_transform is not None:
-            image = torch.einsum("gf,nfhw->nghw", self.feature_transform, image)
+        compat_matrix, feature_matrix = (
+            None if matrix is None else matrix.to(logits.dtype)
+            for matrix in (self.compat_transform, self.feature_transform)
+        )
+        if feature_matrix is not None:
+            image = torch.einsum("gf,nfhw->nghw", feature_matrix, image)
         kernel = meanfield.crf_kernel(
             image,
             self.params,
@@ -155,7 +160,7 @@ class ConvCRF(nn.Module):
             col_compat=self.col_compat,
         )
         return meanfield.mean_field(
-            logits, kernel, self.params, weight=self.weight, compat_matrix=self.compat_transform
+            logits, kernel, self.params, weight=self.weight, compat_matrix=compat_matrix
         )
 
     def _check_shapes(self, image: torch.Tensor, logits: torch.Tensor) -> None:

@@ -291,3 +291,24 @@ def test_forward_converts_the_image_to_the_logits_dtype(learn, image_dtype, logi
         expected = module(image_t.to(logits_dtype), logits_t)
     assert scores.dtype == logits_dtype
     assert torch.equal(scores, expected)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float64, torch.bfloat16])
+def test_the_transforms_follow_the_logits_dtype_as_the_scalars_do(logits_dtype):
+    torch.manual_seed(1)
+    module = ConvCRF.from_params(CRFParams(filter_size=3, blur=2, iterations=2), 3, learn="C,T")
+    with torch.no_grad():
+        module.compat_transform.normal_(0, 0.3)
+        module.feature_transform.add_(torch.randn(3, 3) * 0.3)
+    image, logits = _case(7, 6, 7, 3, 3)
+    image_t = torch.from_numpy(image).permute(2, 0, 1)[None]
+    logits_t = torch.from_numpy(logits)[None].to(logits_dtype)
+    scores = module(image_t, logits_t)
+    scores.float().square().sum().backward()
+    assert scores.dtype == logits_dtype
+    assert module.compat_transform.grad.dtype == torch.float32
+    assert module.feature_transform.grad.abs().sum() > 0
+    with torch.no_grad():
+        expected = module.double()(image_t, logits_t.double())
+    tolerance = 1e-5 if logits_dtype == torch.float64 else 0.1 * expected.abs().max().item()
+    torch.testing.assert_close(scores.double(), expected, rtol=0, atol=tolerance)
