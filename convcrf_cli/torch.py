@@ -169,6 +169,8 @@ class ConvCRF(nn.Module):
                 f"expected image [N,F,H,W] and logits [N,C,H,W], got shapes "
                 f"{tuple(image.shape)} and {tuple(logits.shape)}"
             )
+        if not logits.is_floating_point():
+            raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
         if image.shape[0] != logits.shape[0] or image.shape[2:] != logits.shape[2:]:
             raise ValueError(
                 f"image {tuple(image.shape)} and logits {tuple(logits.shape)} differ in "

@@ -231,6 +231,14 @@ def test_forward_rejects_mismatched_classes():
         module(torch.zeros(1, 3, 8, 8), torch.zeros(1, 4, 8, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_forward_rejects_logits_that_are_not_floating_point(dtype):
+    # were torch's "log_softmax_kernel_impl not implemented for 'Long'" from deep inside
+    module = ConvCRF.from_params(CRFParams(filter_size=3), num_classes=3)
+    with pytest.raises(ValueError, match=f"logits must be a floating-point tensor, got {dtype}"):
+        module(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8, dtype=dtype))
+
+
 def _saved_with_matrices(tmp_path, learn):
     module = ConvCRF.from_params(CRFParams(filter_size=3), 3, learn=learn)
     path = tmp_path / "learned.json"
