@@ -8,6 +8,7 @@ distribution (see :mod:`convcrf_cli.unary` for probabilities and energies).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -130,14 +131,23 @@ def _finite_in_float32(array) -> bool:
         largest = float(np.finfo(array.dtype).max)
     # float16's own largest value: FLOAT32_MAX compared in float16 would be inf
     limit = min(largest, FLOAT32_MAX)
-    return bool((abs(array) <= limit).all())  # False for NaN too
+    with _on_its_device(array):
+        return bool((abs(array) <= limit).all())  # False for NaN too
 
 
 def _all_finite(scores: Array) -> bool:
     """Whether float32 ``scores`` (NumPy, CuPy or torch) hold no NaN or infinite value,
     computed where they are by their own library's ``isfinite``."""
     library = sys.modules[array_library(scores)]
-    return bool(library.isfinite(scores).all())
+    with _on_its_device(scores):
+        return bool(library.isfinite(scores).all())
+
+
+def _on_its_device(array) -> contextlib.AbstractContextManager:
+    """For a CuPy array, its device as CuPy's current device while the context lasts (CuPy
+    runs an operation on the current device, and fails on an array of another device
+    without peer access); for other arrays, nothing."""
+    return array.device if array_library(array) == "cupy" else contextlib.nullcontext()
 
 
 def _ndim(array) -> int:

@@ -383,3 +383,28 @@ def test_gpu_profile_script_runs_and_prints_each_kernel(fake_cupy, monkeypatch, 
 def _once_ms(fn) -> float:
     fn()
     return 1.0
+
+
+def test_refine_on_a_second_device_allocates_and_computes_there(fake_cupy, monkeypatch, tmp_path):
+    """``--device cuda:1``: the pipeline's copies to the device, the labels taken there and
+    the checks of device arrays run on cuda:1, not on CuPy's current device (cuda:0)."""
+    from convcrf_cli.cli import main
+
+    monkeypatch.setattr(fake_cupy, "device_count", 2)
+    image, logits = random_inputs(8, 1, 18, 21, 5, 3)
+    Image.fromarray(np.clip(image[0], 0, 255).astype(np.uint8)).save(tmp_path / "image.png")
+    np.save(tmp_path / "unary.npy", logits[0])
+    args = ["refine", str(tmp_path / "image.png"), str(tmp_path / "unary.npy"), "--blur", "2"]
+    args += ["--unary-type", "logit", "--no-tune", "-o"]
+    for device in ("cuda:0", "cuda:1"):
+        out = tmp_path / f"{device[-1]}.npy"
+        result = CliRunner().invoke(main, [*args, str(out), "--device", device])
+        assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"))
+
+    params = CRFParams(filter_size=5, blur=2, iterations=2)
+    with fake_cupy.cuda.Device(1):
+        image_d, logits_d = fake_cupy.asarray(image[0]), fake_cupy.asarray(logits[0])
+    scores = refine(image_d, logits_d, params, device="cuda:1")
+    assert scores.device.id == 1
+    np.testing.assert_allclose(scores.get(), refine(image[0], logits[0], params), atol=1e-4)

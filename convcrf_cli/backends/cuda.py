@@ -398,20 +398,27 @@ class CUDABackend:
 
     def class_argmax(self, array: Array) -> np.ndarray:
         """Labels ``[N,H,W] int32`` on the host: the argmax over classes (first on ties) of a
-        device array ``[N,C,H,W]``, taken on the device (only the labels are copied)."""
-        return array.argmax(axis=1).astype(np.int32).get()
+        device array ``[N,C,H,W]`` on this device, taken there (only the labels are copied)."""
+        with self.cupy.cuda.Device(self.index):  # CuPy runs it on the current device
+            return array.argmax(axis=1).astype(np.int32).get()
 
     def to_device(self, array: Array) -> Array:
-        """C-contiguous float32 CuPy array on this device (no copy for one already)."""
+        """C-contiguous float32 CuPy array on this device (no copy for one already), whatever
+        device is current: CuPy allocates on the current one."""
         cupy = self.cupy
         kind = array_kind(array)
-        if kind == "torch-cuda":
-            array = cupy.from_dlpack(array.detach())
-        elif kind == "torch-cpu":
-            array = array.detach().numpy()
-        if kind in ("cupy", "torch-cuda") and array.device.id != self.index:
-            raise DeviceError(f"input is on cuda:{array.device.id}, not on cuda:{self.index}")
-        return cupy.ascontiguousarray(cupy.asarray(array), dtype=cupy.float32)
+        if kind == "cupy":
+            where = array.device.id
+        elif kind == "torch-cuda":
+            where = array.device.index
+        if kind in ("cupy", "torch-cuda") and where != self.index:
+            raise DeviceError(f"input is on cuda:{where}, not on cuda:{self.index}")
+        with cupy.cuda.Device(self.index):
+            if kind == "torch-cuda":
+                array = cupy.from_dlpack(array.detach())
+            elif kind == "torch-cpu":
+                array = array.detach().numpy()
+            return cupy.ascontiguousarray(cupy.asarray(array), dtype=cupy.float32)
 
     def _like(self, scores, kind: str):
         if kind == "cupy":

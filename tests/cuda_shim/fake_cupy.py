@@ -37,20 +37,64 @@ compiled: list[tuple[int, int]] = []
 ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 227 * 1024, "MultiProcessorCount": 4}
 """Device attributes the backend reads (a small device: 4 multiprocessors; Hopper's opt-in
 limit of shared memory per block)."""
+device_count = 1
+"""The devices there are (a test sets 2 to use ``cuda:1``)."""
+_current = [0]
+"""The current device, last; ``with Device(i)`` pushes ``i`` while it lasts. As in CuPy,
+arrays are allocated on it, and an operation or a kernel given an array of another device
+fails (CuPy: no peer access; a kernel: an illegal address)."""
+
+
+def _check_current(*arrays) -> None:
+    """ValueError, as CuPy's without peer access, for an array not on the current device."""
+    for array in arrays:
+        if isinstance(array, ndarray) and array.device_id != _current[-1]:
+            raise ValueError(
+                f"The device where the array resides ({array.device_id}) is different from "
+                f"the current device ({_current[-1]}). Peer access is unavailable between "
+                "these devices."
+            )
+
+
+def _plain(array):
+    return array.view(np.ndarray) if isinstance(array, ndarray) else array
 
 
 class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
-    """A "device" array: a NumPy array with CuPy's ``get`` and ``device``."""
+    """A "device" array: a NumPy array with CuPy's ``get`` and ``device``, on the device that
+    was current where it was made (views: their base's); ufuncs, reductions, ``argmax`` and
+    ``astype`` need it to be the current device."""
 
     __module__ = "cupy"
+
+    def __array_finalize__(self, obj) -> None:
+        self.device_id = getattr(obj, "device_id", _current[-1])
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.get("out")
+        _check_current(*inputs, *(out or ()))
+        if out:
+            kwargs["out"] = tuple(_plain(array) for array in out)
+        result = getattr(ufunc, method)(*map(_plain, inputs), **kwargs)
+        if out:
+            return out[0] if len(out) == 1 else out
+        return _device(result)
+
+    def argmax(self, *args, **kwargs):
+        _check_current(self)
+        return super().argmax(*args, **kwargs)
+
+    def astype(self, *args, **kwargs):
+        _check_current(self)
+        return super().astype(*args, **kwargs)
 
     def get(self) -> np.ndarray:
         transfers.append((self.shape, str(self.dtype)))
         return np.array(self, copy=True).view(np.ndarray)
 
     @property
-    def device(self):
-        return types.SimpleNamespace(id=0)
+    def device(self) -> _Device:
+        return _Device(self.device_id)
 
 
 def _device(result):
@@ -58,11 +102,20 @@ def _device(result):
 
 
 def asarray(array, dtype=None) -> ndarray:
-    return _device(np.asarray(array, dtype=dtype))
+    """``array`` itself when it is a device array of ``dtype``, else a copy on the current
+    device."""
+    if isinstance(array, ndarray) and dtype in (None, array.dtype):
+        return array
+    _check_current(array)
+    return _device(np.array(_plain(array), dtype=dtype))
 
 
 def ascontiguousarray(array, dtype=None) -> ndarray:
-    return _device(np.ascontiguousarray(array, dtype=dtype))
+    """As :func:`asarray`, C-contiguous."""
+    if isinstance(array, ndarray) and array.flags.c_contiguous:
+        return asarray(array, dtype)
+    _check_current(array)
+    return _device(np.ascontiguousarray(_plain(array), dtype=dtype))
 
 
 def empty(shape, dtype=np.float32) -> ndarray:
@@ -90,11 +143,19 @@ random = types.SimpleNamespace(default_rng=_Generator)
 class _Kernel:
     """A kernel of a :class:`RawModule`, launched by the shim."""
 
-    def __init__(self, shim: ShimLauncher, name: str) -> None:
-        self.shim, self.name = shim, name
+    def __init__(self, shim: ShimLauncher, name: str, device_id: int) -> None:
+        self.shim, self.name, self.device_id = shim, name, device_id
         self.max_dynamic_shared_size_bytes = 48 * 1024
 
     def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+        if self.device_id != _current[-1]:
+            raise RuntimeError(
+                f"{self.name}: loaded on device {self.device_id}, launched on {_current[-1]} "
+                "(cudaErrorInvalidResourceHandle)"
+            )
+        off_device = [a.device_id for a in args if isinstance(a, ndarray)]
+        if any(device != _current[-1] for device in off_device):
+            raise RuntimeError(f"{self.name}: an argument on another device (illegal address)")
         if shared_mem > self.max_dynamic_shared_size_bytes:
             raise RuntimeError(f"{self.name}: {shared_mem} bytes of shared memory not opted in")
         if _capturing is not None:  # recorded for the graph, not run (as CUDA captures)
@@ -114,13 +175,16 @@ class RawModule:
         self.class_block = int(defines["CONVCRF_CLASS_BLOCK"])
         self.load_group = int(defines["CONVCRF_LOAD_GROUP"])
         self.shim: ShimLauncher | None = None
+        self.device_id = -1
 
     def compile(self) -> None:
+        """Build the shim; the module is loaded on the current device."""
         self.shim = _shim(self.class_block, self.load_group)
+        self.device_id = _current[-1]
         compiled.append((self.class_block, self.load_group))
 
     def get_function(self, name: str) -> _Kernel:
-        return _Kernel(self.shim, name)
+        return _Kernel(self.shim, name, self.device_id)
 
 
 @functools.cache
@@ -187,19 +251,20 @@ class _Stream:
 
 class _Device:
     def __init__(self, index: int = 0) -> None:
-        self.index = index
+        self.id = index
         self.attributes = dict(ATTRIBUTES)
 
     def synchronize(self) -> None:
         """Launches run synchronously in the shim."""
 
     def __enter__(self):
-        if self.index != 0:
-            raise RuntimeError(f"no device {self.index}")
+        if not 0 <= self.id < device_count:
+            raise RuntimeError(f"no device {self.id}")
+        _current.append(self.id)
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        _current.pop()
 
 
 cuda = types.SimpleNamespace(
@@ -209,7 +274,7 @@ cuda = types.SimpleNamespace(
     get_elapsed_time=_get_elapsed_time,
     get_current_stream=contextlib.nullcontext,
     runtime=types.SimpleNamespace(
-        getDeviceCount=lambda: 1,
+        getDeviceCount=lambda: device_count,
         deviceSynchronize=lambda: None,  # launches run synchronously in the shim
         getDeviceProperties=lambda index: {
             "name": b"C++ shim of the CUDA kernels",
@@ -242,6 +307,7 @@ def installed() -> Iterator[types.ModuleType]:
     previous = sys.modules.get("cupy")
     _clear(caches)
     _capturing = None
+    _current[:] = [0]
     launches.clear()
     transfers.clear()
     compiled.clear()
