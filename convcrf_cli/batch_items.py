@@ -179,20 +179,29 @@ def pair_image_list(
 
     Keys are the image stems; list images from one directory tree per run, or use a manifest.
     Only the listed images count: a listed image that does not exist is missing, one without
-    a unary unpaired; unaries that no listed image names are not reported.
+    a unary unpaired; unaries that no listed image names are not reported. A listed image
+    whose stem two unaries have (``un/x/a.npy``, ``un/y/a.npy``) is a :class:`BadInputError`.
     """
     skipped = output_dirs_to_skip(list(outputs), unaries_dir, unary_globs, "unaries")
-    unaries = {path.stem: path for path in find_files(unaries_dir, unary_globs, skipped).values()}
+    unaries: dict[str, list[Path]] = {}
+    for path in find_files(unaries_dir, unary_globs, skipped).values():
+        unaries.setdefault(path.stem, []).append(path)
     pairs, unpaired, missing = [], [], []
     for line in lines:
         image = Path(line)
-        unary = unaries.get(image.stem)
+        found = unaries.get(image.stem, [])
         if not image.exists():
             missing.append(image)
-        elif unary is None:
+        elif not found:
             unpaired.append(image)
+        elif len(found) > 1:
+            raise BadInputError(
+                image,
+                f"{len(found)} unaries have its stem ({', '.join(map(str, found))}); "
+                "--from-list pairs by stem: keep one, or use a manifest",
+            )
         else:
-            pairs.append(Pair(image.stem, image, unary))
+            pairs.append(Pair(image.stem, image, found[0]))
     return Pairing(pairs, unpaired, [], missing, {path: path.stem for path in unpaired + missing})
 
 

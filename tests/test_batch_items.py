@@ -130,6 +130,18 @@ def test_image_list_pairs_by_stem_and_reports_only_listed_images(tmp_path):
     assert pairing.unpaired_unaries == []  # b.npy and d.npy: no listed image names them
 
 
+def test_image_list_refuses_a_stem_that_two_unaries_have(tmp_path):
+    _touch(tmp_path / "un", "x/a.npy", "y/a.npy", "b.npy")
+    _touch(tmp_path, "img/a.jpg", "img/b.jpg")
+    with pytest.raises(BadInputError, match="2 unaries have its stem") as raised:
+        bi.pair_image_list([str(tmp_path / "img/a.jpg")], tmp_path / "un")
+    assert raised.value.path == str(tmp_path / "img/a.jpg")
+    assert str(tmp_path / "un/x/a.npy") in str(raised.value)
+    assert str(tmp_path / "un/y/a.npy") in str(raised.value)
+    pairing = bi.pair_image_list([str(tmp_path / "img/b.jpg")], tmp_path / "un")
+    assert [p.unary.name for p in pairing.pairs] == ["b.npy"]  # a.npy twice: a is not listed
+
+
 def test_plan_outputs_refuses_to_overwrite_an_input(tmp_path):
     pairs = [bi.Pair("a", tmp_path / "a.png", tmp_path / "u/a.npy")]
     with pytest.raises(BadInputError, match="overwrite an input"):
