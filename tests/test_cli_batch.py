@@ -255,6 +255,26 @@ def test_from_list_an_image_without_unary_is_unpaired_and_fails_the_run(tmp_path
     assert sorted(r["status"] for r in records) == ["done", "unpaired"]
 
 
+@pytest.mark.parametrize("listed", ["gone.png", "new.png"])
+def test_from_list_whose_only_image_has_no_pair_fails_it_as_an_item(tmp_path, listed):
+    root = _dataset(tmp_path, ["p"])
+    Image.new("RGB", (8, 8)).save(root / "img" / "new.png")
+    image = root / "img" / listed
+    done = _batch("--from-list", "-", root / "un", "-o", root / "out", "--report",
+                  root / "r.jsonl", stdin=f"{image}\n".encode())  # fmt: skip
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    if listed == "gone.png":
+        assert last == f"convcrf: error: 1 of 1 items failed: {image}"
+    else:
+        assert last == f"convcrf: error: 1 listed image(s) without unary: {image}"
+    (record,) = _report(root / "r.jsonl")
+    assert record["image"] == str(image)
+    assert record["status"] == ("failed" if listed == "gone.png" else "unpaired")
+    assert not (root / "out").exists()
+
+
 @pytest.fixture
 def read_only(tmp_path):
     """A directory that a normal user cannot write in (root ignores permissions: skip)."""

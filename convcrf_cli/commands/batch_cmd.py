@@ -220,7 +220,8 @@ def batch_command(
     pairing = found if shard is None else batch_items.select_unpaired_shard(found, *shard)
     _report_unpaired(pairing)
     _report_missing(pairing)
-    if not pairing.pairs:
+    listed = image_list is not None and bool(found.missing_images or found.unpaired_images)
+    if not pairing.pairs and not listed:  # listed images without a pair fail as items
         raise _nothing_to_refine(found, sources, manifest, image_list)
     report_file = None if report_path in (None, "-") else Path(report_path)
     items = batch_items.plan_outputs(
@@ -344,7 +345,8 @@ def _pairing(
 def _nothing_to_refine(
     pairing: Pairing, sources: tuple[str, ...], manifest: str | None, image_list: str | None
 ) -> BadInputError:
-    """The error for a run that found no image/unary pair, naming where it looked."""
+    """The error for a run that found no image/unary pair, naming where it looked (a list
+    that names images is not one: its missing and unpaired images fail the run as items)."""
     if manifest is not None or image_list is not None:
         return BadInputError(None, "no image/unary pairs found")
     images, unaries = sources
