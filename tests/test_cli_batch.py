@@ -275,6 +275,18 @@ def test_from_list_whose_only_image_has_no_pair_fails_it_as_an_item(tmp_path, li
     assert not (root / "out").exists()
 
 
+@pytest.mark.parametrize("source", ["-", "list.txt"])
+def test_from_list_without_image_paths_is_an_error_naming_the_list(tmp_path, source):
+    root = _dataset(tmp_path, ["p"])
+    (tmp_path / "list.txt").write_text("# nothing new today\n\n")
+    done = _batch("--from-list", tmp_path / source if source != "-" else "-", root / "un",
+                  "-o", root / "out", stdin=b"")  # fmt: skip
+    name = "stdin" if source == "-" else tmp_path / source
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [f"convcrf: error: {name}: lists no images"]
+    assert not (root / "out").exists()
+
+
 @pytest.fixture
 def read_only(tmp_path):
     """A directory that a normal user cannot write in (root ignores permissions: skip)."""

@@ -347,7 +347,9 @@ def _nothing_to_refine(
 ) -> BadInputError:
     """The error for a run that found no image/unary pair, naming where it looked (a list
     that names images is not one: its missing and unpaired images fail the run as items)."""
-    if manifest is not None or image_list is not None:
+    if image_list is not None:
+        return BadInputError("stdin" if image_list == "-" else image_list, "lists no images")
+    if manifest is not None:
         return BadInputError(None, "no image/unary pairs found")
     images, unaries = sources
     if not pairing.unpaired_images:
