@@ -206,9 +206,10 @@ def pair_image_list(
 
 
 def read_lines(source: str) -> list[str]:
-    """Non-empty, non-comment lines of a UTF-8 file or of stdin (``-``)."""
-    text = _read_text(source)
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    """The lines of a UTF-8 file or of stdin (``-``), stripped of surrounding white space,
+    without blank lines and comments (``#`` after any indentation)."""
+    lines = (line.strip() for line in _read_text(source).splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def read_manifest(source: str) -> list[Pair]:

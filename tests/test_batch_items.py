@@ -130,6 +130,14 @@ def test_image_list_pairs_by_stem_and_reports_only_listed_images(tmp_path):
     assert pairing.unpaired_unaries == []  # b.npy and d.npy: no listed image names them
 
 
+def test_read_lines_skips_blank_lines_and_comments_also_indented(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(
+        b"\xef\xbb\xbf# new images\r\na.jpg  \r\n\r\n   \r\n  # old:\r\n\tb.jpg\r\n"
+    )
+    assert bi.read_lines(str(listing)) == ["a.jpg", "b.jpg"]
+
+
 def test_image_list_refuses_a_stem_that_two_unaries_have(tmp_path):
     _touch(tmp_path / "un", "x/a.npy", "y/a.npy", "b.npy")
     _touch(tmp_path, "img/a.jpg", "img/b.jpg")
