@@ -427,6 +427,8 @@ class _Claims:
             raise BadInputError(path, "output would overwrite an input file")
         if resolved in self.owners:
             other_role, other_image = self.owners[resolved]
+            if image is not None and (image, role) == (other_image, other_role):
+                raise BadInputError(image, f"given twice: both items would write {path}")
             if None not in (image, other_image) and image != other_image:
                 raise BadInputError(path, f"two inputs write here: {other_image} and {image}")
             raise BadInputError(path, f"{other_role} and {role} would both be written here")

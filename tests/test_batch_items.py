@@ -150,6 +150,15 @@ def test_image_list_refuses_a_stem_that_two_unaries_have(tmp_path):
     assert [p.unary.name for p in pairing.pairs] == ["b.npy"]  # a.npy twice: a is not listed
 
 
+def test_plan_outputs_names_an_image_given_twice(tmp_path):
+    pair = bi.Pair("a", Path("img/a.png"), Path("un/a.npy"))
+    with pytest.raises(BadInputError) as raised:
+        bi.plan_outputs([pair, bi.Pair("a", Path("./img/a.png"), Path("un/b.npy"))], tmp_path)
+    assert str(raised.value) == f"img/a.png: given twice: both items would write {tmp_path}/a.png"
+    with pytest.raises(BadInputError, match="label output of img/a.png and the probabilities"):
+        bi.plan_outputs([pair], tmp_path, ".npy", probs_dir=tmp_path)
+
+
 def test_plan_outputs_refuses_to_overwrite_an_input(tmp_path):
     pairs = [bi.Pair("a", tmp_path / "a.png", tmp_path / "u/a.npy")]
     with pytest.raises(BadInputError, match="overwrite an input"):
