@@ -46,9 +46,9 @@ def refine(
     labels are its argmax over classes, probabilities its softmax. NumPy on the CPU backend;
     the CUDA backend returns device arrays when given them.
 
-    Raises :class:`InputError` for shapes, dtypes or values that do not fit (also when the
-    mean field overflows float32, which weights and compatibilities far beyond the usual
-    make it do: scores are never NaN or infinite), ``TypeError``
+    Raises :class:`InputError` for shapes, dtypes or values that do not fit, and for scores
+    that would hold NaN or infinite values (never returned): from finite inputs, weights and
+    compatibilities far beyond the usual overflow float32. ``TypeError``
     for ``params`` or ``device`` of the wrong type, and
     :class:`~convcrf_cli.backends.DeviceError` for a device that cannot be used.
     """
@@ -68,8 +68,8 @@ def refine(
     scores = backend.run(image_nfhw, logits_nchw, params)
     if not _all_finite(scores):
         raise InputError(
-            "the mean field overflowed float32 (NaN or infinite scores): weight, pos_compat, "
-            "col_compat or unary_weight are too large for these logits"
+            "the mean field gave NaN or infinite scores: from finite inputs, weight, "
+            "pos_compat, col_compat or unary_weight so large for these logits overflow float32"
         )
     return scores if batched else scores[0]
 

@@ -287,7 +287,7 @@ def test_a_mean_field_overflowing_float32_names_the_unary_and_writes_nothing(cas
     assert result.exit_code == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"convcrf: error: {tmp_path / 'probs.npy'}: the mean field over")
+    assert lines[0].startswith(f"convcrf: error: {tmp_path / 'probs.npy'}: the mean field gave")
     assert not (tmp_path / "out").exists()
 
 
