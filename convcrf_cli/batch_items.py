@@ -303,8 +303,9 @@ def _is_json(source: str, text: str) -> bool:
 
 
 def _csv_rows(name: str, text: str) -> list[tuple[int, dict]]:
-    """(line number, row) of each CSV record after the header."""
-    reader = csv.DictReader(io.StringIO(text))
+    """(line number, row) of each CSV record after the header; spaces after a comma
+    (``image, unary``, as people type CSV) are not part of the next field."""
+    reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
     if not reader.fieldnames or not {"image", "unary"} <= set(reader.fieldnames):
         raise BadInputError(name, "CSV manifest needs a header with columns image,unary[,output]")
     return [(reader.line_num, row) for row in reader]

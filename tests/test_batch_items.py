@@ -62,6 +62,14 @@ def test_csv_and_jsonl_manifests(tmp_path):
     assert pair.image == tmp_path / "a.jpg" and pair.unary == Path("/abs/a.npy")
 
 
+def test_csv_manifest_ignores_spaces_after_commas(tmp_path):
+    # 'image, unary' was refused as a header without those columns, and a row 'a.jpg, a.npy'
+    # named the unary ' a.npy'
+    (tmp_path / "m.csv").write_text('image, unary, output\nx/1.jpg, u/1.npy, "o 1.png"\n')
+    (pair,) = bi.read_manifest(str(tmp_path / "m.csv"))
+    assert pair == bi.Pair("o 1", tmp_path / "x/1.jpg", tmp_path / "u/1.npy", Path("o 1.png"))
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [
