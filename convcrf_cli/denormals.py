@@ -51,7 +51,9 @@ _executor: concurrent.futures.ThreadPoolExecutor | None = None
 _thread = threading.local()
 
 
-def run_flushing_denormals(function: Callable[..., Result], *args, **kwargs) -> Result:
+def run_flushing_denormals(
+    function: Callable[..., Result], *args: object, **kwargs: object
+) -> Result:
     """``function(*args, **kwargs)`` with denormal floats flushed to zero on the CPU.
 
     Runs in the calling thread and its torch threads (in the fallback worker thread, with the

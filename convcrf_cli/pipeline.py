@@ -361,7 +361,9 @@ def _check_memory(
         )
 
 
-def check_orientation(image: LoadedImage, source: unary.UnarySource, image_path) -> None:
+def check_orientation(
+    image: LoadedImage, source: unary.UnarySource, image_path: str | Path
+) -> None:
     """Explain a size mismatch that EXIF orientation causes, instead of a bare shape error."""
     mismatch = orientation_mismatch(image, source.fits, image_path)
     if mismatch:
@@ -373,7 +375,7 @@ def check_orientation(image: LoadedImage, source: unary.UnarySource, image_path)
 
 
 def orientation_mismatch(
-    image: LoadedImage, fits: Callable[[tuple[int, int]], bool], image_path
+    image: LoadedImage, fits: Callable[[tuple[int, int]], bool], image_path: str | Path
 ) -> str | None:
     """How an array that ``fits`` only ``image``'s other orientation (its turned ``(H, W)``)
     mismatches it, in words ("fits IMAGE as stored (W×H), not as used (H×W, EXIF orientation
@@ -393,7 +395,7 @@ def orientation_mismatch(
     )
 
 
-def orientation_warning(image: LoadedImage, image_path) -> str | None:
+def orientation_warning(image: LoadedImage, image_path: str | Path) -> str | None:
     """The warning for an EXIF orientation applied to ``image`` that the unary's size cannot
     confirm (a half turn, a mirror, a square image); None when there is nothing to say."""
     if image.exif_orientation == 1 or not image.exif_applied or _orientation_confirmed(image):

@@ -257,7 +257,7 @@ def array_kind(array: Any) -> str:
     return "numpy"
 
 
-def torch_stream(cupy, device_index: int):
+def torch_stream(cupy: Any, device_index: int) -> Any:
     """Torch's current stream on ``cuda:device_index`` as a CuPy stream, so that CuPy's work
     is ordered after the torch work that made its inputs."""
     import torch

@@ -114,7 +114,7 @@ def fit_command(
     ignore_label: int,
     device: str,
     verbose: bool,
-    **options,
+    **options: object,
 ) -> None:
     """Learn CRF parameters from IMAGES, UNARIES and LABELS (three directories).
 

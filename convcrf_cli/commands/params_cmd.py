@@ -38,7 +38,7 @@ def read_fields(path: Path) -> CRFParams:
 )
 @crf_options
 @reports_errors
-def params_command(preset: str | None, **options) -> None:
+def params_command(preset: str | None, **options: object) -> None:
     """Print CRF parameters as JSON (the format --params reads)."""
     params_file = options.pop("params_file", None)
     if preset is not None and params_file is not None:
