@@ -93,12 +93,12 @@ def load_examples(
     *,
     apply_exif: bool = True,
 ) -> list[Example]:
-    """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]``, logits
-    ``[C,H,W] float32``, labels ``[H,W]`` integers). Images are used in their EXIF orientation
-    (as stored with ``apply_exif`` False), as ``convcrf refine`` uses them; a unary that fits
-    only the other orientation is an error saying so. Every image must have the first one's
-    classes and channels, and its label map the image's size and values in ``[0, C)`` or
-    ``ignore_label``."""
+    """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]`` uint8,
+    uint16 or float32, logits ``[C,H,W] float32``, labels ``[H,W] int64``). Images are used
+    in their EXIF orientation (as stored with ``apply_exif`` False), as ``convcrf refine``
+    uses them; a unary that fits only the other orientation is an error saying so. Every
+    image must have the first one's classes and channels, and its label map the image's size
+    and values in ``[0, C)`` or ``ignore_label``."""
     examples: list[Example] = []
     for entry in files:
         loaded = load_image(entry.image, apply_exif=apply_exif)

@@ -40,7 +40,7 @@ def gaussian_kernel(
     pooled values): the differences are divided by ``scale``, not the features, so that large
     features keep their float32 precision and a tiny ``scale`` gives 0 off the centre instead
     of ``inf - inf``. Computed one window row ``a`` at a time, so the temporary buffer is
-    ``F·k·h·w``.
+    ``N·F·k·h·w``.
     """
     n, _, h, w = features.shape
     s = filter_size // 2

@@ -263,8 +263,8 @@ def write_overlay(
     """Blend the palette colours of ``labels [H,W]`` over ``image [H,W,F]`` (``[H,W]`` too).
 
     The image is shown as 8-bit RGB: 8-bit values as they are, 16-bit divided by 257, floats
-    stretched from their minimum to their maximum; one channel is grey, three are RGB, other
-    counts show the first channel as grey. staged: as for :func:`write_labels`.
+    stretched from their minimum to their maximum; one channel is grey, two show the first as
+    grey, three or more show the first three as RGB. staged: as for :func:`write_labels`.
     """
     if labels.max(initial=0) >= PNG_MAX_CLASSES:
         raise BadInputError(path, f"labels above {PNG_MAX_CLASSES - 1} have no overlay colour")

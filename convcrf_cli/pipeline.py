@@ -110,7 +110,8 @@ def refine_item(
 
     image_path: any image Pillow reads. unary_source: ``.npy``/``.npz``/label image path, or
     ``"-"`` for ``.npy`` bytes on stdin.
-    memory_limit: bytes the CRF may use; default the memory available now (``MemAvailable``).
+    memory_limit: bytes the CRF may use; default the memory available now
+    (:func:`available_memory_bytes`: ``MemAvailable`` and what ``ulimit -v`` leaves).
     A failure leaves none of the outputs, nor the directories created for them.
     """
     created = outputs.missing_directories(outputs_spec.paths())

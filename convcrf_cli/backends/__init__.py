@@ -3,7 +3,8 @@
 A backend implements ``run(image, logits, params) -> scores`` on batched arrays:
 ``image [N,F,H,W]``, ``logits [N,C,H,W]`` (any real dtype and strides; the backend converts
 them to contiguous float32) -> ``scores [N,C,H,W] float32``. The CPU backend returns NumPy
-arrays; the CUDA backend also takes device arrays (CuPy, torch CUDA) and returns CuPy arrays.
+arrays; the CUDA backend also takes device arrays (CuPy, torch CUDA) and returns the scores as
+the kind of array the logits are (CuPy, a torch tensor on the logits' device, or NumPy).
 """
 
 from __future__ import annotations
