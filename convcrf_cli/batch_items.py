@@ -44,6 +44,7 @@ class BatchItem:
     probs: Path | None
 
     def outputs(self) -> list[Path]:
+        """The output paths: label map, then overlay and probabilities where given."""
         return [p for p in (self.output, self.overlay, self.probs) if p is not None]
 
 

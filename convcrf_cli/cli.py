@@ -25,6 +25,7 @@ class ConvCRFGroup(click.Group):
     ``convcrf: error: problem (see 'convcrf CMD --help')`` on stderr, exit status 2."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's ``main``; in standalone mode, its errors as one line and an exit status."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:

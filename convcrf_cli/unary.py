@@ -78,6 +78,7 @@ class Unary:
 
     @property
     def num_classes(self) -> int:
+        """C, the length of the class axis of :attr:`logits`."""
         return int(self.logits.shape[0])
 
 

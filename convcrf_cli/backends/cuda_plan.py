@@ -316,6 +316,7 @@ class MeanFieldPlan:
 
     @property
     def blur(self) -> int:
+        """The pooling factor ``params.blur``."""
         return self.params.blur
 
     @property
@@ -325,37 +326,45 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def coarse_h(self) -> int:
+        """Rows of the coarse grid: ``ceil(height / blur)``."""
         return coarse_size(self.height, self.blur)
 
     @functools.cached_property
     def coarse_w(self) -> int:
+        """Columns of the coarse grid: ``ceil(width / blur)``."""
         return coarse_size(self.width, self.blur)
 
     @functools.cached_property
     def pad_y(self) -> int:
+        """Pooling padding of the rows (:func:`pool_padding` of the height)."""
         return pool_padding(self.height, self.blur)
 
     @functools.cached_property
     def pad_x(self) -> int:
+        """Pooling padding of the columns (:func:`pool_padding` of the width)."""
         return pool_padding(self.width, self.blur)
 
     # -- message and feature kernels: one thread per coarse cell --------------------------
     @functools.cached_property
     def cell_grid(self) -> tuple[int, int, int]:
+        """(x, y, images) blocks of :attr:`LaunchConfig.cell_block` coarse cells each."""
         bx, by = self.config.cell_block
         return (-(-self.coarse_w // bx), -(-self.coarse_h // by), self.batch)
 
     @functools.cached_property
     def num_chunks(self) -> int:
+        """Chunks of :attr:`class_block` classes that cover the classes."""
         return -(-self.classes // self.class_block)
 
     @functools.cached_property
     def message_grid(self) -> tuple[int, int, int]:
+        """:attr:`cell_grid` with every class chunk of every image along z."""
         gx, gy, _ = self.cell_grid
         return (gx, gy, self.batch * self.num_chunks)
 
     @functools.cached_property
     def message_shared(self) -> int:
+        """Bytes of dynamic shared memory of the plan's message kernel."""
         k, kernel = self.params.filter_size, self.message_kernel
         return _message_shared(self.features, self.class_block, k, self.config, kernel)
 
@@ -395,6 +404,7 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def pool_box(self) -> int:
+        """Pixels one init/step block pools: :attr:`pool_tile` cells of ``blur²`` pixels."""
         rows, cols = self.pool_tile
         return rows * cols * self.blur * self.blur
 
@@ -410,11 +420,13 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def pool_grid(self) -> tuple[int, int, int]:
+        """(x, y, images) blocks of the init/step passes, one per :attr:`pool_tile`."""
         rows, cols = self.pool_tile
         return (-(-self.coarse_w // cols), -(-self.coarse_h // rows), self.batch)
 
     @functools.cached_property
     def pool_shared(self) -> int:
+        """Bytes of dynamic shared memory of the init/step passes."""
         if self.blur == 1:
             return 4 * self.classes * self.pool_box if self.chunk_classes else 0
         return 4 * (2 + self.chunk_classes) * self.pool_box
@@ -437,6 +449,7 @@ class MeanFieldPlan:
 
     @property
     def fused(self) -> bool:
+        """Whether the iterations run as ``convcrf_step_fused`` (see :attr:`fused_layout`)."""
         return self.fused_layout is not None
 
     @functools.cached_property
@@ -450,6 +463,7 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def fused_shared(self) -> int:
+        """Bytes of dynamic shared memory of ``convcrf_step_fused`` (fused plans only)."""
         groups, chunk = self.fused_layout
         win, area, padded = self._fused_sizes
         staged = (2 + self.features + padded) * area + groups * padded * win
@@ -479,6 +493,7 @@ class MeanFieldPlan:
     # -- final: one thread per pixel -------------------------------------------------------
     @functools.cached_property
     def pixel_grid(self) -> tuple[int, int, int]:
+        """(x, y, images) blocks of :attr:`LaunchConfig.pixel_block` pixels each."""
         px, py = self.config.pixel_block
         return (-(-self.width // px), -(-self.height // py), self.batch)
 
@@ -539,6 +554,7 @@ class MeanFieldPlan:
 
     @functools.cached_property
     def pixel_block(self) -> tuple[int, int, int]:
+        """The block of the per-pixel passes: :attr:`LaunchConfig.pixel_block` by 1."""
         return (*self.config.pixel_block, 1)
 
     @functools.cached_property
