@@ -245,14 +245,14 @@ def read_manifest(source: str) -> list[Pair]:
     return pairs
 
 
-def _field(name: str, number: int, row: dict, field: str) -> str | None:
-    """The path in ``row[field]``; None when absent or empty. Anything but text is an error."""
-    value = row.get(field)
+def _field(name: str, number: int, row: dict, column: str) -> str | None:
+    """The path in ``row[column]``; None when absent or empty. Anything but text is an error."""
+    value = row.get(column)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
         raise BadInputError(
-            name, f"line {number}: {field} must be a path (a string), got {json.dumps(value)}"
+            name, f"line {number}: {column} must be a path (a string), got {json.dumps(value)}"
         )
     return value
 

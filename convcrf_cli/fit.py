@@ -321,8 +321,8 @@ def held_out_miou(
     with torch.no_grad():
         for example in examples:
             image, logits = _tensors(example, 0, 0, *example.labels.shape, device)
-            labels = module(image[None], logits[None])[0].argmax(0).cpu().numpy()
-            confusion += confusion_matrix(labels, example.labels, num_classes, ignore_label)
+            predicted = module(image[None], logits[None])[0].argmax(0).cpu().numpy()
+            confusion += confusion_matrix(predicted, example.labels, num_classes, ignore_label)
     return _miou(confusion)
 
 

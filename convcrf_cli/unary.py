@@ -171,7 +171,7 @@ def convert_unary(
             source.array, image_hw, source.name, label_confidence, ignore_label, num_classes
         )
         unused = {"--unary-type": unary_type != "auto", "--layout": layout != "auto"}
-        kind = "an array unary (.npy, .npz)"
+        applies_to = "an array unary (.npy, .npz)"
     else:
         count_classes(source, image_hw, layout=layout, num_classes=num_classes)  # before inflating
         unary = array_to_unary(
@@ -181,12 +181,12 @@ def convert_unary(
             "--ignore-label": ignore_label is not None,
             "--label-confidence": label_confidence != DEFAULT_LABEL_CONFIDENCE,
         }
-        kind = "a label-image unary"
+        applies_to = "a label-image unary"
     given = [option for option, is_given in unused.items() if is_given]
     if not given:
         return unary
     verb = "applies" if len(given) == 1 else "apply"
-    warning = f"{source.name}: {' and '.join(given)} {verb} only to {kind}; ignored"
+    warning = f"{source.name}: {' and '.join(given)} {verb} only to {applies_to}; ignored"
     return dataclasses.replace(unary, warnings=(*unary.warnings, warning))
 
 
