@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
 
 from convcrf_cli.errors import BadInputError, unreadable
@@ -66,6 +67,8 @@ _UNDO_TRANSPOSES = {
 }
 """The transpose back from shown to stored pixels (the flips and half turns undo themselves)."""
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PILLOW_TURNS_TIFFS_KEEPING_THE_TAG = tuple(map(int, PIL.__version__.split(".")[:2])) < (10, 1)
+"""Pillow before 10.1 turns TIFFs to their orientation while decoding but keeps the tag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +124,11 @@ def load_image(path: str | Path, *, apply_exif: bool = True) -> LoadedImage:
             notes.append(
                 "16-bit colour PNG: Pillow reads 8 bits (values 0–255, --col-schan in these units)"
             )
-        # Some Pillow versions turn TIFFs to their orientation while decoding (and drop the tag)
-        shown_by_pillow = orientation != 1 and _exif_orientation(image) == 1
+        # Pillow turns TIFFs to their orientation while decoding (and from 10.1 drops the tag)
+        shown_by_pillow = orientation != 1 and (
+            _exif_orientation(image) == 1
+            or (_PILLOW_TURNS_TIFFS_KEEPING_THE_TAG and image.format == "TIFF")
+        )
         if apply_exif and orientation != 1 and not shown_by_pillow:
             image = image.transpose(_TRANSPOSES[orientation])
         elif not apply_exif and shown_by_pillow:
