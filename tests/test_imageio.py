@@ -202,7 +202,8 @@ def test_damaged_later_frame_and_damaged_png_header_name_the_file(tmp_path):
     data[second : second + 2] = struct.pack("<H", 0)  # the second page has no tags
     (tmp_path / "pages.tif").write_bytes(bytes(data))
     message = _error(tmp_path / "pages.tif")
-    assert message.endswith("corrupt or truncated image data (Missing dimensions)")
+    # Pillow's own words differ: 'Missing dimensions' (Pillow 13), int() of None (10.0)
+    assert message.startswith(f"{tmp_path / 'pages.tif'}: corrupt or truncated image data (")
     png = raw_png(W, H, 8, 2, b"\0" * (1 + 3 * W) * H)
     short = png[:8] + struct.pack(">I", 5) + b"IHDR" + png[16:21]
     short += struct.pack(">I", zlib.crc32(short[12:]))
