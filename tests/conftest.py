@@ -9,12 +9,14 @@ but not torch on CUDA run on the C++ shim: their own code is checked before a de
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -61,6 +63,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def cli_runner(**options) -> CliRunner:
+    """A ``CliRunner`` whose results keep stderr apart from stdout, as click 8.2 on always
+    does; click 8.1 mixes them into ``stdout`` unless given ``mix_stderr=False`` (an argument
+    8.2 removed). ``output`` is stdout and stderr together on 8.2 but stdout alone on 8.1."""
+    if "mix_stderr" in inspect.signature(CliRunner).parameters:
+        options["mix_stderr"] = False
+    return CliRunner(**options)
 
 
 def require_gxx() -> None:

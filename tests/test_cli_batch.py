@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli_runner
 from PIL import Image
 
 from convcrf_cli.cli import main
@@ -60,7 +60,7 @@ def _report(path: Path) -> list[dict]:
 
 def _single(root: Path, key: str, output: Path) -> np.ndarray:
     """The labels of ``convcrf refine`` on one item."""
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main, ["refine", str(root / "img" / f"{key}.png"), str(root / "un" / f"{key}.npy"),
                "-o", str(output)],
     )  # fmt: skip
@@ -465,7 +465,7 @@ def test_report_on_a_full_stdout_stops_with_one_line_and_status_1(tmp_path):
 
 
 def _cli_batch(*args: object):
-    return CliRunner().invoke(main, ["batch", *map(str, args)])
+    return cli_runner().invoke(main, ["batch", *map(str, args)])
 
 
 def test_outputs_inside_the_input_directories_are_not_read_back_as_inputs(tmp_path):

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import reference
 import torch
-from click.testing import CliRunner
-from conftest import _gpu_available
+from conftest import _gpu_available, cli_runner
 from PIL import Image
 from test_imageio import bomb_png
 from test_unary import npy_header
@@ -53,7 +52,7 @@ def case(tmp_path):
 
 
 def _run(*args: object):
-    return CliRunner().invoke(main, ["refine", *map(str, args)])
+    return cli_runner().invoke(main, ["refine", *map(str, args)])
 
 
 def _expected_labels(image: np.ndarray, logits: np.ndarray) -> np.ndarray:
@@ -348,8 +347,8 @@ def test_torch_running_out_of_memory_is_one_line_exit_1_without_output(case, mon
 def test_invalid_pixel_limit_variable_fails_only_where_it_is_used(case):
     tmp_path, _, _ = case
     env = {"CONVCRF_MAX_PIXELS": "1e6"}
-    assert CliRunner(env=env).invoke(main, ["params"]).exit_code == 0
-    result = CliRunner(env=env).invoke(
+    assert cli_runner(env=env).invoke(main, ["params"]).exit_code == 0
+    result = cli_runner(env=env).invoke(
         main, ["refine", str(tmp_path / "img.png"), str(tmp_path / "probs.npy"), "-o", "l.png"]
     )
     assert result.exit_code == 2
@@ -515,7 +514,7 @@ def test_parameters_can_come_from_stdin(case):
     tmp_path, _, _ = case
     piped = CRFParams(filter_size=3, iterations=2, init="log").to_json()
     inputs = (tmp_path / "img.png", tmp_path / "probs.npy")
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main, ["refine", *map(str, inputs), "-o", str(tmp_path / "a.npy"), "--params", "-"],
         input=piped,
     )  # fmt: skip
@@ -525,7 +524,7 @@ def test_parameters_can_come_from_stdin(case):
         == 0
     )
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
-    bad = CliRunner().invoke(main, ["refine", *map(str, inputs), "-o", "c.npy", "--params", "-"],
+    bad = cli_runner().invoke(main, ["refine", *map(str, inputs), "-o", "c.npy", "--params", "-"],
                              input="[1]")  # fmt: skip
     assert bad.exit_code == 2
     assert bad.stderr == "convcrf: error: stdin: expected a JSON object of parameters, got list\n"

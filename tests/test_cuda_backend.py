@@ -231,11 +231,11 @@ def test_nvrtc_compiles_the_module(arch, class_block):
 
 
 def test_info_command_reports_versions_and_the_auto_device():
-    from click.testing import CliRunner
+    from conftest import cli_runner
 
     from convcrf_cli.cli import main
 
-    result = CliRunner().invoke(main, ["info"])
+    result = cli_runner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
     assert f"torch: {torch.__version__}" in result.output
     expected = select_backend("auto").describe()

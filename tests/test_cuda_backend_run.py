@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import require_gxx
+from conftest import cli_runner, require_gxx
 from PIL import Image
 from test_cuda_shim import assert_matches_reference, random_inputs
 
@@ -188,10 +187,10 @@ def test_refine_reports_the_tuning_with_verbose(fake_cupy, tmp_path, tune_flag):
     np.save(tmp_path / "unary.npy", logits[0])
     args = ["refine", str(tmp_path / "image.png"), str(tmp_path / "unary.npy")]
     args += ["-o", str(tmp_path / "labels.png"), "--device", "cuda", "--blur", "2", "-v"]
-    result = CliRunner().invoke(main, [*args, tune_flag])
+    result = cli_runner().invoke(main, [*args, tune_flag])
     assert result.exit_code == 0, result.output
     tuned = "convcrf: CUDA launch plan for 1x3x12x16 k=9 blur 2: "
-    assert (tuned in result.output) == (tune_flag == "--tune")
+    assert (tuned in result.stderr) == (tune_flag == "--tune")
     assert np.asarray(Image.open(tmp_path / "labels.png")).shape == (12, 16)
 
 
@@ -201,7 +200,7 @@ def test_batch_on_cuda_takes_the_labels_on_the_device(fake_cupy, tmp_path):
     write probabilities."""
     from convcrf_cli.cli import main
 
-    runner = CliRunner()
+    runner = cli_runner()
     data = tmp_path / "data"
     assert runner.invoke(main, ["synth", str(data), "--count", "3", "--size", "20x26",
                                 "--classes", "4"]).exit_code == 0  # fmt: skip
@@ -253,7 +252,7 @@ def test_refine_on_cuda_copies_scores_back_only_for_probabilities(fake_cupy, tmp
     args += ["--unary-type", "logit", "--device", "cuda", "--no-tune", "-o"]
     for extra, copies in (([], 0), (["--probs", str(tmp_path / "probs.npy")], 1)):
         fake_cupy.transfers.clear()
-        result = CliRunner().invoke(main, [*args, str(tmp_path / "labels.npy"), *extra])
+        result = cli_runner().invoke(main, [*args, str(tmp_path / "labels.npy"), *extra])
         assert result.exit_code == 0, result.output
         shapes = [shape for shape, _ in fake_cupy.transfers]
         assert shapes.count((1, 18, 21)) == 2  # the refined and the unary labels, int32
@@ -274,7 +273,7 @@ def test_refine_on_cuda_equals_refine_on_cpu(fake_cupy):
 def test_info_reports_the_device_and_auto_takes_it(fake_cupy):
     from convcrf_cli.cli import main
 
-    result = CliRunner().invoke(main, ["info"])
+    result = cli_runner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
     assert "cuda devices: 1" in result.output
     assert "cuda:0: C++ shim of the CUDA kernels" in result.output
@@ -299,7 +298,7 @@ def test_info_counts_only_the_launch_plans_of_the_tuning_cache(fake_cupy, text, 
 
     cache = Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json"
     cache.write_text(text)
-    result = CliRunner().invoke(main, ["info"])
+    result = cli_runner().invoke(main, ["info"])
     assert result.exit_code == 0, result.output
     line = f"tuned launch plans: {count} in {cache}{fault} (delete it to time them again)\n"
     assert line in result.output
@@ -398,7 +397,7 @@ def test_refine_on_a_second_device_allocates_and_computes_there(fake_cupy, monke
     args += ["--unary-type", "logit", "--no-tune", "-o"]
     for device in ("cuda:0", "cuda:1"):
         out = tmp_path / f"{device[-1]}.npy"
-        result = CliRunner().invoke(main, [*args, str(out), "--device", device])
+        result = cli_runner().invoke(main, [*args, str(out), "--device", device])
         assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(np.load(tmp_path / "1.npy"), np.load(tmp_path / "0.npy"))
 

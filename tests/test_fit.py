@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli_runner
 from PIL import Image
 
 from convcrf_cli import CRFParams, InputError, ParamsError, refine
@@ -156,7 +156,7 @@ def _subprocess(*args, cwd):
 
 
 def _in_process(*args):
-    return CliRunner().invoke(main, [str(arg) for arg in args])
+    return cli_runner().invoke(main, [str(arg) for arg in args])
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +410,7 @@ def test_cli_fit_start_matrix_from_stdin_names_stdin(dataset, tmp_path):
     start = json.dumps({**CRFParams().to_dict(), "compat_transform": np.eye(3).tolist()})
     learned = tmp_path / "learned.json"
     args = ["fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned]
-    run = CliRunner().invoke(main, [str(arg) for arg in (*args, "--params", "-")], input=start)
+    run = cli_runner().invoke(main, [str(arg) for arg in (*args, "--params", "-")], input=start)
     assert run.exit_code == 2
     assert run.stderr.startswith("convcrf: error: stdin: compat_transform is 3x3")
     assert not learned.exists()

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli_runner
 
 from convcrf_cli import CRFParams, ParamsError
 from convcrf_cli.cli import main
@@ -103,7 +103,7 @@ def test_a_matrix_key_set_to_null_means_no_matrix(tmp_path):
 def test_the_params_command_says_it_would_drop_a_files_matrices(tmp_path):
     path = tmp_path / "learned.json"
     path.write_text(json.dumps({**CRFParams().to_dict(), "compat_transform": [[0.0]]}))
-    run = CliRunner().invoke(main, ["params", "--params", str(path), "-k", "5"])
+    run = cli_runner().invoke(main, ["params", "--params", str(path), "-k", "5"])
     assert run.exit_code == 2 and run.stdout == ""
     assert run.stderr == (
         f"convcrf: error: {path}: learned compat_transform matrices present (written by "

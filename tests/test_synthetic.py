@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import cli_runner
 from PIL import Image
 
 from convcrf_cli import CRFParams, refine
@@ -110,7 +110,7 @@ def test_write_dataset_files_and_reproducibility(tmp_path):
 
 
 def test_synth_command(tmp_path):
-    runner = CliRunner()
+    runner = cli_runner()
     result = runner.invoke(
         main, ["synth", str(tmp_path / "d"), "--count", "2", "--size", "30x20", "--classes", "4"]
     )
@@ -118,11 +118,11 @@ def test_synth_command(tmp_path):
     unary = np.load(tmp_path / "d" / "unaries" / "synth_00001.npy")
     assert unary.shape == (4, 30, 20)
     bad = runner.invoke(main, ["synth", str(tmp_path / "e"), "--size", "30by20"])
-    assert bad.exit_code == 2 and "HEIGHTxWIDTH" in bad.output
+    assert bad.exit_code == 2 and "HEIGHTxWIDTH" in bad.stderr
     assert not (tmp_path / "e").exists()
     one_class = runner.invoke(main, ["synth", str(tmp_path / "f"), "--classes", "1"])
     assert one_class.exit_code == 2 and "'--classes': 1 is not in the range 2<=x<=256" in (
-        one_class.output
+        one_class.stderr
     )
     assert not (tmp_path / "f").exists()
     with pytest.raises(ValueError, match="at least 2 classes"):
@@ -131,7 +131,7 @@ def test_synth_command(tmp_path):
 
 
 def test_synth_refuses_to_mix_two_runs_and_negative_seeds(tmp_path):
-    runner = CliRunner()
+    runner = cli_runner()
     out = str(tmp_path / "d")
     common = ["--size", "8x8", "--classes", "3"]
     assert runner.invoke(main, ["synth", out, "--count", "3", *common]).exit_code == 0
@@ -151,7 +151,7 @@ def test_synth_refuses_to_mix_two_runs_and_negative_seeds(tmp_path):
 @pytest.mark.parametrize("blocked", ["images", "labels"])
 def test_synth_refuses_a_file_in_place_of_a_dataset_directory(tmp_path, blocked):
     (tmp_path / blocked).write_text("not a directory")
-    result = CliRunner().invoke(main, ["synth", str(tmp_path), "--count", "1", "--size", "8x8"])
+    result = cli_runner().invoke(main, ["synth", str(tmp_path), "--count", "1", "--size", "8x8"])
     assert result.exit_code == 2
     assert result.stderr == (
         f"convcrf: error: {tmp_path / blocked}: exists and is not a directory\n"
