@@ -31,7 +31,8 @@ def main() -> None:
         from convcrf_cli.cli import main as command_group
     except KeyboardInterrupt:
         _interrupted()
-    except (ImportError, MemoryError) as exc:  # torch cannot load (too little memory, ...)
+    except (ImportError, MemoryError, OSError) as exc:  # torch cannot load (little memory, ...)
+        # OSError: a CUDA build of torch whose CUDA libraries cannot be mapped into memory
         _cannot_start(exc)
     try:
         command_group(prog_name="convcrf")
@@ -59,7 +60,7 @@ def interrupt_once(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _cannot_start(exc: ImportError | MemoryError) -> NoReturn:
+def _cannot_start(exc: ImportError | MemoryError | OSError) -> NoReturn:
     reason = "out of memory" if isinstance(exc, MemoryError) else str(exc)
     sys.stderr.write(
         f"convcrf: error: cannot start: loading torch and NumPy failed ({reason}); is the "
