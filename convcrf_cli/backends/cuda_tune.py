@@ -252,7 +252,7 @@ class TuningCache:
             return "is not valid JSON"
         if not isinstance(entries, dict):
             return "holds no JSON object"
-        invalid = len(entries) - len(self._load())
+        invalid = sum(not is_variant(name) for name in entries.values())
         if not invalid:
             return None
         return f"holds entries that are no launch plan ({invalid} of {len(entries)}, ignored)"
