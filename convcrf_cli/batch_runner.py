@@ -37,23 +37,8 @@ from convcrf_cli.pipeline import (
     write_item,
 )
 
-DONE, SKIPPED, FAILED, UNPAIRED = "done", "skipped", "failed", "unpaired"
-REPORT_FIELDS = (
-    "key",
-    "image",
-    "unary",
-    "outputs",
-    "status",
-    "error",
-    "seconds",
-    "crf_seconds",
-    "size",
-    "classes",
-    "histogram_before",
-    "histogram_after",
-    "changed_fraction",
-)
-"""The fields of every report line, in this order (see :func:`report_record`)."""
+DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+"""The statuses of an :class:`ItemReport`."""
 ITEM_ERRORS = (ConvCRFError, MemoryError, OSError, RuntimeError, ValueError)
 """What one item may raise without stopping the batch (anything else is a bug and does)."""
 DEFAULT_JOBS = max(2, min(8, os.cpu_count() or 1))
@@ -82,45 +67,14 @@ class BatchSettings:
 class ItemReport:
     """What happened to one item: ``status`` is ``done``, ``skipped`` or ``failed``.
 
-    error: the failure's one-line message.
+    error: the failure's one-line message. Its line in the report: see
+    :func:`convcrf_cli.batch_report.item_record`.
     """
 
     item: BatchItem
     status: str
     result: ItemResult | None = None
     error: str | None = None
-
-    def to_json(self) -> dict:
-        """A JSON-ready dict: paths, status, error, seconds and the label histograms (null
-        for an item not refined)."""
-        record = report_record(
-            key=self.item.key,
-            image=str(self.item.image),
-            unary=str(self.item.unary),
-            outputs=[str(path) for path in self.item.outputs()],
-            status=self.status,
-            error=self.error,
-        )
-        if self.result is not None:
-            pixels = int(self.result.histogram.sum())
-            record.update(
-                seconds=round(self.result.seconds, 4),
-                crf_seconds=round(self.result.crf_seconds, 4),
-                size=list(self.result.image_hw),
-                classes=self.result.num_classes,
-                histogram_before=self.result.unary_histogram.tolist(),
-                histogram_after=self.result.histogram.tolist(),
-                changed_fraction=round(self.result.changed_pixels / max(pixels, 1), 6),
-            )
-        return record
-
-
-def report_record(status: str, error: str | None, **fields: object) -> dict:
-    """A report line with every field of :data:`REPORT_FIELDS`: ``status``, ``error`` and
-    ``fields``; the others null (``outputs`` empty), so that every line has the same keys."""
-    record: dict = {**dict.fromkeys(REPORT_FIELDS), "outputs": []}
-    record.update(fields, status=status, error=error)
-    return record
 
 
 @dataclasses.dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -13,8 +12,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from convcrf_cli import batch_items
-from convcrf_cli.atomic import atomic_write_bytes
+from convcrf_cli import batch_items, batch_report
 from convcrf_cli.backends import select_backend
 from convcrf_cli.batch_items import BatchItem, Pairing
 from convcrf_cli.batch_runner import (
@@ -22,11 +20,9 @@ from convcrf_cli.batch_runner import (
     DONE,
     FAILED,
     SKIPPED,
-    UNPAIRED,
     BatchSettings,
     BatchStats,
     ItemReport,
-    report_record,
     run_batch,
 )
 from convcrf_cli.commands.common import (
@@ -261,7 +257,7 @@ def batch_command(
     start = time.perf_counter()
     stopped: tuple[str, int] | None = None
     stream_report = report_path == "-"
-    other_records = _pairing_records(pairing)
+    other_records = batch_report.pairing_records(pairing)
     to_run = [] if fail_fast and pairing.missing_images else items
     with (
         _signals_raise(),
@@ -285,7 +281,7 @@ def batch_command(
                     bar.update(1)
                     _echo_item(report, verbose, bar)
                     if stream_report:
-                        _echo_record(report.to_json())
+                        _echo_record(batch_report.item_record(report))
         except KeyboardInterrupt:
             stopped = ("interrupted", 130)
         except Terminated:
@@ -296,12 +292,13 @@ def batch_command(
         reports.append(report)
         if stream_report and (stopped is None or stopped[1] != 1):  # 1: stdout failed
             with contextlib.suppress(StdoutFailed):
-                _echo_record(report.to_json())
+                _echo_record(batch_report.item_record(report))
     wall = time.perf_counter() - start
     if verbose:
         report_tunings(backend)
     if report_file is not None:
-        _write_report(report_file, other_records, reports)
+        records = [*other_records, *(batch_report.item_record(r) for r in reports)]
+        _write_report(report_file, records)
     missing = pairing.missing_images
     if not quiet:
         _summary(reports, len(items), wall, stats, describe_backend(backend), len(missing))
@@ -376,12 +373,7 @@ def _report_unpaired(pairing: Pairing) -> None:
 def _report_missing(pairing: Pairing) -> None:
     """One error line for each listed image that does not exist (a failed item)."""
     for image in pairing.missing_images:
-        echo_err(f"convcrf: error: {_no_such_file(image)}")
-
-
-def _no_such_file(path: Path) -> str:
-    """The failure of a listed image that does not exist, worded as the image reader words it."""
-    return str(BadInputError(path, "no such file"))
+        echo_err(f"convcrf: error: {batch_report.missing_image_error(image)}")
 
 
 def _check_output_directories(items: list[BatchItem]) -> None:
@@ -434,31 +426,15 @@ def _echo_record(record: dict) -> None:
     """Write a report line to stdout; raise :class:`StdoutFailed` if it cannot be written
     (stdout then points at /dev/null, so that the final flush stays quiet)."""
     try:
-        echo_out(json.dumps(record), "the report")
+        echo_out(batch_report.record_line(record), "the report")
     except RuntimeFailure as exc:
         raise StdoutFailed(str(exc)) from exc
 
 
-def _pairing_records(pairing: Pairing) -> list[dict]:
-    """The report lines of the listed images that do not exist (failed, keyed by stem as
-    listed images are) and of the unpaired files."""
-    return [
-        *(
-            report_record(FAILED, _no_such_file(image), key=image.stem, image=str(image))
-            for image in pairing.missing_images
-        ),
-        *(report_record(UNPAIRED, "no unary", image=str(i)) for i in pairing.unpaired_images),
-        *(report_record(UNPAIRED, "no image", unary=str(u)) for u in pairing.unpaired_unaries),
-    ]
-
-
-def _write_report(path: Path, other_records: list[dict], reports: list[ItemReport]) -> None:
-    """Write ``other_records`` (see :func:`_pairing_records`) and the items' lines to ``path``."""
-    records = [*other_records, *(report.to_json() for report in reports)]
-    lines = [json.dumps(record) for record in records]
+def _write_report(path: Path, records: list[dict]) -> None:
+    """Write the report file; exit with status 1 and one line if it cannot be written."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, "".join(f"{line}\n" for line in lines).encode())
+        batch_report.write_report(path, records)
     except OSError as exc:
         fail(f"{path}: cannot write the report: {exc.strerror or exc}", 1)
 
