@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
 
 from convcrf_cli import batch_items, batch_report
-from convcrf_cli.backends import select_backend
+from convcrf_cli.backends import Backend, select_backend
 from convcrf_cli.batch_items import BatchItem, Pairing
 from convcrf_cli.batch_runner import (
     DEFAULT_JOBS,
@@ -209,31 +211,16 @@ def batch_command(
     )
     params = params_from_options(options)
     unary = unary_options_from(options)
-    spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
+    spec_for = _output_specs(options)
     outputs = [(output_dir, f".{out_format}"), (overlay_dir, ".png"), (probs_dir, ".npy")]
     written = [(directory, suffix) for directory, suffix in outputs if directory is not None]
-    found = _pairing(sources, manifest, image_list, image_glob, unary_glob, written)
-    pairing = found if shard is None else batch_items.select_unpaired_shard(found, *shard)
-    _report_unpaired(pairing)
-    _report_missing(pairing)
-    listed = image_list is not None and bool(found.missing_images or found.unpaired_images)
-    if not pairing.pairs and not listed:  # listed images without a pair fail as items
-        raise _nothing_to_refine(found, sources, manifest, image_list)
-    report_file = None if report_path in (None, "-") else Path(report_path)
-    items = batch_items.plan_outputs(
-        pairing.pairs,
-        output_dir,
-        f".{out_format}",
-        overlay_dir,
-        probs_dir,
-        report=report_file,
-        inputs=_other_inputs(found, manifest, image_list),
+    pairing, other_inputs = _find_pairs(
+        sources, manifest, image_list, image_glob, unary_glob, written, shard
     )
-    if report_file is not None:
-        check_output_file(report_file)
-    if shard is not None:
-        items = batch_items.select_shard(items, *shard)
-    _check_output_directories(items)
+    report_file = None if report_path in (None, "-") else Path(report_path)
+    items = _plan_items(
+        pairing, output_dir, out_format, overlay_dir, probs_dir, report_file, other_inputs, shard
+    )
     backend = select_backend(device, tune=tune)
     settings = BatchSettings(
         jobs=jobs,
@@ -246,23 +233,114 @@ def batch_command(
             f"{device_line(backend)}; {len(items)} items, {settings.jobs} I/O workers, up to "
             f"{settings.batch_size} per CRF call"
         )
+    stats = BatchStats()
+    to_run = [] if fail_fast and pairing.missing_images else items  # a failure before the run
+    runner = run_batch(to_run, spec_for, params, backend, unary, settings, stats)
+    stream = batch_report.pairing_records(pairing) if report_path == "-" else None
+    outcome = _run(runner, stats, len(items), stream, quiet=quiet, verbose=verbose)
+    listed = image_list is not None
+    _finish(outcome, pairing, report_file, backend, quiet=quiet, verbose=verbose, listed=listed)
+
+
+def _output_specs(options: dict[str, Any]) -> Callable[[BatchItem], OutputSpec]:
+    """Pop ``--probs-dtype`` and ``--alpha`` from ``options``: the outputs of an item."""
+    spec_options = {"probs_dtype": options.pop("probs_dtype"), "alpha": options.pop("alpha")}
 
     def spec_for(item: BatchItem) -> OutputSpec:
         return OutputSpec(
             labels=item.output, overlay=item.overlay, probs=item.probs, **spec_options
         )
 
-    stats = BatchStats()
+    return spec_for
+
+
+def _find_pairs(
+    sources: tuple[str, ...],
+    manifest: str | None,
+    image_list: str | None,
+    image_glob: str | None,
+    unary_glob: str | None,
+    outputs: list[tuple[Path, str]],
+    shard: tuple[int, int] | None,
+) -> tuple[Pairing, list[Path]]:
+    """The pairing of this shard (see :func:`_pairing`), its unpaired and missing files
+    reported on stderr, and the input files besides the pairs' (of every shard: see
+    :func:`_other_inputs`). Raises :class:`BadInputError` if there is nothing to refine."""
+    found = _pairing(sources, manifest, image_list, image_glob, unary_glob, outputs)
+    pairing = found if shard is None else batch_items.select_unpaired_shard(found, *shard)
+    _report_unpaired(pairing)
+    _report_missing(pairing)
+    listed = image_list is not None and bool(found.missing_images or found.unpaired_images)
+    if not pairing.pairs and not listed:  # listed images without a pair fail as items
+        raise _nothing_to_refine(found, sources, manifest, image_list)
+    return pairing, _other_inputs(found, manifest, image_list)
+
+
+def _plan_items(
+    pairing: Pairing,
+    output_dir: Path,
+    out_format: str,
+    overlay_dir: Path | None,
+    probs_dir: Path | None,
+    report_file: Path | None,
+    other_inputs: list[Path],
+    shard: tuple[int, int] | None,
+) -> list[BatchItem]:
+    """The items of this shard with their output paths, once checked: no two outputs (the
+    report file included) are one file, none overwrites an input, and the report file and
+    every output directory can be written (:class:`BadInputError` otherwise). Creates
+    nothing."""
+    items = batch_items.plan_outputs(
+        pairing.pairs,
+        output_dir,
+        f".{out_format}",
+        overlay_dir,
+        probs_dir,
+        report=report_file,
+        inputs=other_inputs,
+    )
+    if report_file is not None:
+        check_output_file(report_file)
+    if shard is not None:
+        items = batch_items.select_shard(items, *shard)
+    _check_output_directories(items)
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """What a run did: the reports of its items (those completed while it stopped included)
+    of ``total`` planned, what it measured, its wall-clock seconds and, if it stopped early,
+    the message and exit status to stop with."""
+
+    reports: list[ItemReport]
+    total: int
+    stats: BatchStats
+    wall: float
+    stopped: tuple[str, int] | None
+
+
+def _run(
+    runner: Iterator[ItemReport],
+    stats: BatchStats,
+    total: int,
+    stream: list[dict] | None,
+    *,
+    quiet: bool,
+    verbose: bool,
+) -> _Outcome:
+    """Run ``runner`` (a :func:`run_batch` filling ``stats``) under a progress bar of ``total``
+    items, with each failure (every item with ``verbose``) on stderr and, unless ``stream`` is
+    None, the report on stdout: the lines of ``stream`` (the pairing's) first, then each
+    item's as it finishes. Ctrl-C, SIGTERM or a report that cannot be written to stdout stop
+    the run early; the writes in flight finish and are reported."""
     reports: list[ItemReport] = []
     start = time.perf_counter()
     stopped: tuple[str, int] | None = None
-    stream_report = report_path == "-"
-    other_records = batch_report.pairing_records(pairing)
-    to_run = [] if fail_fast and pairing.missing_images else items
     with (
         _signals_raise(),
         tqdm(
-            total=len(items),
+            total=total,
             unit="img",
             desc="convcrf",
             disable=quiet or not sys.stderr.isatty(),
@@ -271,16 +349,14 @@ def batch_command(
         ) as bar,
     ):
         try:
-            if stream_report:
-                for record in other_records:
-                    _echo_record(record)
-            runner = run_batch(to_run, spec_for, params, backend, unary, settings, stats)
+            for record in stream or []:
+                _echo_record(record)
             with contextlib.closing(runner):
                 for report in runner:
                     reports.append(report)
                     bar.update(1)
                     _echo_item(report, verbose, bar)
-                    if stream_report:
+                    if stream is not None:
                         _echo_record(batch_report.item_record(report))
         except KeyboardInterrupt:
             stopped = ("interrupted", 130)
@@ -290,23 +366,38 @@ def batch_command(
             stopped = (str(exc), 1)
     for report in stats.finished_while_stopping:  # written while the run stopped
         reports.append(report)
-        if stream_report and (stopped is None or stopped[1] != 1):  # 1: stdout failed
+        if stream is not None and (stopped is None or stopped[1] != 1):  # 1: stdout failed
             with contextlib.suppress(StdoutFailed):
                 _echo_record(batch_report.item_record(report))
-    wall = time.perf_counter() - start
+    return _Outcome(reports, total, stats, time.perf_counter() - start, stopped)
+
+
+def _finish(
+    outcome: _Outcome,
+    pairing: Pairing,
+    report_file: Path | None,
+    backend: Backend,
+    *,
+    quiet: bool,
+    verbose: bool,
+    listed: bool,
+) -> None:
+    """After the run: the tunings (with ``verbose``), the report file, the summary (unless
+    ``quiet``) and the exit status: that of a run stopped early, else 1 if an item failed or,
+    from a list (``listed``), a listed image has no unary."""
     if verbose:
         report_tunings(backend)
     if report_file is not None:
-        records = [*other_records, *(batch_report.item_record(r) for r in reports)]
-        _write_report(report_file, records)
+        item_records = (batch_report.item_record(report) for report in outcome.reports)
+        _write_report(report_file, [*batch_report.pairing_records(pairing), *item_records])
     missing = pairing.missing_images
     if not quiet:
-        _summary(reports, len(items), wall, stats, describe_backend(backend), len(missing))
-    if stopped is not None:
-        fail(*stopped)
-    failed = [*missing, *(r.item.image for r in reports if r.status == FAILED)]
-    listed_unpaired = pairing.unpaired_images if image_list is not None else []
-    _fail_if_incomplete(failed, len(items) + len(missing), listed_unpaired)
+        _summary(outcome, describe_backend(backend), len(missing))
+    if outcome.stopped is not None:
+        fail(*outcome.stopped)
+    failed = [*missing, *(r.item.image for r in outcome.reports if r.status == FAILED)]
+    listed_unpaired = pairing.unpaired_images if listed else []
+    _fail_if_incomplete(failed, outcome.total + len(missing), listed_unpaired)
 
 
 def _pairing(
@@ -439,22 +530,16 @@ def _write_report(path: Path, records: list[dict]) -> None:
         fail(f"{path}: cannot write the report: {exc.strerror or exc}", 1)
 
 
-def _summary(
-    reports: list[ItemReport],
-    total: int,
-    wall: float,
-    stats: BatchStats,
-    device: str,
-    missing: int,
-) -> None:
+def _summary(outcome: _Outcome, device: str, missing: int) -> None:
     """The summary line: counts (``missing``: listed images that do not exist, failed before
     the run), throughput and where the time went."""
+    reports, wall, stats = outcome.reports, outcome.wall, outcome.stats
     counts = {
         status: sum(r.status == status for r in reports) for status in (DONE, SKIPPED, FAILED)
     }
     counts[FAILED] += missing
     rate = counts[DONE] / wall if wall > 0 else 0.0
-    not_run = total - len(reports)
+    not_run = outcome.total - len(reports)
     share = 100.0 * stats.crf_seconds / wall if wall > 0 else 0.0
     io_share = 100.0 * stats.io_wait_seconds / wall if wall > 0 else 0.0
     echo_err(
