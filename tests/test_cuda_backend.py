@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,6 +203,32 @@ def test_plan_rejects_mismatched_shapes():
 def test_array_kinds():
     assert cuda.array_kind(np.zeros(2)) == "numpy"
     assert cuda.array_kind(torch.zeros(2)) == "torch-cpu"
+
+
+def test_external_stream_wraps_the_handle_without_deprecated_api():
+    """CuPy 14 deprecates ExternalStream (a DeprecationWarning on every launch on torch's
+    stream); the stream from the CUDA stream protocol carries the same handle. Creating a
+    stream object needs no device."""
+    cupy = pytest.importorskip("cupy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream = cuda.external_stream(cupy, 0x5EED, 0)
+    assert stream.ptr == 0x5EED
+
+
+def test_external_stream_before_cupy_14_takes_external_stream():
+    made = []
+
+    class OldStream:  # CuPy 13: no from_external
+        pass
+
+    def external(handle, device):
+        made.append((handle, device))
+        return "stream"
+
+    old_cupy = SimpleNamespace(cuda=SimpleNamespace(Stream=OldStream, ExternalStream=external))
+    assert cuda.external_stream(old_cupy, 7, 1) == "stream"
+    assert made == [(7, 1)]
 
 
 def _gpu_usable() -> bool:

@@ -263,7 +263,28 @@ def torch_stream(cupy: Any, device_index: int) -> Any:
     import torch
 
     handle = torch.cuda.current_stream(device_index).cuda_stream
-    return cupy.cuda.ExternalStream(handle, device_index)
+    return external_stream(cupy, handle, device_index)
+
+
+def external_stream(cupy: Any, handle: int, device_index: int) -> Any:
+    """The ``cudaStream_t`` ``handle`` of ``cuda:device_index``, made by another library, as a
+    CuPy stream: through ``Stream.from_external`` and the CUDA stream protocol where CuPy has
+    it (14 and later, which deprecate ``ExternalStream``), else ``ExternalStream``. The stream
+    from the protocol does not know its device; callers enter the device first."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is None:
+        return cupy.cuda.ExternalStream(handle, device_index)
+    return from_external(_StreamHandle(handle))
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` in the CUDA stream protocol (``__cuda_stream__``, version 0)."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle
 
 
 class CUDABackend:
