@@ -1,4 +1,4 @@
-"""ConvCRF against the permutohedral DenseCRF of pydensecrf on the synthetic task (DESIGN §5).
+"""ConvCRF against the permutohedral DenseCRF of pydensecrf on the synthetic task.
 
 pydensecrf is the fully-connected CRF (Krähenbühl & Koltun) that segmentation code reaches for
 today. Both CRFs get the same unary (the log-probabilities; DenseCRF takes their negation as

@@ -1,4 +1,5 @@
-"""Choose the default filter size and blur by measurement on the synthetic task (DESIGN §5).
+"""Choose the default filter size and blur by measurement on the synthetic task (README,
+"Sample data and the synthetic task").
 
 For every filter_size in {3,5,7,9,11} and blur in {1,2,3,4} (other parameters at their
 defaults), refines the unaries of a generated dataset on the CPU and reports mean IoU and pixel

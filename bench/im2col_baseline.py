@@ -1,4 +1,4 @@
-"""The original ConvCRF's im2col approach, written plainly for comparison (DESIGN §3).
+"""The original ConvCRF's im2col approach, written plainly for comparison.
 
 NCHW tensors throughout; the message unfolds the pooled Q with ``torch.nn.functional.unfold``
 into the full ``[N, C·k², h·w]`` buffer, multiplies it by the kernel and sums over the window,

@@ -1,4 +1,4 @@
-"""The library entry point: ``refine(image, logits, params, device)`` (DESIGN §2).
+"""The library entry point: ``refine(image, logits, params, device)`` (README, "The algorithm").
 
 Normalises array layouts, checks shapes, dtypes and values, and hands batched arrays (image
 ``[N,F,H,W]``, logits ``[N,C,H,W]``, dtypes as given) to a backend, which converts them to

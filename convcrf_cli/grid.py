@@ -1,5 +1,6 @@
-"""Geometry of the coarse grid that message passing runs on (DESIGN §2.2): its size and the
-pooling padding, for the mean field, the CUDA launch plans and the memory estimate."""
+"""Geometry of the coarse grid that message passing runs on (step 2 of README's "The
+algorithm"): its size and the pooling padding, for the mean field, the CUDA launch plans and
+the memory estimate."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 
 def pool_padding(length: int, blur: int) -> int:
-    """Padding on each side of an axis of ``length`` pixels for pooling by ``blur`` (§2.2)."""
+    """Padding on each side of an axis of ``length`` pixels for pooling by ``blur`` (step 2)."""
     return math.ceil(((blur - length % blur) % blur) / 2)
 
 

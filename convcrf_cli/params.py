@@ -30,7 +30,7 @@ class ParamsError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class CRFParams:
-    """Parameters of ConvCRF mean-field inference (DESIGN §2).
+    """Parameters of ConvCRF mean-field inference (README, "The algorithm").
 
     filter_size: odd window size k on the (blurred) grid.
     blur: message passing runs on a grid ``blur`` times coarser than the image.

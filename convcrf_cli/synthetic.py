@@ -1,4 +1,5 @@
-"""The paper's synthetic task (DESIGN §5) on generated scenes with known labels.
+"""The paper's synthetic task on generated scenes with known labels (README, "Sample data and
+the synthetic task").
 
 A scene is a set of piecewise-smooth coloured regions (warped Voronoi cells with ellipses and
 star-shaped polygons on top), each with its own colour, a mild colour gradient, a smooth

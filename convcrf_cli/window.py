@@ -1,4 +1,5 @@
-"""The window sum of ConvCRF message passing (DESIGN §2.4) and its two adjoints.
+"""The window sum of ConvCRF message passing (step 4 of README's "The algorithm") and its two
+adjoints.
 
 All three loop over the ``k²`` window offsets and work on ``[N,C,h,w]`` planes, so the
 ``C·k²·h·w`` im2col buffer of the original implementation is never materialised.

@@ -1,4 +1,4 @@
-// Coarse-grid features of ConvCRF (DESIGN §2 steps 1-2), once per image.
+// Coarse-grid features of ConvCRF (steps 1-2 of README's "The algorithm"), once per image.
 //
 // Layout: class/channel-major, x fastest. One thread per coarse cell, 2-D blocks of any size,
 // blockIdx.z = image of the batch.

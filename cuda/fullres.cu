@@ -1,5 +1,5 @@
-// Full-resolution passes of ConvCRF mean field (DESIGN §2 steps 4-5), fused so that the
-// full-resolution Q is never stored between iterations:
+// Full-resolution passes of ConvCRF mean field (steps 4-5 of README's "The algorithm"), fused
+// so that the full-resolution Q is never stored between iterations:
 //
 //   convcrf_init:  L = log_softmax(logits); writes lse = logsumexp(logits) per pixel and
 //                  P = pool(Q0) with Q0 = L (init "log") or softmax(L) (init "softmax").

@@ -1,7 +1,8 @@
-// One mean-field iteration in one launch at blur > 1 (DESIGN §2 steps 3-5): the message of
-// message.cu and the full-resolution pass of fullres.cu fused, so that an iteration costs one
-// launch instead of two and the message never goes through global memory. For small grids
-// (500x375 at blur 4 is 125x94 cells), where launches and latency, not bytes, set the time.
+// One mean-field iteration in one launch at blur > 1 (steps 3-5 of README's "The algorithm"):
+// the message of message.cu and the full-resolution pass of fullres.cu fused, so that an
+// iteration costs one launch instead of two and the message never goes through global memory.
+// For small grids (500x375 at blur 4 is 125x94 cells), where launches and latency, not bytes,
+// set the time.
 //
 // A block owns the tile_rows x tile_cols coarse cells (and their blur x blur pixels) of
 // convcrf_step. The pixels of a cell take their bilinear taps from the cell and its neighbours,

@@ -1,4 +1,5 @@
-// The ConvCRF message on the coarse grid (DESIGN §2 steps 3-4, before upsampling):
+// The ConvCRF message on the coarse grid (steps 3-4 of README's "The algorithm", before
+// upsampling):
 //   M[c,x,y] = sum_{a,b} K[a,b,x,y] * Pad0(P)[c, x+a-s, y+b-s],
 //   K = pos_compat * exp(-0.5 |(fp(nb) - fp(x)) / pos_sdims|^2)
 //     + col_compat * exp(-0.5 |(fc(nb) - fc(x)) / col_schan|^2),

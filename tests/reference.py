@@ -1,4 +1,4 @@
-"""Plain float64 NumPy ConvCRF inference (DESIGN §2): the oracle for every backend.
+"""Plain float64 NumPy ConvCRF inference (README, "The algorithm"): the oracle for every backend.
 
 Written for clarity, not speed: explicit loops over window offsets and pooling cells.
 """

@@ -59,7 +59,8 @@ def test_potts_and_identity_at_init_equal_plain():
 
 
 def _reference_with_transforms(image, logits, p, compat, features):
-    """float64 §2 with msg <- msg + compat·msg and colour features from features·I."""
+    """The float64 mean field of the reference with msg <- msg + compat·msg and colour
+    features from features·I."""
     image = np.asarray(image, dtype=np.float64).transpose(2, 0, 1)
     transformed = np.einsum("gf,fhw->ghw", features, image)
     height, width = image.shape[1:]

@@ -22,7 +22,7 @@ from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS
 
 _DEFAULTS = CRFParams()
 
-# (field, option names, help) in the order of DESIGN §2's table.
+# (field, option names, help) in the order of README's Parameters table.
 _PARAM_OPTIONS: list[tuple[str, tuple[str, ...], str]] = [
     ("filter_size", ("--filter-size", "-k"), "Odd window size on the (blurred) grid."),
     ("blur", ("--blur",), "Message passing runs on a grid this many times coarser."),
