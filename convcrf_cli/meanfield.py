@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from convcrf_cli import phases
+from convcrf_cli import fused_meanfield, phases
 from convcrf_cli.backends import cuda_autograd
 from convcrf_cli.grid import pool_padding
 from convcrf_cli.params import CRFParams
@@ -144,7 +144,7 @@ def mean_field(
     ``kernel``, ``weight`` and ``compat_matrix`` through :class:`_MeanField`.
 
     float32 CUDA tensors run on the fused CUDA kernels of
-    :mod:`convcrf_cli.backends.cuda_autograd` where CuPy can launch them (``fused=None``);
+    :mod:`convcrf_cli.fused_meanfield` where CuPy can launch them (``fused=None``);
     ``fused=False`` forces the PyTorch implementation of :mod:`convcrf_cli.phases` (``True``
     is the same as ``None``: the PyTorch implementation where the kernels cannot run).
     """
@@ -158,15 +158,19 @@ def mean_field(
     w = float(w.detach()) if isinstance(w, torch.Tensor) else float(w)
     if launcher is not None:
         launch, block = launcher
-        return cuda_autograd.mean_field(logits, kernel, params, w, compat_matrix, launch, block)[0]
+        scores, _ = fused_meanfield.mean_field(
+            logits, kernel, params, w, compat_matrix, launch, block
+        )
+        return scores
     scores, _ = phases.mean_field(logits, kernel, params, w, compat_matrix)
     return scores
 
 
 class _MeanField(torch.autograd.Function):
     """The mean field with a hand-written backward: :func:`phases.mean_field` and
-    :func:`phases.mean_field_backward`, or their fused CUDA counterparts when a launcher for
-    the fused kernels is given (``(launch, class_block)``)."""
+    :func:`phases.mean_field_backward`, or their fused CUDA counterparts of
+    :mod:`convcrf_cli.fused_meanfield` when a launcher for the fused kernels is given
+    (``(launch, class_block)``)."""
 
     @staticmethod
     def forward(ctx, logits, kernel, weight, compat_matrix, params, launcher):
@@ -178,7 +182,7 @@ class _MeanField(torch.autograd.Function):
             ctx.save_for_backward(kernel, compat_matrix)
         else:
             launch, block = launcher
-            scores, ctx.record = cuda_autograd.mean_field(
+            scores, ctx.record = fused_meanfield.mean_field(
                 logits, kernel, params, ctx.weight, compat_matrix, launch, block
             )
             ctx.save_for_backward(kernel, compat_matrix, logits)
@@ -201,7 +205,7 @@ class _MeanField(torch.autograd.Function):
             )
         else:
             kernel, compat_matrix, logits = ctx.saved_tensors
-            grads = cuda_autograd.mean_field_backward(
+            grads = fused_meanfield.mean_field_backward(
                 ctx.record,
                 logits,
                 grad.contiguous(),

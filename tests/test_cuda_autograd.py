@@ -1,7 +1,8 @@
-"""The module's mean field on the fused CUDA kernels (``backends/cuda_autograd.py``), run on the
-CPU through the C++ shim, against the PyTorch implementation in float64: the forward scores and
-every gradient (logits, kernel, weight, "+C" matrix) of :mod:`convcrf_cli.phases`, whose
-hand-written backward is itself checked by ``gradcheck`` in test_phases.py."""
+"""The module's mean field on the fused CUDA kernels (``fused_meanfield.py``, launching those of
+``backends/cuda_autograd.py``), run on the CPU through the C++ shim, against the PyTorch
+implementation in float64: the forward scores and every gradient (logits, kernel, weight, "+C"
+matrix) of :mod:`convcrf_cli.phases`, whose hand-written backward is itself checked by
+``gradcheck`` in test_phases.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from cuda_shim.cases import SMALL
 
-from convcrf_cli import meanfield, phases
+from convcrf_cli import fused_meanfield, meanfield, phases
 from convcrf_cli.backends import cuda_autograd
 from convcrf_cli.params import CRFParams
 
@@ -49,7 +50,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 def test_fused_forward_and_backward_match_pytorch(shim, case):
     params, logits, kernel, matrix, grad = inputs(case)
     weight = 0.6
-    scores, record = cuda_autograd.mean_field(
+    scores, record = fused_meanfield.mean_field(
         logits, kernel, params, weight, matrix, shim, shim.class_block, SMALL
     )
     matrix64 = None if matrix is None else matrix.double()
@@ -58,7 +59,7 @@ def test_fused_forward_and_backward_match_pytorch(shim, case):
     )
     assert_close(scores, expected, "scores")
 
-    grads = cuda_autograd.mean_field_backward(
+    grads = fused_meanfield.mean_field_backward(
         record, logits, grad, kernel, weight, matrix, True, shim
     )
     expected_grads = phases.mean_field_backward(
@@ -74,10 +75,10 @@ def test_fused_forward_and_backward_match_pytorch(shim, case):
 
 def test_fused_backward_without_the_logits_gradient(shim):
     params, logits, kernel, matrix, grad = inputs(CASES[1], seed=1)
-    _, record = cuda_autograd.mean_field(
+    _, record = fused_meanfield.mean_field(
         logits, kernel, params, 0.3, matrix, shim, shim.class_block, SMALL
     )
-    grad_logits, grad_kernel, grad_weight, _ = cuda_autograd.mean_field_backward(
+    grad_logits, grad_kernel, grad_weight, _ = fused_meanfield.mean_field_backward(
         record, logits, grad, kernel, 0.3, matrix, False, shim
     )
     _, expected_record = phases.mean_field(

@@ -60,7 +60,8 @@ def _largest_blocks() -> dict[str, int]:
     """Most threads per block each kernel gets from the launch plans: inference with every
     message kernel, fused and not, over filter sizes, blurs and class counts, and the module's
     forward and backward pass."""
-    from convcrf_cli.backends import DeviceError, cuda_autograd
+    from convcrf_cli import fused_meanfield
+    from convcrf_cli.backends import DeviceError
     from convcrf_cli.backends.cuda_plan import (
         MAX_SHARED_MEMORY,
         MESSAGE_KERNELS,
@@ -96,8 +97,8 @@ def _largest_blocks() -> dict[str, int]:
     params = CRFParams(filter_size=5, blur=2, iterations=2)
     logits = torch.zeros(1, 3, 8, 8)
     kernel = torch.zeros(1, 5, 5, 4, 4)
-    scores, kept = cuda_autograd.mean_field(logits, kernel, params, 1.0, None, record, 3)
-    cuda_autograd.mean_field_backward(kept, logits, scores, kernel, 1.0, None, True, record)
+    scores, kept = fused_meanfield.mean_field(logits, kernel, params, 1.0, None, record, 3)
+    fused_meanfield.mean_field_backward(kept, logits, scores, kernel, 1.0, None, True, record)
     return largest
 
 

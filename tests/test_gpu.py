@@ -3,8 +3,8 @@
 Every case of tests/test_cuda_shim.py runs on the device with all buffers poisoned with NaN; a
 2048x2048 image is checked against the PyTorch mean field in float64 (itself checked against
 tests/reference.py in test_meanfield.py), since the loop-based reference is too slow there.
-The differentiable module on CUDA tensors (its mean field on the fused kernels of
-backends/cuda_autograd.py) is compared with itself on the CPU, gradients included, and the fused
+The differentiable module on CUDA tensors (its mean field on the fused kernels:
+fused_meanfield.py) is compared with itself on the CPU, gradients included, and the fused
 mean field with the PyTorch one, on every case of tests/test_cuda_autograd.py and at 500x375.
 """
 
@@ -18,7 +18,7 @@ import test_cuda_autograd
 import torch
 from test_cuda_shim import CASES, assert_matches_reference, random_inputs
 
-from convcrf_cli import meanfield, phases
+from convcrf_cli import fused_meanfield, meanfield, phases
 from convcrf_cli.backends import cuda, cuda_autograd, cuda_plan
 from convcrf_cli.params import CRFParams
 
@@ -246,8 +246,8 @@ def test_fused_mean_field_on_gpu_matches_pytorch(case):
     launch = cuda_autograd.cuda_launcher(0, block)
     on_gpu = [None if t is None else t.cuda() for t in (logits, kernel, matrix, grad)]
     _poison_cuda_cache()
-    scores, record = cuda_autograd.mean_field(*on_gpu[:2], params, 0.6, on_gpu[2], launch, block)
-    grads = cuda_autograd.mean_field_backward(
+    scores, record = fused_meanfield.mean_field(*on_gpu[:2], params, 0.6, on_gpu[2], launch, block)
+    grads = fused_meanfield.mean_field_backward(
         record, on_gpu[0], on_gpu[3], on_gpu[1], 0.6, on_gpu[2], True, launch
     )
     matrix64 = None if matrix is None else matrix.double()

@@ -59,7 +59,7 @@ KERNEL_NAMES = (
     "convcrf_step",
     "convcrf_final",
     "convcrf_step_fused",
-    # the differentiable mean field of convcrf_cli.torch on the GPU (backends/cuda_autograd.py)
+    # the differentiable mean field of convcrf_cli.torch on the GPU (launched by cuda_autograd.py)
     "convcrf_window_sum",
     "convcrf_window_products",
     "convcrf_upsample_adjoint",

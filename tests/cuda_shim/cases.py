@@ -10,8 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from convcrf_cli import meanfield
-from convcrf_cli.backends import cuda_autograd
+from convcrf_cli import fused_meanfield, meanfield
 from convcrf_cli.backends.cuda_plan import LaunchConfig, MeanFieldPlan, run_plan
 from convcrf_cli.params import CRFParams
 
@@ -64,10 +63,10 @@ def run_every_kernel(launch, class_block: int) -> dict[str, np.ndarray]:
     kernel_t = meanfield.crf_kernel(image_t, params)
     matrix = torch.from_numpy(rng.normal(0, 0.3, (CLASSES, CLASSES)).astype(np.float32))
     grad = torch.from_numpy(rng.normal(0, 1, logits.shape).astype(np.float32))
-    scores, record = cuda_autograd.mean_field(
+    scores, record = fused_meanfield.mean_field(
         logits_t, kernel_t, params, 0.6, matrix, launch, class_block, SMALL
     )
-    grads = cuda_autograd.mean_field_backward(
+    grads = fused_meanfield.mean_field_backward(
         record, logits_t, grad, kernel_t, 0.6, matrix, True, launch
     )
     results["module scores"] = scores.numpy()
