@@ -135,7 +135,10 @@ def _import_problem(exc: BaseException) -> str:
     return text
 
 
-def _import_cupy():
+def import_cupy() -> Any:
+    """The ``cupy`` module, imported when first asked for, so that this module loads without
+    CuPy. Raises what ``import cupy`` raises (ImportError where CuPy is missing);
+    :func:`cuda_unavailable_reason` says in one line why CuPy cannot be used."""
     import cupy
 
     return cupy
@@ -145,7 +148,7 @@ def _import_cupy():
 def cuda_unavailable_reason(index: int = 0) -> str | None:
     """None when device ``cuda:index`` can run the kernels, else a one-line reason."""
     try:
-        cupy = _import_cupy()
+        cupy = import_cupy()
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
             return "CuPy is not installed (pip install 'convcrf-cli[cuda13]' or '[cuda12]')"
@@ -167,7 +170,7 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
 @functools.cache
 def _compiled_module(device_index: int, class_block: int, load_group: int = 1):
     """The RawModule for one device, class block and load group, compiled once per process."""
-    cupy = _import_cupy()
+    cupy = import_cupy()
     with cupy.cuda.Device(device_index):
         options = compile_options(class_block, load_group)
         module = cupy.RawModule(code=kernel_source(), options=options)
@@ -179,7 +182,7 @@ def _compiled_module(device_index: int, class_block: int, load_group: int = 1):
 def _device_launch_config(index: int) -> LaunchConfig:
     """:meth:`CUDABackend.launch_config` of device ``cuda:index``, queried once per process
     (CuPy reads every device attribute on each ``Device.attributes``)."""
-    attributes = _import_cupy().cuda.Device(index).attributes
+    attributes = import_cupy().cuda.Device(index).attributes
     optin = attributes.get("MaxSharedMemoryPerBlockOptin", DEFAULT_SHARED_MEMORY)
     return LaunchConfig(
         shared_memory=max(DEFAULT_SHARED_MEMORY, min(optin, MAX_SHARED_MEMORY)),
@@ -198,7 +201,7 @@ def _cached_plan(image_shape, logits_shape, params: CRFParams, config: LaunchCon
 def device_properties(index: int) -> dict[str, Any]:
     """CuPy's properties of device ``cuda:index`` with ``name`` as ``str``, queried once per
     process."""
-    props = dict(_import_cupy().cuda.runtime.getDeviceProperties(index))
+    props = dict(import_cupy().cuda.runtime.getDeviceProperties(index))
     if isinstance(props["name"], bytes):
         props["name"] = props["name"].decode()
     return props
@@ -300,7 +303,7 @@ class CUDABackend:
         process and in the :class:`TuningCache`; else always the default launch plan."""
         self.index = index
         self.tune = tune
-        self.cupy = _import_cupy()
+        self.cupy = import_cupy()
         self.tunings: list[Tuning] = []
         """What this backend chose (timed, or read from the cache), one per size class."""
 

@@ -125,7 +125,7 @@ def cuda_launcher(device_index: int, class_block: int) -> Launch:
     each launch runs on torch's current stream, the tensors shared through DLPack."""
     from convcrf_cli.backends import cuda
 
-    cupy = cuda._import_cupy()
+    cupy = cuda.import_cupy()
     launcher = cuda.module_launcher(device_index, class_block)
 
     def launch(name, grid, block, args, shared_mem) -> None:
