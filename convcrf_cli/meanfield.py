@@ -134,7 +134,7 @@ def mean_field(
     *,
     weight: float | torch.Tensor | None = None,
     compat_matrix: torch.Tensor | None = None,
-    fused: bool | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Run ``params.iterations`` mean-field steps (§2.5); returns the final Q ``[N,C,H,W]``.
 
@@ -143,13 +143,13 @@ def mean_field(
     adds ``M·msg`` to every message (the "+C" transform). Differentiable in ``logits``,
     ``kernel``, ``weight`` and ``compat_matrix`` through :class:`_MeanField`.
 
-    float32 CUDA tensors run on the fused CUDA kernels of
-    :mod:`convcrf_cli.fused_meanfield` where CuPy can launch them (``fused=None``);
-    ``fused=False`` forces the PyTorch implementation of :mod:`convcrf_cli.phases` (``True``
-    is the same as ``None``: the PyTorch implementation where the kernels cannot run).
+    ``fused=True`` (the default) runs the fused CUDA kernels of
+    :mod:`convcrf_cli.fused_meanfield` where they can run: on float32 CUDA tensors, CuPy able
+    to launch them on their device; other inputs take the PyTorch implementation of
+    :mod:`convcrf_cli.phases`. ``fused=False`` always takes the PyTorch implementation.
     """
     w = params.weight if weight is None else weight
-    launcher = _fused_launcher(logits, kernel, compat_matrix) if fused is not False else None
+    launcher = _fused_launcher(logits, kernel, compat_matrix) if fused else None
     if launcher is not None:  # the kernels read dense [N,C,H,W] and [N,k,k,h,w] arrays
         logits, kernel = logits.contiguous(), kernel.contiguous()
     if _needs_grad(logits, kernel, w, compat_matrix):

@@ -103,3 +103,19 @@ def test_cpu_tensors_never_take_the_fused_path():
     logits = torch.zeros(1, 2, 4, 4)
     kernel = torch.zeros(1, 3, 3, 4, 4)
     assert meanfield._fused_launcher(logits, kernel, None) is None
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_only_fused_true_asks_for_the_kernels(monkeypatch, fused):
+    asked = []
+
+    def no_launcher(*tensors):
+        asked.append(tensors)
+        return None  # as where CuPy cannot launch them: the PyTorch implementation runs
+
+    monkeypatch.setattr(meanfield, "_fused_launcher", no_launcher)
+    params, logits, kernel, _, _ = inputs(CASES[0])
+    scores = meanfield.mean_field(logits, kernel, params, fused=fused)
+    expected, _ = phases.mean_field(logits, kernel, params, params.weight)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+    assert len(asked) == (1 if fused else 0)
