@@ -1,4 +1,4 @@
-"""ConvCRF inference in PyTorch (DESIGN §2), device-neutral and differentiable.
+"""ConvCRF inference in PyTorch (README, "The algorithm"), device-neutral and differentiable.
 
 :func:`crf_kernel` builds the Gaussian weights on the coarse grid (differentiable by autograd);
 :func:`mean_field` runs the iterations in the pooling-phase layout of :mod:`convcrf_cli.phases`,
@@ -33,7 +33,7 @@ def pool(x: torch.Tensor, blur: int) -> torch.Tensor:
 def gaussian_kernel(
     features: torch.Tensor, filter_size: int, scale: float | torch.Tensor
 ) -> torch.Tensor:
-    """Truncated Gaussian weights ``[N,k,k,h,w]`` from coarse features ``[N,F,h,w]`` (§2.3).
+    """Truncated Gaussian weights ``[N,k,k,h,w]`` from coarse features ``[N,F,h,w]`` (step 3).
 
     ``G[n,a,c,x,y] = exp(-0.5·||(f[:,x+a-s,y+c-s] - f[:,x,y]) / scale||²)``, 0 where the
     neighbour lies outside the grid; the centre weight is 1. ``features`` are unscaled (raw
@@ -96,7 +96,7 @@ def position_kernel(
     The pooled row feature of a coarse cell depends only on its row and the column feature only
     on its column, so ``G[a,c,x,y] = R[a,x]·S[c,y]`` with 1-D truncated Gaussians ``R [k,h]``
     and ``S [k,w]``: equal (up to rounding) to ``gaussian_kernel(P(pos))`` with the
-    features ``pos = (row, col) / pos_sdims`` of §2.1, for one ``k²·h·w`` product. The pooled
+    features ``pos = (row, col) / pos_sdims`` of step 1, for one ``k²·h·w`` product. The pooled
     pixel indices are exact in float32 (means of consecutive integers), and so are their
     differences, which alone are divided by ``pos_sdims``: far from the origin of a large
     image the weights keep full precision. dtype/device of ``like``; differentiable in
@@ -136,7 +136,7 @@ def mean_field(
     compat_matrix: torch.Tensor | None = None,
     fused: bool = True,
 ) -> torch.Tensor:
-    """Run ``params.iterations`` mean-field steps (§2.5); returns the final Q ``[N,C,H,W]``.
+    """Run ``params.iterations`` mean-field steps (step 5); returns the final Q ``[N,C,H,W]``.
 
     ``logits [N,C,H,W]``; ``kernel [N,k,k,h,w]`` from :func:`crf_kernel`; ``weight`` (a
     number or a 0-d tensor) replaces ``params.weight``; ``compat_matrix [C,C]``, if given,

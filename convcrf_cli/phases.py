@@ -1,4 +1,5 @@
-"""Mean-field inference (DESIGN §2.4–2.5) in the pooling-phase layout, and its adjoint.
+"""Mean-field inference (steps 4–5 of README's "The algorithm") in the pooling-phase layout,
+and its adjoint.
 
 Full-resolution tensors are held as ``[b,b,N,C,h,w]``: pixel ``(x·b + i - p, y·b + j - q)`` at
 ``[i,j,:,:,x,y]`` (``p``, ``q`` the pooling paddings). Pooling is then a sum over the ``b²``
@@ -164,7 +165,7 @@ def mean_field(
     *,
     record: bool = False,
 ) -> tuple[torch.Tensor, MeanFieldRecord | None]:
-    """Run ``params.iterations`` mean-field steps (§2.5) without autograd.
+    """Run ``params.iterations`` mean-field steps (step 5) without autograd.
 
     ``logits [N,C,H,W]``, ``kernel [N,k,k,h,w]``; ``compat_matrix [C,C]`` (optional) adds
     ``M·msg`` to every message (the "+C" transform, applied on the coarse grid, where it

@@ -1,7 +1,7 @@
 """The ConvCRF as a differentiable ``torch.nn.Module`` with learnable parameters.
 
-:class:`ConvCRF` computes exactly DESIGN §2 (the same :mod:`convcrf_cli.meanfield` functions
-as the CPU backend) with these learnable groups:
+:class:`ConvCRF` computes exactly README's "The algorithm" (the same
+:mod:`convcrf_cli.meanfield` functions as the CPU backend) with these learnable groups:
 
 - ``"compat"``: the kernel weights ``pos_compat`` and ``col_compat``;
 - ``"scales"``: the feature scales ``pos_sdims`` and ``col_schan``, stored as log-scales
@@ -73,7 +73,7 @@ def parse_learn(learn: str | Iterable[str]) -> tuple[str, ...]:
 
 
 class ConvCRF(nn.Module):
-    """Differentiable ConvCRF mean-field inference (DESIGN §2, optional "+C" and "+T").
+    """Differentiable ConvCRF mean-field inference (optional "+C" and "+T").
 
     Structural settings (``filter_size``, ``blur``, ``iterations``, ``init``) and the unary
     weight are fixed and taken from ``params``; the other fields are ``nn.Parameter`` scalars

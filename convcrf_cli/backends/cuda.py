@@ -1,4 +1,4 @@
-"""CUDA backend: ConvCRF mean field (DESIGN §2) as fused CuPy RawKernels from ``cuda/*.cu``.
+"""CUDA backend: ConvCRF mean field as fused CuPy RawKernels from ``cuda/*.cu``.
 
 One batch of N same-sized images is refined by one launch of each kernel:
 
