@@ -452,6 +452,8 @@ def _other_inputs(pairing: Pairing, manifest: str | None, image_list: str | None
 
 
 def _report_unpaired(pairing: Pairing) -> None:
+    """One warning line for the images without a unary and one for the unaries without an
+    image (their count and the first few paths)."""
     for paths, missing in (
         (pairing.unpaired_images, "unary"),
         (pairing.unpaired_unaries, "image"),
@@ -503,6 +505,8 @@ def _signals_raise() -> Iterator[None]:
 
 
 def _echo_item(report: ItemReport, verbose: bool, bar: tqdm) -> None:
+    """An item's lines on stderr above the progress bar: its error if it failed (its status
+    with ``verbose``), then the warnings of its refinement."""
     if report.status == FAILED:
         bar.write(f"convcrf: error: {report.error}", file=sys.stderr)
     elif verbose:
