@@ -277,17 +277,23 @@ def write_overlay(
 
 UNDERFLOW = -87.0
 """Below this, ``exp`` in float32 gives a denormal number (< 1.2e-38) or 0."""
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""The smallest normal float32 (1.2e-38)."""
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
     """``[C,H,W] float32`` softmax over classes (NumPy: it runs in I/O worker threads, where
-    torch's own thread pool would compete with the CRF's). Probabilities below ~1.6e-38 are
-    written as 0, as the CRF computes them (:mod:`convcrf_cli.denormals`): computing them as
-    denormal numbers made this 2x slower on confident outputs."""
+    torch's own thread pool would compete with the CRF's). Probabilities below the normal
+    float32 range are written as 0, as the CRF computes them (:mod:`convcrf_cli.denormals`):
+    computing them as denormal numbers made this 2x slower on confident outputs, and they
+    would slow down whatever reads the file. Scores more than 87 below a pixel's best are
+    flushed before ``exp``; the normalisation (a division by up to C) can still push a value
+    below the range, so the quotients are flushed too."""
     shifted = scores - scores.max(axis=0, keepdims=True)
     np.copyto(shifted, -np.inf, where=shifted < UNDERFLOW)
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=0, keepdims=True)
+    np.copyto(shifted, 0.0, where=shifted < FLOAT32_TINY)
     return shifted
 
 

@@ -255,6 +255,24 @@ def test_probabilities_of_confident_scores_flush_below_the_normal_range(tmp_path
     np.testing.assert_allclose(probs[[0, 3, 4]], exact[[0, 3, 4]], rtol=1e-6)
 
 
+def test_probabilities_that_the_normalisation_makes_denormal_are_written_as_zero(tmp_path):
+    # 20 equal classes and one 86.5 below them: exp(-86.5) is a normal float32, but divided
+    # by the sum (20) it is 1.4e-39, a denormal number
+    gaps = np.zeros(21, np.float32)
+    gaps[0] = -86.5
+    scores = np.broadcast_to(gaps[:, None, None], (21, 2, 3)).copy()
+    path = tmp_path / "p.npy"
+    write_outputs(
+        OutputSpec(labels=tmp_path / "l.npy", probs=path), np.zeros((2, 3)), scores,
+        np.zeros((2, 3), np.int64), "CHW",
+    )  # fmt: skip
+    probs = np.load(path)
+    assert np.all(probs[0] == 0)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((probs > 0) & (probs < tiny))
+    np.testing.assert_allclose(probs[1:], 0.05, rtol=1e-6)
+
+
 def test_outputs_are_written_through_symlinks_and_never_over_special_files(tmp_path):
     image, scores, labels = _item()
     (tmp_path / "real").mkdir()
