@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from types import TracebackType
 from typing import Any
 
 import click
+import click.utils
 
 from convcrf_cli import __version__
 from convcrf_cli.commands.batch_cmd import batch_command
@@ -15,6 +17,7 @@ from convcrf_cli.commands.info_cmd import info_command
 from convcrf_cli.commands.params_cmd import params_command
 from convcrf_cli.commands.refine_cmd import refine_command
 from convcrf_cli.commands.synth_cmd import synth_command
+from convcrf_cli.outputs import stdout_failure
 
 # Click >= 8.2 raises this (a UsageError holding the help text) for a group run without a command.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -40,7 +43,25 @@ class ConvCRFGroup(click.Group):
             fail(exc.format_message(), exc.exit_code)
         except click.Abort:
             fail("aborted", 1)
+        except OSError as exc:  # --help or --version to a stdout that cannot be written
+            if not _in_click_echo(exc.__traceback__):
+                raise
+            arguments = kwargs.get("args")
+            arguments = sys.argv[1:] if arguments is None else arguments
+            what = "the version" if "--version" in arguments else "the help"
+            fail(str(stdout_failure(exc, what)), 1)
         sys.exit(status if isinstance(status, int) else 0)
+
+
+def _in_click_echo(traceback: TracebackType | None) -> bool:
+    """Whether ``traceback`` passes through ``click.echo``: Click writing its help or version
+    (the commands write their output through :func:`~convcrf_cli.commands.common.echo_out`,
+    which reports its own failures)."""
+    while traceback is not None:
+        if traceback.tb_frame.f_code is click.utils.echo.__code__:
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 @click.group(cls=ConvCRFGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -77,6 +77,26 @@ def test_a_full_stdout_is_one_line_and_status_1(command, what):
     ]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [(["--help"], "the help"), (["refine", "--help"], "the help"), (["--version"], "the version")],
+)
+def test_help_or_version_to_a_full_stdout_is_one_line_and_status_1(args, what):
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "convcrf_cli", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            env={**os.environ, "PYTHONSAFEPATH": "1"},
+        )
+    assert done.stderr.decode().splitlines() == [
+        f"convcrf: error: stdout: cannot write {what}: No space left on device"
+    ]
+    assert done.returncode == 1
+
+
 def test_the_first_interrupt_raises_and_later_ones_are_ignored():
     previous = signal.getsignal(signal.SIGINT)
     try:
