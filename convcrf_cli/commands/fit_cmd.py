@@ -50,7 +50,13 @@ FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
     help="File to write the learned parameters to (JSON, as `convcrf refine --params` "
     "reads; not -: stdout carries the summary).",
 )
-@click.option("--epochs", type=int, default=_FIT_DEFAULTS.epochs, show_default=True)
+@click.option(
+    "--epochs",
+    type=int,
+    default=_FIT_DEFAULTS.epochs,
+    show_default=True,
+    help="Passes over the training images (one random crop of each per pass).",
+)
 @click.option(
     "--lr",
     type=float,
@@ -68,7 +74,13 @@ FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
     "file that only the PyTorch module convcrf_cli.torch.ConvCRF applies; `convcrf refine` "
     "refuses such a file, `convcrf fit --params` starts from it.",
 )
-@click.option("--seed", type=int, default=_FIT_DEFAULTS.seed, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=_FIT_DEFAULTS.seed,
+    show_default=True,
+    help="Random seed of the held-out split and the crops: the same seed, the same run.",
+)
 @click.option(
     "--val-fraction",
     type=float,
@@ -83,7 +95,13 @@ FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
     show_default=True,
     help="Training runs on random square crops of this side.",
 )
-@click.option("--batch-size", type=int, default=_FIT_DEFAULTS.batch_size, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=_FIT_DEFAULTS.batch_size,
+    show_default=True,
+    help="Crops per training step.",
+)
 @click.option(
     "--ignore-label",
     type=int,
