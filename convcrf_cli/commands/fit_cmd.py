@@ -145,7 +145,7 @@ def fit_command(
     printed at the end. Missing directories of OUTPUT are created.
 
     Exit status: 0 ok, 1 training diverged or the output could not be written, 2 bad usage
-    or input (checked before training).
+    or input (checked before training), 130 interrupted.
     """
     if str(output) == "-":
         raise BadInputError(

@@ -69,13 +69,14 @@ def refine_command(
 ) -> None:
     """Refine the segmentation UNARY of IMAGE with a ConvCRF; write the labels to -o OUTPUT.
 
-    IMAGE: any image Pillow reads (JPEG, PNG incl. 16-bit, TIFF, WebP); alpha is dropped,
-    grayscale is one feature channel. UNARY: .npy or .npz (float16/32/64, [C,H,W] or [H,W,C],
-    optionally with a leading batch axis of 1; an .npz with several arrays needs one named
-    'unary'), a label image (.png, .tif, .bmp) of class ids, or - for .npy bytes on stdin.
+    IMAGE: any image Pillow reads (JPEG, PNG incl. 16-bit grayscale, TIFF, WebP, BMP); alpha
+    is dropped, grayscale is one feature channel. UNARY: .npy or .npz (float16/32/64, [C,H,W]
+    or [H,W,C], optionally with a leading batch axis of 1; an .npz with several arrays needs
+    one named 'unary'), a label image (.png, .tif, .bmp) of class ids, or - for .npy (or .npz)
+    bytes on stdin.
 
     Only the output goes to stdout; messages go to stderr. Exit status: 0 ok, 1 runtime
-    failure, 2 bad usage or input.
+    failure, 2 bad usage or input, 130 interrupted.
     """
     if image == "-":
         raise BadInputError(
