@@ -61,7 +61,19 @@ def evaluate_densecrf(samples, classes: int) -> Score:
     return score(counts, seconds)
 
 
+def require_pydensecrf() -> None:
+    """Exit with one line before any work if pydensecrf does not import."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError as exc:
+        sys.exit(
+            f"bench_densecrf.py: pydensecrf does not import ({exc}); install it with "
+            "pip install pydensecrf2==1.1 (make bench does, where it builds)"
+        )
+
+
 def main() -> None:
+    require_pydensecrf()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--size", default="375x500", help="HEIGHTxWIDTH")

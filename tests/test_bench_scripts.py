@@ -40,3 +40,31 @@ def test_benchmark_script_imports_resolve_under_safe_path(script, tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_densecrf_benchmark_without_pydensecrf_stops_with_one_line_before_any_work(tmp_path):
+    """Run as ``make bench`` would where pydensecrf does not build (its import blocked here,
+    installed or not): one line and exit status 1, before minutes of ConvCRF timings."""
+    code = (
+        "import runpy, sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pydensecrf':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = [{str(BENCH / 'bench_densecrf.py')!r}, '--count', '1']\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.startswith("bench_densecrf.py: pydensecrf does not import"), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
