@@ -279,7 +279,7 @@ def test_info_reports_the_device_and_auto_takes_it(fake_cupy):
     assert "cuda:0: C++ shim of the CUDA kernels" in result.output
     assert "(kernels load)" in result.output
     cache = Path(os.environ["CONVCRF_CACHE_DIR"]) / "cuda_tuning.json"
-    assert f"tuned launch plans: 0 in {cache} (delete it to time them again)" in result.output
+    assert f"tuned launch plans: none yet (kept in {cache} once timed)\n" in result.output
     assert "--device auto uses: cuda:0 (C++ shim of the CUDA kernels" in result.output
 
 

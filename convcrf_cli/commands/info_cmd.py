@@ -33,6 +33,12 @@ def _cupy_lines() -> list[str]:
 
 def _cache_line(cache: TuningCache) -> str:
     """How many launch plans ``cache`` holds, where, and what is wrong with its file."""
+    try:
+        cache.path.stat()
+    except FileNotFoundError:
+        return f"tuned launch plans: none yet (kept in {cache.path} once timed)"
+    except OSError:
+        pass  # the file's problem() says what
     problem = cache.problem()
     fault = f"; the file {problem}" if problem else ""
     return f"tuned launch plans: {len(cache)} in {cache.path}{fault} (delete it to time them again)"
