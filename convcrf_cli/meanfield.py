@@ -12,6 +12,8 @@ float64 where the tests compare with the reference); results have the inputs' dt
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,29 +33,72 @@ def pool(x: torch.Tensor, blur: int) -> torch.Tensor:
 
 
 def gaussian_kernel(
-    features: torch.Tensor, filter_size: int, scale: float | torch.Tensor
+    features: torch.Tensor,
+    filter_size: int,
+    scale: float | torch.Tensor,
+    weight: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Truncated Gaussian weights ``[N,k,k,h,w]`` from coarse features ``[N,F,h,w]`` (step 3).
 
-    ``G[n,a,c,x,y] = exp(-0.5·||(f[:,x+a-s,y+c-s] - f[:,x,y]) / scale||²)``, 0 where the
-    neighbour lies outside the grid; the centre weight is 1. ``features`` are unscaled (raw
-    pooled values): the differences are divided by ``scale``, not the features, so that large
-    features keep their float32 precision and a tiny ``scale`` gives 0 off the centre instead
-    of ``inf - inf``. Computed one window row ``a`` at a time, so the temporary buffer is
-    ``N·F·k·h·w``.
+    ``G[n,a,c,x,y] = weight·exp(-0.5·||(f[:,x+a-s,y+c-s] - f[:,x,y]) / scale||²)``, 0 where
+    the neighbour lies outside the grid, and where the exponential is below
+    ``exp(EXP_CUTOFF)`` (:func:`exp_or_zero_`); the centre weight is ``weight``. ``features``
+    are unscaled (raw pooled values): the differences are divided by ``scale``, not the
+    features, so that large features keep their float32 precision and a tiny ``scale`` gives
+    0 off the centre instead of ``inf - inf``. Computed one window row ``a`` at a time, so the
+    temporary buffer is ``N·F·k·h·w``, held in the ``[N,F,k,h,w]`` order of the result so that
+    every pass over it runs along contiguous ``w`` rows.
     """
-    n, _, h, w = features.shape
+    n, f, h, w = features.shape
     s = filter_size // 2
-    padded = F.pad(features, (s, s, s, s))
-    inside = F.pad(features.new_ones(1, h, w), (s, s, s, s))
-    centre = features.unsqueeze(3)  # [N,F,h,1,w]
+    windows = F.pad(features, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # [N,F,k,k,h,w]
+    inside = F.pad(features.new_ones(1, h, w), (s, s, s, s)).unfold(1, h, 1).unfold(2, w, 1)
+    centre = features.unsqueeze(2)  # [N,F,1,h,w]
+    buffer = None if _recorded(features, scale) else features.new_empty(n, f, filter_size, h, w)
     rows = []
     for a in range(filter_size):
-        window = padded[:, :, a : a + h].unfold(3, w, 1)  # view [N,F,h,k,w]
-        dist2 = ((window - centre) / scale).square().sum(dim=1)  # [N,h,k,w]
-        mask = inside[:, a : a + h].unfold(2, w, 1)  # [1,h,k,w]
-        rows.append((torch.exp(-0.5 * dist2) * mask).transpose(1, 2))  # [N,k,h,w]
+        diff = _difference(windows[:, :, a], centre, buffer)  # [N,F,k,h,w]
+        exponent = diff.div_(scale).square_().sum(dim=1).mul_(-0.5)  # [N,k,h,w]
+        rows.append(exp_or_zero_(exponent) * (weight * inside[:, a]))
     return torch.stack(rows, dim=1)
+
+
+def _recorded(*values: float | torch.Tensor) -> bool:
+    """Whether autograd records operations on any of ``values``."""
+    return torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in values
+    )
+
+
+def _difference(
+    window: torch.Tensor, centre: torch.Tensor, buffer: torch.Tensor | None
+) -> torch.Tensor:
+    """``window - centre`` (``[N,F,k,h,w]`` view, ``[N,F,1,h,w]``) as a contiguous tensor,
+    written into ``buffer`` if one is given (when autograd records nothing).
+
+    The window view's ``k`` and ``w`` axes both have stride 1, and torch would lay a result of
+    its own out with the short ``k`` axis innermost, which every later pass would run along.
+    """
+    if buffer is None:
+        return (window - centre).contiguous()
+    return torch.sub(window, centre, out=buffer)
+
+
+EXP_CUTOFF = -87.0
+"""Exponents at or below which :func:`exp_or_zero_` gives 0: ``exp(-87) ≈ 1.6e-38``, just
+above the smallest normal float32 (1.2e-38)."""
+
+
+def exp_or_zero_(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)``, but 0 where it is at most ``exp(EXP_CUTOFF)`` (any shape, floating dtype);
+    ``x`` is overwritten (clamped and exponentiated in place; autograd allows it).
+
+    torch's vectorised ``exp`` is about a hundred times slower on inputs whose result lies
+    below the normal float32 range (denormal or 0), as the colour weights of distant
+    neighbours do; such weights are flushed to zero when the CPU backend reads them anyway.
+    The exponents are clamped at the cutoff, and what the cutoff gives is set to 0.
+    """
+    return F.threshold(x.clamp_(min=EXP_CUTOFF).exp_(), math.exp(EXP_CUTOFF), 0.0)
 
 
 def crf_kernel(
@@ -78,8 +123,8 @@ def crf_kernel(
     height, width = image.shape[-2:]
     g_pos = position_kernel(height, width, params.blur, params.filter_size, pos_sdims, like=image)
     col = pool(image, params.blur)
-    kernel = pos_compat * g_pos + col_compat * gaussian_kernel(col, params.filter_size, col_schan)
-    return kernel.contiguous()  # the window sum reads [h,w] planes of it
+    kernel = gaussian_kernel(col, params.filter_size, col_schan, col_compat)
+    return kernel.add_(g_pos.mul_(pos_compat))  # in place: neither is saved for autograd
 
 
 def position_kernel(
@@ -112,13 +157,18 @@ def position_kernel(
 def _gaussian_1d(
     values: torch.Tensor, filter_size: int, scale: float | torch.Tensor
 ) -> torch.Tensor:
-    """:func:`gaussian_kernel` along one axis: ``values [n]`` -> ``[k,n]`` weights
-    ``exp(-0.5·((v[x+a-s] - v[x]) / scale)²)``, 0 where ``x+a-s`` lies outside ``[0,n)``."""
+    """:func:`gaussian_kernel` along one axis: ``values [n]`` -> contiguous ``[k,n]`` weights
+    ``exp(-0.5·((v[x+a-s] - v[x]) / scale)²)``, 0 where ``x+a-s`` lies outside ``[0,n)``.
+
+    Contiguous so that the outer product of :func:`position_kernel`, and the kernel sums that
+    read it, run along ``w`` rows: torch lays the result of the window view (both axes of
+    stride 1) out with the short ``k`` axis innermost.
+    """
     s = filter_size // 2
     n = values.shape[0]
     windows = F.pad(values, (s, s)).unfold(0, n, 1)  # view [k,n]: windows[a,x] = v[x+a-s]
     inside = F.pad(values.new_ones(n), (s, s)).unfold(0, n, 1)
-    return torch.exp(-0.5 * ((windows - values) / scale).square()) * inside
+    return (torch.exp(-0.5 * ((windows - values) / scale).square()) * inside).contiguous()
 
 
 def _pooled_positions(length: int, blur: int, like: torch.Tensor) -> torch.Tensor:
