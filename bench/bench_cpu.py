@@ -11,9 +11,11 @@ that both compute the same thing. Both run with denormal floats flushed to zero,
 backend and ``convcrf fit`` do (:mod:`convcrf_cli.denormals`). Inputs: random logits, and the
 confident unary of a synthetic scene (``convcrf_cli.synthetic``, as a segmenter's), whose
 mean field underflows to denormal numbers; for the latter the backend is also timed without
-flushing. A second table times a training step (the mean field forward and backward, as
-``convcrf fit`` and the ``ConvCRF`` module run it) against autograd through the same baseline,
-after checking that both give the same gradients.
+flushing; and very confident logits (the random ones ×50), whose log-probabilities lie far
+below exp's normal float32 range (:mod:`convcrf_cli.underflow`). A second table times a
+training step (the mean field forward and backward, as ``convcrf fit`` and the ``ConvCRF``
+module run it) against autograd through the same baseline, after checking that both give the
+same gradients.
 
     .venv/bin/python bench/bench_cpu.py [--repeat 7] [--train-repeat 3]
 """
@@ -102,6 +104,7 @@ def main() -> None:
     scene, _, probs = synthetic_sample(0, 0, HEIGHT, WIDTH, CLASSES)
     scene_image = np.ascontiguousarray(scene.transpose(2, 0, 1)[None], dtype=np.float32)
     scene_logits = np.log(np.maximum(probs, 1e-6)).astype(np.float32)[None]
+    confident_logits = random_logits * 50
     backend = CPUBackend()
 
     def baseline(image: np.ndarray, logits: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -129,6 +132,7 @@ def main() -> None:
     for name, image, logits in (
         ("random logits", random_image, random_logits),
         ("synthetic scene", scene_image, scene_logits),
+        ("confident logits (×50)", random_image, confident_logits),
     ):
         for k in FILTER_SIZES:
             params = CRFParams(filter_size=k, blur=BLUR, iterations=ITERATIONS)

@@ -12,8 +12,6 @@ float64 where the tests compare with the reference); results have the inputs' dt
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +19,7 @@ from convcrf_cli import fused_meanfield, phases
 from convcrf_cli.backends import cuda_autograd
 from convcrf_cli.grid import pool_padding
 from convcrf_cli.params import CRFParams
+from convcrf_cli.underflow import exp_or_zero_
 
 
 def pool(x: torch.Tensor, blur: int) -> torch.Tensor:
@@ -82,23 +81,6 @@ def _difference(
     if buffer is None:
         return (window - centre).contiguous()
     return torch.sub(window, centre, out=buffer)
-
-
-EXP_CUTOFF = -87.0
-"""Exponents at or below which :func:`exp_or_zero_` gives 0: ``exp(-87) ≈ 1.6e-38``, just
-above the smallest normal float32 (1.2e-38)."""
-
-
-def exp_or_zero_(x: torch.Tensor) -> torch.Tensor:
-    """``exp(x)``, but 0 where it is at most ``exp(EXP_CUTOFF)`` (any shape, floating dtype);
-    ``x`` is overwritten (clamped and exponentiated in place; autograd allows it).
-
-    torch's vectorised ``exp`` is about a hundred times slower on inputs whose result lies
-    below the normal float32 range (denormal or 0), as the colour weights of distant
-    neighbours do; such weights are flushed to zero when the CPU backend reads them anyway.
-    The exponents are clamped at the cutoff, and what the cutoff gives is set to 0.
-    """
-    return F.threshold(x.clamp_(min=EXP_CUTOFF).exp_(), math.exp(EXP_CUTOFF), 0.0)
 
 
 def crf_kernel(

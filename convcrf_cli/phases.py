@@ -21,6 +21,7 @@ import torch
 
 from convcrf_cli.grid import coarse_size, pool_padding
 from convcrf_cli.params import CRFParams
+from convcrf_cli.underflow import exp_or_zero
 from convcrf_cli.window import window_products, window_sum, window_sum_adjoint
 
 
@@ -200,7 +201,7 @@ def mean_field(
         log_q = scratch if record_ is None else record_.log_unary[i, j]
         torch.ops.aten._log_softmax.out(phase, 1, False, out=log_q)
         torch.mul(log_q, u - w, out=phase)
-        q = log_q if params.init == "log" else torch.exp(log_q, out=probabilities)
+        q = log_q if params.init == "log" else exp_or_zero(log_q, out=probabilities)
         pooled[:, :, r0:r1, c0:c1].add_(q[:, :, r0:r1, c0:c1])  # in place, no copy back
     msg = next_message()
 
@@ -290,15 +291,20 @@ def mean_field_backward(
         elif params.init == "log":
             grad_scores = grad_q
         else:
-            grad_scores = _softmax_adjoint(record.log_unary.exp(), grad_q)
+            grad_scores = _softmax_adjoint(_unary_probabilities(record), grad_q)
     grad_weight -= torch.sum(grad_unary * record.log_unary)
     grad_logits = None
     if needs_logits:
         grad_log_unary = grad_unary.mul_(u - weight).add_(grad_scores)
         total = grad_log_unary.sum(dim=3, keepdim=True)
-        grad_log_unary -= record.log_unary.exp() * total  # log_softmax's Jacobian
+        grad_log_unary -= _unary_probabilities(record) * total  # log_softmax's Jacobian
         grad_logits = layout.scatter(grad_log_unary)
     return grad_logits, grad_kernel, grad_weight, grad_matrix
+
+
+def _unary_probabilities(record: MeanFieldRecord) -> torch.Tensor:
+    """``softmax(logits)`` as ``[b,b,N,C,h,w]``: the exp of the recorded log-unary."""
+    return exp_or_zero(record.log_unary, out=torch.empty_like(record.log_unary))
 
 
 def _softmax_adjoint(q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
