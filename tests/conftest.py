@@ -1,4 +1,5 @@
-"""Shared test configuration: make ``tests/`` importable (for ``reference``), skip GPU tests
+"""Shared test configuration: make ``tests/`` importable (for ``reference``) and keep the
+repository root off ``sys.path`` (on Python 3.10, which ignores ``PYTHONSAFEPATH``), skip GPU tests
 where CuPy or a CUDA device is missing, keep the CUDA tuning cache of each test in its own
 temporary directory, and build the CPU shim of the CUDA kernels once.
 
@@ -18,6 +19,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if not hasattr(sys.flags, "safe_path"):
+    # Python 3.10 has no PYTHONSAFEPATH: `python -m pytest` from the repository root puts the
+    # root on sys.path, where its cuda/ kernel folder would hide NVIDIA's `cuda` package that
+    # CuPy imports. Leave it off, as PYTHONSAFEPATH=1 does on 3.11 and later.
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 sys.path.insert(0, str(Path(__file__).parent))
 
 if os.environ.get("CONVCRF_GPU_TESTS_ON_SHIM") == "1":

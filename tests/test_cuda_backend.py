@@ -4,6 +4,7 @@ options, block and chunk choices, launch geometry, input kinds, NVRTC, and the C
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import warnings
@@ -203,6 +204,16 @@ def test_plan_rejects_mismatched_shapes():
 def test_array_kinds():
     assert cuda.array_kind(np.zeros(2)) == "numpy"
     assert cuda.array_kind(torch.zeros(2)) == "torch-cpu"
+
+
+def test_the_kernel_folder_does_not_hide_nvidias_cuda_package():
+    """``import cuda`` in the test session never finds the repository's ``cuda/`` kernel folder
+    (CuPy imports ``cuda.pathfinder`` from NVIDIA's package): tests/conftest.py keeps the root
+    off ``sys.path`` on Python 3.10, where ``PYTHONSAFEPATH=1`` has no effect."""
+    spec = importlib.util.find_spec("cuda")
+    locations = [] if spec is None else list(spec.submodule_search_locations or [])
+    kernel_folder = Path(__file__).resolve().parents[1] / "cuda"
+    assert kernel_folder not in [Path(location).resolve() for location in locations]
 
 
 def test_external_stream_wraps_the_handle_without_deprecated_api():
