@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,6 +215,27 @@ def test_the_kernel_folder_does_not_hide_nvidias_cuda_package():
     locations = [] if spec is None else list(spec.submodule_search_locations or [])
     kernel_folder = Path(__file__).resolve().parents[1] / "cuda"
     assert kernel_folder not in [Path(location).resolve() for location in locations]
+
+
+@pytest.mark.parametrize("safe_path_flag", [True, False])
+def test_import_problem_names_a_remedy_this_python_has(monkeypatch, safe_path_flag):
+    """Where the repository's ``cuda/`` was imported as NVIDIA's ``cuda``, the message offers
+    PYTHONSAFEPATH=1 only on a Python that has it (3.11 on; 3.10 ignores the variable)."""
+    kernel_folder = Path(__file__).resolve().parents[1] / "cuda"
+    monkeypatch.setitem(
+        sys.modules, "cuda", SimpleNamespace(__file__=str(kernel_folder / "__init__.py"))
+    )
+    flags = SimpleNamespace(safe_path=False) if safe_path_flag else SimpleNamespace()
+    monkeypatch.setattr(sys, "flags", flags)
+    text = cuda._import_problem(ImportError("cannot import name 'pathfinder' from 'cuda'"))
+    assert text.startswith("ImportError: cannot import name 'pathfinder'")
+    assert f"the kernel directory {kernel_folder} hides NVIDIA's 'cuda' package" in text
+    if safe_path_flag:
+        assert text.endswith("; run from another directory or set PYTHONSAFEPATH=1)")
+    else:
+        assert text.endswith(
+            "; run from another directory (PYTHONSAFEPATH=1 needs Python 3.11 or newer))"
+        )
 
 
 def test_external_stream_wraps_the_handle_without_deprecated_api():

@@ -127,10 +127,12 @@ def _import_problem(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
     shadow = getattr(sys.modules.get("cuda"), "__file__", None)
     if shadow and (Path(shadow).parent / KERNEL_FILES[0]).exists():
+        remedy = "run from another directory or set PYTHONSAFEPATH=1"
+        if not hasattr(sys.flags, "safe_path"):  # Python 3.10: PYTHONSAFEPATH is new in 3.11
+            remedy = "run from another directory (PYTHONSAFEPATH=1 needs Python 3.11 or newer)"
         text += (
             f" (the kernel directory {Path(shadow).parent} hides NVIDIA's 'cuda' package because "
-            "Python runs from the repository root; run from another directory or set "
-            "PYTHONSAFEPATH=1)"
+            f"Python runs from the repository root; {remedy})"
         )
     return text
 
