@@ -34,7 +34,7 @@ bench: install
 	@if $(PY) -c "import pydensecrf" 2>/dev/null; then $(PY) bench/bench_densecrf.py; \
 	else echo "bench/bench_densecrf.py skipped: pydensecrf2 does not build here"; fi
 	$(PY) bench/bench_batch.py
-	@if PYTHONSAFEPATH=1 $(PY) -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" \
+	@if $(PY) -I -c "import cupy; assert cupy.cuda.runtime.getDeviceCount() > 0" \
 		2>/dev/null; then PYTHONSAFEPATH=1 $(PY) bench/bench_gpu.py; \
 	else echo "bench/bench_gpu.py skipped: CuPy or a CUDA device is missing"; fi
 
