@@ -1,7 +1,9 @@
 # convcrf developer commands. `make demo` and `make test` set everything up on a fresh machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build here.
+# The torch installed before the project. pip takes torch 2.13.0 from local disk where a CPU
+# wheel of it lies (the CI machines); from PyPI on Linux it is a multi-GB CUDA build, as a plain
+# `torch` would be: elsewhere, set TORCH_SPEC to the torch you have or want ('torch>=2.1').
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install test test-gpu-shim demo bench lint format clean
