@@ -18,6 +18,10 @@ SUMMARY="$LOG/summary.txt"
 # The repository's cuda/ directory would hide NVIDIA's `cuda` package (CuPy imports
 # cuda.pathfinder) if the working directory were on sys.path.
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+if ! "$PY" -c 'import sys; sys.exit(not hasattr(sys.flags, "safe_path"))'; then
+    echo "bench/gpu_check.sh: $PY ignores PYTHONSAFEPATH (Python 3.11 or newer needed)" >&2
+    exit 2
+fi
 # the backend's choices of launch variant are timed afresh, not read from an earlier run
 export CONVCRF_CACHE_DIR="$(mktemp -d)"
 SITE="$(mktemp -d)"
