@@ -53,20 +53,13 @@ def gaussian_kernel(
     windows = F.pad(features, (s, s, s, s)).unfold(2, h, 1).unfold(3, w, 1)  # [N,F,k,k,h,w]
     inside = F.pad(features.new_ones(1, h, w), (s, s, s, s)).unfold(1, h, 1).unfold(2, w, 1)
     centre = features.unsqueeze(2)  # [N,F,1,h,w]
-    buffer = None if _recorded(features, scale) else features.new_empty(n, f, filter_size, h, w)
+    buffer = None if _needs_grad(features, scale) else features.new_empty(n, f, filter_size, h, w)
     rows = []
     for a in range(filter_size):
         diff = _difference(windows[:, :, a], centre, buffer)  # [N,F,k,h,w]
         exponent = diff.div_(scale).square_().sum(dim=1).mul_(-0.5)  # [N,k,h,w]
         rows.append(exp_or_zero_(exponent) * (weight * inside[:, a]))
     return torch.stack(rows, dim=1)
-
-
-def _recorded(*values: float | torch.Tensor) -> bool:
-    """Whether autograd records operations on any of ``values``."""
-    return torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in values
-    )
 
 
 def _difference(
@@ -264,7 +257,8 @@ def _fused_launcher(logits: torch.Tensor, kernel: torch.Tensor, compat_matrix) -
     return cuda_autograd.cuda_launcher(index, block), block
 
 
-def _needs_grad(*values) -> bool:
+def _needs_grad(*values: float | torch.Tensor | None) -> bool:
+    """Whether autograd records operations on any of ``values``."""
     return torch.is_grad_enabled() and any(
         isinstance(v, torch.Tensor) and v.requires_grad for v in values
     )
