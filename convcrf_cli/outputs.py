@@ -30,6 +30,8 @@ from PIL import Image
 from convcrf_cli.atomic import StagedFiles, atomic_output, staged_outputs, write_npy
 from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.palette import palette_png, voc_palette
+from convcrf_cli.params import FLOAT32_TINY
+from convcrf_cli.underflow import EXP_CUTOFF
 
 STDOUT = "-"
 LABEL_OUTPUT_SUFFIXES = (".png", ".npy")
@@ -275,22 +277,17 @@ def write_overlay(
     _write(path, lambda handle: handle.write(data), staged)
 
 
-UNDERFLOW = -87.0
-"""Below this, ``exp`` in float32 gives a denormal number (< 1.2e-38) or 0."""
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-"""The smallest normal float32 (1.2e-38)."""
-
-
 def _softmax(scores: np.ndarray) -> np.ndarray:
     """``[C,H,W] float32`` softmax over classes (NumPy: it runs in I/O worker threads, where
     torch's own thread pool would compete with the CRF's). Probabilities below the normal
     float32 range are written as 0, as the CRF computes them (:mod:`convcrf_cli.denormals`):
     computing them as denormal numbers made this 2x slower on confident outputs, and they
-    would slow down whatever reads the file. Scores more than 87 below a pixel's best are
-    flushed before ``exp``; the normalisation (a division by up to C) can still push a value
-    below the range, so the quotients are flushed too."""
+    would slow down whatever reads the file. Scores more than 87 below a pixel's best
+    (:data:`~convcrf_cli.underflow.EXP_CUTOFF`) are flushed before ``exp``; the normalisation
+    (a division by up to C) can still push a value below the range, so the quotients are
+    flushed too."""
     shifted = scores - scores.max(axis=0, keepdims=True)
-    np.copyto(shifted, -np.inf, where=shifted < UNDERFLOW)
+    np.copyto(shifted, -np.inf, where=shifted < EXP_CUTOFF)
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=0, keepdims=True)
     np.copyto(shifted, 0.0, where=shifted < FLOAT32_TINY)
