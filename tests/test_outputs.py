@@ -241,15 +241,21 @@ def test_a_failing_rename_removes_the_outputs_already_renamed(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_probabilities_of_confident_scores_flush_below_the_normal_range(tmp_path):
-    gaps = np.array([0.0, -200.0, -95.0, -50.0, -86.0], np.float32)  # score - max, per class
-    scores = np.broadcast_to(gaps[:, None, None], (5, 2, 3)).copy()
+def _written_probabilities(tmp_path: Path, gaps: np.ndarray) -> np.ndarray:
+    """The probabilities ``write_outputs`` writes, ``[C,2,3]``, for scores that are ``gaps``
+    ``[C]`` at every pixel."""
+    scores = np.broadcast_to(gaps[:, None, None], (len(gaps), 2, 3)).copy()
     path = tmp_path / "p.npy"
     write_outputs(
         OutputSpec(labels=tmp_path / "l.npy", probs=path), np.zeros((2, 3)), scores,
         np.zeros((2, 3), np.int64), "CHW",
     )  # fmt: skip
-    probs = np.load(path)[:, 0, 0].astype(np.float64)
+    return np.load(path)
+
+
+def test_probabilities_of_confident_scores_flush_below_the_normal_range(tmp_path):
+    gaps = np.array([0.0, -200.0, -95.0, -50.0, -86.0], np.float32)  # score - max, per class
+    probs = _written_probabilities(tmp_path, gaps)[:, 0, 0].astype(np.float64)
     exact = np.exp(gaps.astype(np.float64)) / np.exp(gaps.astype(np.float64)).sum()
     assert probs[1] == 0 and probs[2] == 0  # exact values 1e-87 and 5.8e-42 (denormal)
     np.testing.assert_allclose(probs[[0, 3, 4]], exact[[0, 3, 4]], rtol=1e-6)
@@ -260,13 +266,7 @@ def test_probabilities_that_the_normalisation_makes_denormal_are_written_as_zero
     # by the sum (20) it is 1.4e-39, a denormal number
     gaps = np.zeros(21, np.float32)
     gaps[0] = -86.5
-    scores = np.broadcast_to(gaps[:, None, None], (21, 2, 3)).copy()
-    path = tmp_path / "p.npy"
-    write_outputs(
-        OutputSpec(labels=tmp_path / "l.npy", probs=path), np.zeros((2, 3)), scores,
-        np.zeros((2, 3), np.int64), "CHW",
-    )  # fmt: skip
-    probs = np.load(path)
+    probs = _written_probabilities(tmp_path, gaps)
     assert np.all(probs[0] == 0)
     tiny = np.finfo(np.float32).tiny
     assert not np.any((probs > 0) & (probs < tiny))
