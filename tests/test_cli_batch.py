@@ -276,14 +276,15 @@ def test_from_list_whose_only_image_has_no_pair_fails_it_as_an_item(tmp_path, li
 
 
 @pytest.mark.parametrize("source", ["-", "list.txt"])
-def test_from_list_without_image_paths_is_an_error_naming_the_list(tmp_path, source):
+def test_from_list_without_image_paths_is_a_run_of_no_items(tmp_path, source):
+    """`find -newer last_run | convcrf batch --from-list -` on a day with nothing new."""
     root = _dataset(tmp_path, ["p"])
     (tmp_path / "list.txt").write_text("# nothing new today\n\n")
     done = _batch("--from-list", tmp_path / source if source != "-" else "-", root / "un",
-                  "-o", root / "out", stdin=b"")  # fmt: skip
-    name = "stdin" if source == "-" else tmp_path / source
-    assert done.returncode == 2
-    assert done.stderr.decode().splitlines() == [f"convcrf: error: {name}: lists no images"]
+                  "-o", root / "out", "--report", root / "r.jsonl", stdin=b"")  # fmt: skip
+    assert done.returncode == 0
+    assert done.stderr.decode().splitlines() == ["convcrf: 0 done, 0 skipped, 0 failed: no items"]
+    assert (root / "r.jsonl").read_bytes() == b""
     assert not (root / "out").exists()
 
 
@@ -506,16 +507,19 @@ def test_symlinked_directories_are_followed_and_dangling_links_fail_by_name(tmp_
 
 def test_an_empty_shard_writes_an_empty_report(tmp_path):
     root = _dataset(tmp_path, ["a"], size=(12, 12))
+    summaries = {}
     for index in range(2):
         report = tmp_path / f"r{index}.jsonl"
         result = _cli_batch(root / "img", root / "un", "-o", root / "out", "--shard",
                             f"{index}/2", "--report", report)  # fmt: skip
         assert result.exit_code == 0, result.stderr
         assert len(_report(report)) == len(report.read_text().splitlines())
+        summaries[index] = result.stderr.splitlines()[-1]
     assert sorted(len(_report(tmp_path / f"r{i}.jsonl")) for i in range(2)) == [0, 1]
-    assert (tmp_path / "r0.jsonl").read_bytes() == b"" or (
-        tmp_path / "r1.jsonl"
-    ).read_bytes() == b""
+    empty = 0 if (tmp_path / "r0.jsonl").read_bytes() == b"" else 1
+    assert (tmp_path / f"r{empty}.jsonl").read_bytes() == b""
+    assert summaries[empty] == "convcrf: 0 done, 0 skipped, 0 failed: no items"
+    assert summaries[1 - empty].startswith("convcrf: 1 done, 0 skipped, 0 failed in ")
 
 
 def test_skip_existing_does_not_take_a_directory_for_an_output(tmp_path):

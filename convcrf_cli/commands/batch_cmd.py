@@ -270,9 +270,8 @@ def _find_pairs(
     pairing = found if shard is None else batch_items.select_unpaired_shard(found, *shard)
     _report_unpaired(pairing)
     _report_missing(pairing)
-    listed = image_list is not None and bool(found.missing_images or found.unpaired_images)
-    if not pairing.pairs and not listed:  # listed images without a pair fail as items
-        raise _nothing_to_refine(found, sources, manifest, image_list)
+    if not pairing.pairs and image_list is None:  # a list's missing/unpaired images fail
+        raise _nothing_to_refine(found, sources, manifest)
     return pairing, _other_inputs(found, manifest, image_list)
 
 
@@ -431,12 +430,11 @@ def _pairing(
 
 
 def _nothing_to_refine(
-    pairing: Pairing, sources: tuple[str, ...], manifest: str | None, image_list: str | None
+    pairing: Pairing, sources: tuple[str, ...], manifest: str | None
 ) -> BadInputError:
-    """The error for a run that found no image/unary pair, naming where it looked (a list
-    that names images is not one: its missing and unpaired images fail the run as items)."""
-    if image_list is not None:
-        return BadInputError("stdin" if image_list == "-" else image_list, "lists no images")
+    """The error for a run of two directories or a manifest that found no image/unary pair,
+    naming where it looked. A list of images is never one: an empty list is a run of no items
+    (``find -newer`` found nothing new), its missing and unpaired images fail as items."""
     if manifest is not None:
         return BadInputError(None, "no image/unary pairs found")
     images, unaries = sources
@@ -543,6 +541,9 @@ def _summary(outcome: _Outcome, device: str, missing: int) -> None:
     }
     counts[FAILED] += missing
     rate = counts[DONE] / wall if wall > 0 else 0.0
+    if outcome.total == 0 and not missing:
+        echo_err("convcrf: 0 done, 0 skipped, 0 failed: no items")
+        return
     not_run = outcome.total - len(reports)
     share = 100.0 * stats.crf_seconds / wall if wall > 0 else 0.0
     io_share = 100.0 * stats.io_wait_seconds / wall if wall > 0 else 0.0
