@@ -273,6 +273,7 @@ def mean_field_backward(
     grad_kernel = torch.zeros_like(kernel)
     grad_weight = grad.new_zeros(())
     grad_matrix = None if compat_matrix is None else torch.zeros_like(compat_matrix)
+    unary_q = None  # softmax(logits), once the softmax init's adjoint has needed it
     for step in reversed(range(params.iterations)):
         grad_unary += grad_scores
         grad_scaled_msg = layout.blend_adjoint(grad_scores)  # d (w·msg)
@@ -291,13 +292,16 @@ def mean_field_backward(
         elif params.init == "log":
             grad_scores = grad_q
         else:
-            grad_scores = _softmax_adjoint(_unary_probabilities(record), grad_q)
+            unary_q = _unary_probabilities(record)
+            grad_scores = _softmax_adjoint(unary_q, grad_q)
     grad_weight -= torch.sum(grad_unary * record.log_unary)
     grad_logits = None
     if needs_logits:
         grad_log_unary = grad_unary.mul_(u - weight).add_(grad_scores)
         total = grad_log_unary.sum(dim=3, keepdim=True)
-        grad_log_unary -= _unary_probabilities(record) * total  # log_softmax's Jacobian
+        if unary_q is None:
+            unary_q = _unary_probabilities(record)
+        grad_log_unary -= unary_q * total  # log_softmax's Jacobian
         grad_logits = layout.scatter(grad_log_unary)
     return grad_logits, grad_kernel, grad_weight, grad_matrix
 
