@@ -23,9 +23,20 @@ from convcrf_cli.params import (
     read_params_json,
     split_transforms,
 )
-from convcrf_cli.pipeline import check_orientation, orientation_mismatch, orientation_warning
+from convcrf_cli.pipeline import (
+    UnaryOptions,
+    check_orientation,
+    orientation_mismatch,
+    orientation_warning,
+)
 from convcrf_cli.torch import ConvCRF
-from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, Unary, convert_unary, load_unary
+from convcrf_cli.unary import (
+    LABEL_IMAGE_SUFFIXES,
+    Unary,
+    UnarySource,
+    convert_unary,
+    load_unary,
+)
 
 LABEL_GLOBS = tuple(f"*{suffix}" for suffix in LABEL_IMAGE_SUFFIXES)
 """Label maps of class ids that pairing looks for (the label images a unary may be)."""
@@ -59,21 +70,26 @@ an EXIF orientation the sizes cannot confirm) that the caller reports."""
 
 def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPairs:
     """Pair the files of three directory trees by relative path and stem (suffixes matched
-    ignoring case). An image without a unary or a label map is an error; unaries and label
-    maps without an image are returned as unused."""
+    ignoring case). Unaries are arrays or label images (:func:`_unary_globs`). An image without
+    a unary or a label map is an error; unaries and label maps without an image are returned
+    as unused."""
+    globs, shared = _unary_globs(images, unaries, labels)
     image_files = find_files(images, IMAGE_GLOBS)
-    unary_files = find_files(unaries, UNARY_GLOBS)
+    unary_files = find_files(unaries, globs)
     label_files = find_files(labels, LABEL_GLOBS)
     if not image_files:
         raise BadInputError(images, f"no images ({', '.join(IMAGE_GLOBS)})")
+    arrays_only = (
+        f"; it is also the {shared} directory, so only its .npy and .npz files are unaries"
+    )
     for key, path in sorted(image_files.items()):
-        for files, directory, kind, globs in (
-            (unary_files, unaries, "unary", UNARY_GLOBS),
-            (label_files, labels, "label map", LABEL_GLOBS),
+        for files, directory, kind, kind_globs, note in (
+            (unary_files, unaries, "unary", globs, arrays_only if shared else ""),
+            (label_files, labels, "label map", LABEL_GLOBS, ""),
         ):
             if key not in files:
-                names = ", ".join(glob.replace("*", key, 1) for glob in globs)
-                raise BadInputError(path, f"no {kind} in {directory} ({names})")
+                names = ", ".join(glob.replace("*", key, 1) for glob in kind_globs)
+                raise BadInputError(path, f"no {kind} in {directory} ({names}){note}")
     unused = {
         kind: sorted(str(files[key]) for key in files.keys() - image_files.keys())
         for files, kind in ((unary_files, "unary"), (label_files, "label map"))
@@ -85,37 +101,85 @@ def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPa
     return TrainingPairs(paired, unused)
 
 
+def _unary_globs(images: Path, unaries: Path, labels: Path) -> tuple[tuple[str, ...], str]:
+    """The patterns of the unary files in ``unaries`` and, where it is also the images or the
+    labels directory, which (``"images"``, ``"labels"``; else ``""``). Unaries are arrays
+    (:data:`~convcrf_cli.batch_items.UNARY_GLOBS`) and label images (:data:`LABEL_GLOBS`),
+    but only arrays in a directory shared with the images or the ground-truth labels (its
+    images and label images are those, not unaries)."""
+    where = unaries.resolve()
+    for role, directory in (("labels", labels), ("images", images)):
+        if directory.resolve() == where:
+            return UNARY_GLOBS, role
+    return UNARY_GLOBS + LABEL_GLOBS, ""
+
+
 def load_examples(
     files: list[TrainingFiles],
-    unary_type: str,
-    ignore_label: int,
+    options: UnaryOptions,
     on_loaded: LoadedCallback | None = None,
-    *,
-    apply_exif: bool = True,
 ) -> list[Example]:
     """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]`` uint8,
-    uint16 or float32, logits ``[C,H,W] float32``, labels ``[H,W] int64``). Images are used
-    in their EXIF orientation (as stored with ``apply_exif`` False), as ``convcrf refine``
-    uses them; a unary that fits only the other orientation is an error saying so. Every
-    image must have the first one's classes and channels, and its label map the image's size
-    and values in ``[0, C)`` or ``ignore_label``."""
+    uint16 or float32, logits ``[C,H,W] float32``, labels ``[H,W] int64``).
+
+    ``options`` say how to read the unaries and images, as ``convcrf refine`` reads them; its
+    ``ignore_label`` (an int here) is the label value that is no class: label maps' pixels
+    with it are left out, label-image unaries' pixels with it get a uniform distribution.
+    Images are used in their EXIF orientation (as stored with ``apply_exif`` False); a unary
+    that fits only the other orientation is an error saying so. Every image must have the
+    first one's classes and channels, and its label map the image's size and values in
+    ``[0, C)`` or the ignore label."""
     examples: list[Example] = []
+    first_hint = ""
     for entry in files:
-        loaded = load_image(entry.image, apply_exif=apply_exif)
+        loaded = load_image(entry.image, apply_exif=options.apply_exif)
         image = loaded.pixels
         source = load_unary(entry.unary)
         check_orientation(loaded, source, entry.image)
-        unary = convert_unary(source, image.shape[:2], unary_type)
+        unary = _convert(source, image.shape[:2], options)
         if on_loaded is not None:
             warning = orientation_warning(loaded, entry.image)
             on_loaded(entry, unary, unary.warnings + ((warning,) if warning else ()))
+        hint = _classes_hint(unary, options)
         if examples:
-            _check_like_first(entry, image, unary, files[0], examples[0])
+            _check_like_first(entry, image, unary, files[0], examples[0], hint or first_hint)
+        else:
+            first_hint = hint
         label_map = read_label_image(entry.labels)
         check_label_orientation(entry.labels, label_map, loaded, entry.image)
-        check_label_map(entry.labels, label_map, image.shape[:2], unary.num_classes, ignore_label)
+        check_label_map(
+            entry.labels,
+            label_map,
+            image.shape[:2],
+            unary.num_classes,
+            options.ignore_label,
+            hint,
+        )
         examples.append(Example(entry.key, image, unary.logits, label_map))
     return examples
+
+
+def _convert(source: UnarySource, image_hw: tuple[int, int], options: UnaryOptions) -> Unary:
+    """``source`` as logits ``[C,H,W] float32`` for an image of ``image_hw``, read with
+    ``options``; their ignore label goes to a label image only (an array has no use for it,
+    and :func:`~convcrf_cli.unary.convert_unary` would warn that it is ignored)."""
+    return convert_unary(
+        source,
+        image_hw,
+        options.unary_type,
+        label_confidence=options.label_confidence,
+        ignore_label=options.ignore_label if source.is_labels else None,
+        num_classes=options.num_classes,
+        layout=options.layout,
+    )
+
+
+def _classes_hint(unary: Unary, options: UnaryOptions) -> str:
+    """What to add to an error on ``unary``'s class count: for a label image whose count
+    is its largest label + 1, how to give the count."""
+    if unary.kind != "labels" or options.num_classes is not None:
+        return ""
+    return "; a label-image unary has its largest label + 1 classes: pass --num-classes"
 
 
 def check_label_orientation(
@@ -134,14 +198,20 @@ def check_label_orientation(
 
 
 def check_label_map(
-    path: Path, labels: np.ndarray, image_hw: tuple[int, int], num_classes: int, ignore: int
+    path: Path,
+    labels: np.ndarray,
+    image_hw: tuple[int, int],
+    num_classes: int,
+    ignore: int,
+    hint: str = "",
 ) -> None:
     """Raise BadInputError naming ``path`` unless ``labels`` ``[H,W]`` (integers) have the
-    size ``image_hw`` and values in ``[0, num_classes)`` or equal to ``ignore``."""
+    size ``image_hw`` and values in ``[0, num_classes)`` or equal to ``ignore``; ``hint`` is
+    added to an error on the values."""
     check_label_size(path, labels, image_hw)
     problem = label_range_problem(labels, num_classes, ignore)
     if problem:
-        raise BadInputError(path, problem)
+        raise BadInputError(path, problem + hint)
 
 
 def read_start(path: Path) -> tuple[CRFParams, dict]:
@@ -176,13 +246,20 @@ def start_module(
 
 
 def _check_like_first(
-    entry: TrainingFiles, image: np.ndarray, unary: Unary, first: TrainingFiles, example: Example
+    entry: TrainingFiles,
+    image: np.ndarray,
+    unary: Unary,
+    first: TrainingFiles,
+    example: Example,
+    hint: str = "",
 ) -> None:
-    """Refuse an image whose classes or channels differ from the first example's."""
+    """Refuse an image whose classes or channels differ from the first example's (``hint``
+    added to an error on the classes)."""
     classes = example.logits.shape[0]
     if unary.num_classes != classes:
         raise BadInputError(
-            entry.unary, f"unary has {unary.num_classes} classes, {first.unary} has {classes}"
+            entry.unary,
+            f"unary has {unary.num_classes} classes, {first.unary} has {classes}{hint}",
         )
     channels = example.image.shape[2]
     if image.shape[2] != channels:

@@ -15,10 +15,14 @@ from conftest import cli_runner
 from PIL import Image
 
 from convcrf_cli import CRFParams, InputError, ParamsError, refine
+from convcrf_cli import unary as unary_module
 from convcrf_cli.cli import main
 from convcrf_cli.fit import Example, FitOptions, fit, split_examples
+from convcrf_cli.fit_data import load_examples, pair_training_files
+from convcrf_cli.pipeline import UnaryOptions
 from convcrf_cli.synthetic import synthetic_sample, write_dataset
 from convcrf_cli.torch import ConvCRF
+from convcrf_cli.unary import LABEL_IMAGE_SUFFIXES, read_unary
 
 CLASSES = 4
 POOR_START = CRFParams(filter_size=7, blur=4, pos_sdims=3.0 * 4, col_schan=13.0 * 4)
@@ -447,3 +451,171 @@ def test_ctrl_c_stops_training_at_once_without_output(dataset, tmp_path):
     assert process.returncode == 130
     assert rest.endswith("convcrf: error: interrupted\n") and "Traceback" not in rest
     assert not (tmp_path / "p.json").exists()
+
+
+def test_cli_fit_needs_the_layout_of_an_ambiguous_unary_and_takes_it(tmp_path):
+    write_dataset(tmp_path, count=3, height=8, width=8, num_classes=8, seed=1)  # C = H = W
+    images, chw, labels = tmp_path / "images", tmp_path / "unaries", tmp_path / "labels"
+    hwc = tmp_path / "unaries_hwc"
+    hwc.mkdir()
+    for path in chw.iterdir():
+        np.save(hwc / path.name, np.ascontiguousarray(np.moveaxis(np.load(path), 0, -1)))
+    common = ("--epochs", "2", "-k", "3", "--val-fraction", "0", "--device", "cpu")
+    run = _in_process("fit", images, chw, labels, "-o", tmp_path / "auto.json", *common)
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {chw / 'synth_00000.npy'}: unary shape (8, 8, 8) fits the 8×8 image "
+        "both as CHW (C=8) and as HWC (C=8); name the layout (--layout CHW or --layout HWC)\n"
+    )
+    learned = {}
+    for unaries, layout in ((chw, "CHW"), (hwc, "HWC"), (hwc, "hwc"), (chw, "HWC")):
+        out = tmp_path / f"{unaries.name}_{layout}.json"
+        run = _in_process("fit", images, unaries, labels, "-o", out, "--layout", layout, *common)
+        assert run.exit_code == 0, run.stderr
+        learned[unaries.name, layout] = out.read_bytes()
+    assert learned["unaries", "CHW"] == learned["unaries_hwc", "HWC"]  # the same data
+    assert learned["unaries_hwc", "hwc"] == learned["unaries_hwc", "HWC"]
+    assert learned["unaries", "HWC"] != learned["unaries", "CHW"]  # transposed: other data
+
+
+def _label_unaries(dataset, directory):
+    """Write the argmax of each unary of ``dataset`` as a label image in ``directory``, the
+    first row 255 (unsure), the first image's pixel (1, 0) the last class; return the label
+    maps ``{name: [H,W] uint8}``."""
+    directory.mkdir()
+    maps = {}
+    for index, path in enumerate(sorted((dataset / "unaries").glob("*.npy"))):
+        labels = np.load(path).argmax(0).astype(np.uint8)
+        labels[0] = 255
+        if index == 0:
+            labels[1, 0] = CLASSES - 1
+        Image.fromarray(labels).save(directory / f"{path.stem}.png")
+        maps[path.stem] = labels
+    return maps
+
+
+def test_fit_reads_a_label_image_unary_as_refine_does(dataset, tmp_path, monkeypatch):
+    unaries = tmp_path / "label_unaries"
+    maps = _label_unaries(dataset, unaries)
+    reading = UnaryOptions(label_confidence=0.8, ignore_label=255, num_classes=CLASSES)
+    files, _ = pair_training_files(dataset / "images", unaries, dataset / "labels")
+    examples = load_examples(files, reading)
+    converted = []  # what refine's loader gives, caught on its way to the CRF
+    real = unary_module.convert_unary
+
+    def convert_unary(*args, **kwargs):
+        converted.append(real(*args, **kwargs))
+        return converted[-1]
+
+    monkeypatch.setattr(unary_module, "convert_unary", convert_unary)
+    for example, entry in zip(examples, files, strict=True):
+        run = _in_process(
+            "refine", entry.image, entry.unary, "-o", tmp_path / "out.png", "-n", "1",
+            "--num-classes", CLASSES, "--label-confidence", "0.8", "--ignore-label", "255",
+        )  # fmt: skip
+        assert run.exit_code == 0, run.stderr
+        assert converted[-1].kind == "labels"
+        np.testing.assert_array_equal(example.logits, converted[-1].logits)
+        assert example.logits.shape == (CLASSES, 48, 48)
+        assert (example.logits[:, 0] == 0).all()  # the 255 row: uniform
+        assert (example.logits[:, 1:].argmax(0) == maps[entry.key][1:]).all()
+
+
+def test_cli_fit_on_label_image_unaries_learns_as_on_their_logits(dataset, tmp_path):
+    unaries = tmp_path / "label_unaries"
+    _label_unaries(dataset, unaries)
+    logits = tmp_path / "logits"
+    logits.mkdir()
+    for path in unaries.iterdir():
+        read = read_unary(path, (48, 48), label_confidence=0.8, ignore_label=255,
+                          num_classes=CLASSES)  # fmt: skip
+        np.save(logits / f"{path.stem}.npy", read.logits)
+    common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu")
+    images, labels = dataset / "images", dataset / "labels"
+    from_labels, from_logits = tmp_path / "from_labels.json", tmp_path / "from_logits.json"
+    run = _in_process("fit", images, unaries, labels, "-o", from_labels, "--num-classes", CLASSES,
+                      "--label-confidence", "0.8", "-v", *common)  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert f"{unaries / 'synth_00000.png'} (labels, 4 classes)" in run.stderr
+    assert "warning" not in run.stderr
+    assert "held-out mIoU (2 images): unary" in run.stdout
+    assert CRFParams.load(from_labels).filter_size == 3
+    run = _in_process("fit", images, logits, labels, "-o", from_logits, "--unary-type", "logit",
+                      *common)  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert from_labels.read_bytes() == from_logits.read_bytes()
+    # --ignore-label is the unary's unsure label too: with another one, 255 is a label
+    run = _in_process("fit", images, unaries, labels, "-o", tmp_path / "other.json",
+                      "--num-classes", CLASSES, "--ignore-label", "254", *common)  # fmt: skip
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {unaries / 'synth_00000.png'}: label 255 is outside the 4 classes of "
+        "--num-classes\n"
+    )
+
+
+def test_cli_fit_label_image_unaries_of_other_class_counts_are_an_error(dataset, tmp_path):
+    unaries = tmp_path / "label_unaries"
+    maps = _label_unaries(dataset, unaries)  # the first holds label 3: 4 classes
+    first, second = unaries / "synth_00000.png", unaries / "synth_00001.png"
+    Image.fromarray(np.minimum(maps["synth_00001"], 2)).save(second)  # 3 classes
+    dirs = (dataset / "images", unaries, dataset / "labels")
+    learned = tmp_path / "learned.json"
+    hint = "; a label-image unary has its largest label + 1 classes: pass --num-classes\n"
+    run = _in_process("fit", *dirs, "-o", learned)
+    assert run.exit_code == 2
+    assert run.stderr == f"convcrf: error: {second}: unary has 3 classes, {first} has 4" + hint
+    np.save(unaries / "synth_00001.npy", np.full((3, 48, 48), 1 / 3, np.float32))
+    second.unlink()  # an array of 3 classes after a label image of 4
+    run = _in_process("fit", *dirs, "-o", learned)
+    assert run.exit_code == 2
+    array = unaries / "synth_00001.npy"
+    assert run.stderr == f"convcrf: error: {array}: unary has 3 classes, {first} has 4" + hint
+    for name, labels in maps.items():  # all of 3 classes; the label maps hold 4
+        Image.fromarray(np.minimum(labels, 2)).save(unaries / f"{name}.png")
+    array.unlink()
+    run = _in_process("fit", *dirs, "-o", learned)
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {dataset / 'labels' / 'synth_00000.png'}: label values must lie in "
+        "[0, 3) or equal the ignore label 255; found 0..3" + hint
+    )
+    assert not learned.exists()
+
+
+def test_cli_fit_pairing_keeps_unaries_and_label_maps_apart(dataset, tmp_path):
+    images, labels = dataset / "images", dataset / "labels"
+    common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu", "-v")
+    shared = tmp_path / "shared"  # arrays and the label maps in one directory
+    shared.mkdir()
+    for path in [*(dataset / "unaries").iterdir(), *labels.iterdir()]:
+        (shared / path.name).write_bytes(path.read_bytes())
+    run = _in_process("fit", images, shared, shared, "-o", tmp_path / "shared.json", *common)
+    assert run.exit_code == 0, run.stderr
+    assert f"{shared / 'synth_00000.npy'} (prob, 4 classes) + {shared / 'synth_00000.png'}" in (
+        run.stderr
+    )
+    run = _in_process("fit", images, labels, labels, "-o", tmp_path / "same.json")
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {images / 'synth_00000.png'}: no unary in {labels} (synth_00000.npy, "
+        "synth_00000.npz); it is also the labels directory, so only its .npy and .npz files are "
+        "unaries\n"
+    )
+    both = tmp_path / "both"  # an array and a label image of one name
+    _label_unaries(dataset, both)
+    np.save(both / "synth_00003.npy", np.full((4, 48, 48), 0.25, np.float32))
+    run = _in_process("fit", images, both, labels, "-o", tmp_path / "both.json")
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {both / 'synth_00003.png'}: same name as {both / 'synth_00003.npy'} "
+        "(pairing is by name)\n"
+    )
+    (both / "synth_00003.npy").unlink()
+    (both / "synth_00004.png").unlink()
+    run = _in_process("fit", images, both, labels, "-o", tmp_path / "both.json")
+    assert run.exit_code == 2
+    names = ", ".join(f"synth_00004{suffix}" for suffix in (".npy", ".npz", *LABEL_IMAGE_SUFFIXES))
+    assert run.stderr == (
+        f"convcrf: error: {images / 'synth_00004.png'}: no unary in {both} ({names})\n"
+    )

@@ -134,8 +134,11 @@ exif_orientation_option = click.option(
 )
 
 
-def unary_options(func: Callable) -> Callable:
-    """Add the options that say how to read a unary; :func:`unary_options_from` reads them."""
+def unary_reading_options(ignore_label_option: Callable) -> Callable[[Callable], Callable]:
+    """A decorator adding the options that say how to read a unary, with
+    ``ignore_label_option`` as its ``--ignore-label`` (stored as ``ignore_label``: what the
+    label means beyond a label-image unary differs between commands);
+    :func:`unary_options_from` reads them."""
     decorators = [
         unary_type_option,
         click.option(
@@ -154,13 +157,7 @@ def unary_options(func: Callable) -> Callable:
             help="For a label-image unary: probability of each pixel's label; the rest is "
             "spread evenly over the other classes (as pydensecrf's unary_from_labels).",
         ),
-        click.option(
-            "--ignore-label",
-            type=int,
-            default=None,
-            help="For a label-image unary: label of unsure pixels (e.g. 255), given a uniform "
-            "distribution over the classes.",
-        ),
+        ignore_label_option,
         click.option(
             "--num-classes",
             type=click.IntRange(min=1),
@@ -170,13 +167,29 @@ def unary_options(func: Callable) -> Callable:
         ),
         exif_orientation_option,
     ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+
+    def add(func: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return add
+
+
+unary_options = unary_reading_options(
+    click.option(
+        "--ignore-label",
+        type=int,
+        default=None,
+        help="For a label-image unary: label of unsure pixels (e.g. 255), given a uniform "
+        "distribution over the classes.",
+    )
+)
+"""The options of ``refine`` and ``batch`` that say how to read a unary."""
 
 
 def unary_options_from(options: dict[str, Any]) -> UnaryOptions:
-    """Pop the options of :func:`unary_options` from ``options``."""
+    """Pop the options of :func:`unary_reading_options` from ``options``."""
     layout = options.pop("layout")
     return UnaryOptions(
         unary_type=options.pop("unary_type"),

@@ -13,12 +13,12 @@ from convcrf_cli.commands.common import (
     device_option,
     echo_err,
     echo_out,
-    exif_orientation_option,
     options_named,
     params_from_options,
     reports_errors,
     some_paths,
-    unary_type_option,
+    unary_options_from,
+    unary_reading_options,
 )
 from convcrf_cli.errors import BadInputError, RuntimeFailure
 from convcrf_cli.fit import FitOptions, FitResult, fit
@@ -102,15 +102,17 @@ FIT_FIELDS = tuple(field.name for field in dataclasses.fields(FitOptions))
     show_default=True,
     help="Crops per training step.",
 )
-@click.option(
-    "--ignore-label",
-    type=int,
-    default=_FIT_DEFAULTS.ignore_label,
-    show_default=True,
-    help="Label value left out of the loss and the mean IoU.",
+@unary_reading_options(
+    click.option(
+        "--ignore-label",
+        type=int,
+        default=_FIT_DEFAULTS.ignore_label,
+        show_default=True,
+        help="Label value that is no class: pixels of the label maps with it are left out of "
+        "the loss and the mean IoU, pixels of a label-image unary with it get a uniform "
+        "distribution over the classes.",
+    )
 )
-@unary_type_option
-@exif_orientation_option
 @device_option("auto, cpu, cuda or cuda:N (training runs in PyTorch on that device).")
 @click.option("-v", "--verbose", is_flag=True, help="Report the pairing, split and result.")
 @crf_options
@@ -127,9 +129,6 @@ def fit_command(
     val_fraction: float,
     crop_size: int,
     batch_size: int,
-    unary_type: str,
-    exif_orientation: str,
-    ignore_label: int,
     device: str,
     verbose: bool,
     **options: object,
@@ -137,12 +136,16 @@ def fit_command(
     """Learn CRF parameters from IMAGES, UNARIES and LABELS (three directories).
 
     Files are paired by relative path and stem (suffixes in any case): images/a.png,
-    unaries/a.npy, labels/a.png. Labels are grayscale or palette images of class ids; pixels
-    equal to --ignore-label are not used. The segmenter is frozen: only the CRF learns,
-    starting from --params (a file of `convcrf params` or `convcrf fit`, C and T matrices
-    included) and the CRF options (the defaults otherwise). A random --val-fraction of the
-    images is held out and its mean IoU with the starting and the learned parameters is
-    printed at the end. Missing directories of OUTPUT are created.
+    unaries/a.npy, labels/a.png. Unaries are read as `convcrf refine` reads them: .npy or .npz
+    arrays, or label images (.png, .tif, .bmp) of the segmenter's class ids, which have their
+    largest label + 1 classes unless --num-classes says how many (every unary must give the
+    same number); where UNARIES is also IMAGES or LABELS, only its arrays are unaries. Labels
+    are grayscale or palette images of class ids; pixels equal to --ignore-label are not
+    used. The segmenter is frozen: only the CRF learns, starting from --params (a file of
+    `convcrf params` or `convcrf fit`, C and T matrices included) and the CRF options (the
+    defaults otherwise). A random --val-fraction of the images is held out and its mean IoU
+    with the starting and the learned parameters is printed at the end. Missing directories
+    of OUTPUT are created.
 
     Exit status: 0 ok, 1 training diverged or the output could not be written, 2 bad usage
     or input (checked before training), 130 interrupted.
@@ -153,6 +156,7 @@ def fit_command(
             "the learned parameters are written to a file, not stdout (which carries "
             "the summary); give a file name",
         )
+    reading = unary_options_from(options)
     params_file = options.pop("params_file")
     base, transforms = read_start(params_file) if params_file else (None, {})
     start: CRFParams | ConvCRF = params_from_options(options, base)
@@ -167,7 +171,7 @@ def fit_command(
             val_fraction=val_fraction,
             crop_size=crop_size,
             batch_size=batch_size,
-            ignore_label=ignore_label,
+            ignore_label=reading.ignore_label,
         )
     files, unused = pair_training_files(images, unaries, labels)
     for kind, paths in unused.items():
@@ -190,9 +194,7 @@ def fit_command(
                 f"{unary.num_classes} classes) + {entry.labels}"
             )
 
-    examples = load_examples(
-        files, unary_type, ignore_label, loaded, apply_exif=exif_orientation == "apply"
-    )
+    examples = load_examples(files, reading, loaded)
     if transforms:
         start = start_module(params_file, start, transforms, examples, fit_options.learn)
     with tqdm(total=None, desc="fit", unit="step", disable=None, leave=False) as bar:
