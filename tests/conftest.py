@@ -97,6 +97,17 @@ def shim_launcher(class_block: int, load_group: int = 1):
     return ShimLauncher(build_shim(SHIM_BUILD_DIR, class_block, load_group=load_group))
 
 
+@pytest.fixture
+def fake_cupy():
+    """``cuda_shim/fake_cupy.py`` installed as ``cupy`` for the test
+    (:func:`fake_cupy.installed`); skips the test where g++ is missing."""
+    require_gxx()
+    from cuda_shim import fake_cupy
+
+    with fake_cupy.installed() as module:
+        yield module
+
+
 @pytest.fixture(scope="session")
 def shim():
     """:func:`shim_launcher` at :data:`SHIM_CLASS_BLOCK`."""

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cuda_shim.fake_cupy import NVRTC_LOG
 
 from convcrf_cli.backends import DeviceError, cuda, cuda_plan, select_backend
 from convcrf_cli.params import CRFParams
@@ -277,6 +278,20 @@ def test_auto_falls_back_to_cpu_with_the_reason():
     assert backend.fallback_reason == reason
     with pytest.raises(DeviceError, match=re.escape(reason)):
         select_backend("cuda")
+
+
+@pytest.mark.parametrize(
+    "message, line",
+    [
+        (NVRTC_LOG, "line 840: error: too many resources requested for launch"),  # not the warning
+        ("nvrtc: error: invalid value for --gpu-architecture (-arch)\n", None),
+        ("CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with ...", None),
+        ("\n  warning only\n", "warning only"),
+        ("", "RuntimeError"),
+    ],
+)
+def test_first_error_line_says_what_failed(message, line):
+    assert cuda.first_error_line(RuntimeError(message)) == (line or message.strip())
 
 
 def _nvrtc_problem() -> str | None:

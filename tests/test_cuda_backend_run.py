@@ -6,6 +6,7 @@ reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_runner, require_gxx
+from conftest import cli_runner
 from PIL import Image
 from test_cuda_shim import assert_matches_reference, random_inputs
 
@@ -25,15 +26,6 @@ from convcrf_cli.backends.cuda_tune import TuningCache, is_variant
 from convcrf_cli.params import CRFParams
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-@pytest.fixture
-def fake_cupy():
-    require_gxx()
-    from cuda_shim import fake_cupy
-
-    with fake_cupy.installed() as module:
-        yield module
 
 
 def test_backend_run_matches_reference(fake_cupy):
@@ -165,6 +157,90 @@ def test_a_variant_that_breaks_the_device_stops_with_the_way_out(fake_cupy, monk
     image_nfhw, logits, _ = tune_inputs()
     with pytest.raises(DeviceError, match=r"variant split failed .* unusable .* --no-tune"):
         select_backend("cuda").run(image_nfhw, logits, TUNE_PARAMS)
+
+
+def rejected_problem(class_block: int, load_group: int = 1) -> str:
+    """What the backend says of a module of ``fake_cupy.rejected``: its defines and the error
+    line of ``fake_cupy.NVRTC_LOG`` (not its first line, a warning)."""
+    defines = f"-DCONVCRF_CLASS_BLOCK={class_block} -DCONVCRF_LOAD_GROUP={load_group}"
+    error = "line 840: error: too many resources requested for launch"
+    return f"the CUDA kernels do not compile or load with {defines}: {error}"
+
+
+def test_a_variant_that_fails_to_compile_is_left_out(fake_cupy):
+    fake_cupy.rejected.update({(4, 4), (4, 8)})  # NVRTC rejects the modules of grouped loads
+    image_nfhw, logits, image = tune_inputs()
+    backend = select_backend("cuda")
+    scores = backend.run(image_nfhw, logits, TUNE_PARAMS)
+    assert_matches_reference(scores, image, logits, TUNE_PARAMS)
+    [tuning] = backend.tunings
+    fastest = tuning.chosen  # the fastest of the variants at load group 1
+    rejected = {f"{fastest}:g4": rejected_problem(4, 4), f"{fastest}:g8": rejected_problem(4, 8)}
+    assert tuning.rejected == rejected and ":g" not in fastest
+    assert f"; {fastest}:g8 left out: {rejected_problem(4, 8)}" in tuning.describe()  # -v
+    # another size class tunes again, without compiling the rejected modules again
+    backend.run(image_nfhw, logits, dataclasses.replace(TUNE_PARAMS, iterations=1))
+    [_, again] = backend.tunings
+    assert again.rejected.keys() == {f"{again.chosen}:g4", f"{again.chosen}:g8"}
+    assert fake_cupy.attempted.count((4, 4)) == fake_cupy.attempted.count((4, 8)) == 1
+
+
+def test_a_cached_plan_that_no_longer_compiles_is_timed_again(fake_cupy):
+    fake_cupy.rejected.add((4, 8))  # as where the cache was written with another compiler
+    image_nfhw, logits, image = tune_inputs()
+    config = cuda._device_launch_config(0)
+    default = cuda._cached_plan(image_nfhw.shape, logits.shape, TUNE_PARAMS, config)
+    key = cuda._tuning_key(0, default)
+    TuningCache().put(key, "fused:g8")
+    backend = select_backend("cuda")
+    scores = backend.run(image_nfhw, logits, TUNE_PARAMS)
+    assert_matches_reference(scores, image, logits, TUNE_PARAMS)
+    [tuning] = backend.tunings
+    assert not tuning.from_cache and not tuning.chosen.endswith(":g8")
+    assert TuningCache().get(key) == tuning.chosen  # the new choice replaces the cached one
+    cuda._tuned_variants.clear()  # as a later process: it takes the new choice from the cache
+    later = select_backend("cuda")
+    later.run(image_nfhw, logits, TUNE_PARAMS)
+    assert [(t.chosen, t.from_cache) for t in later.tunings] == [(tuning.chosen, True)]
+
+
+@pytest.mark.parametrize("command", ["refine", "batch"])
+@pytest.mark.parametrize("tune_flag", ["--tune", "--no-tune"])
+def test_a_default_plan_that_does_not_compile_stops_with_one_line(
+    fake_cupy, tmp_path, tune_flag, command
+):
+    from convcrf_cli.cli import main
+
+    # 5 classes, one chunk of 5: a module of its own (selecting the device compiles 4)
+    fake_cupy.rejected.add((5, 1))
+    image, logits = random_inputs(6, 1, 12, 16, 5, 3)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "unaries").mkdir()
+    Image.fromarray(np.clip(image[0], 0, 255).astype(np.uint8)).save(tmp_path / "images/a.png")
+    np.save(tmp_path / "unaries/a.npy", logits[0])
+    if command == "refine":
+        args = ["refine", str(tmp_path / "images/a.png"), str(tmp_path / "unaries/a.npy")]
+        args += ["-o", str(tmp_path / "labels.png")]
+    else:
+        args = ["batch", str(tmp_path / "images"), str(tmp_path / "unaries"), "-o"]
+        args += [str(tmp_path / "labels"), "--quiet"]
+    result = cli_runner().invoke(main, [*args, "--device", "cuda", "--blur", "2", tune_flag])
+    line = f"convcrf: error: {rejected_problem(5)}; use --device cpu\n"
+    if command == "refine":
+        assert (result.exit_code, result.stderr) == (2, line)
+        assert not (tmp_path / "labels.png").exists()
+    else:  # the item fails, as on any backend error
+        item = tmp_path / "images/a.png"
+        line = line.replace("error: ", f"error: {item}: ", 1)
+        assert (result.exit_code, result.stderr) == (
+            1,
+            f"{line}convcrf: error: 1 of 1 items failed: {item}\n",
+        )
+
+
+def test_auto_reports_the_module_that_does_not_compile_in_one_line(fake_cupy):
+    fake_cupy.rejected.add((4, 1))  # the module selecting a device compiles
+    assert select_backend("auto").fallback_reason == rejected_problem(4)
 
 
 def test_no_tuning_runs_the_default_plan_once(fake_cupy):

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from convcrf_cli.backends.cuda_plan import (
     MAX_SHARED_MEMORY,
     LaunchConfig,
     MeanFieldPlan,
+    ModuleError,
     launch_slices,
     run_plan,
 )
@@ -162,22 +165,57 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
     if index >= count:
         return f"no device cuda:{index} ({count} CUDA device{'s' if count != 1 else ''} found)"
     try:
-        with cupy.cuda.Device(index):
-            _compiled_module(index, MAX_CLASS_BLOCK // 4)
-    except Exception as exc:
-        return f"the CUDA kernels do not compile or load: {exc}"
+        _compiled_module(index, MAX_CLASS_BLOCK // 4)
+    except ModuleError as exc:
+        return exc.problem
     return None
+
+
+_unbuilt_modules: dict[tuple[int, int, int], str] = {}
+"""Why each module that did not compile or load failed (:attr:`ModuleError.problem`), by
+device, class block and load group: a module is tried once per process."""
 
 
 @functools.cache
 def _compiled_module(device_index: int, class_block: int, load_group: int = 1):
-    """The RawModule for one device, class block and load group, compiled once per process."""
+    """The RawModule for one device, class block and load group, compiled once per process;
+    ModuleError where it does not compile or load (not tried again in this process)."""
+    key = (device_index, class_block, load_group)
+    if key in _unbuilt_modules:
+        raise ModuleError(_unbuilt_modules[key])
     cupy = import_cupy()
-    with cupy.cuda.Device(device_index):
-        options = compile_options(class_block, load_group)
-        module = cupy.RawModule(code=kernel_source(), options=options)
-        module.compile()
+    options = compile_options(class_block, load_group)
+    try:
+        with cupy.cuda.Device(device_index):
+            module = cupy.RawModule(code=kernel_source(), options=options)
+            module.compile()
+    except Exception as exc:  # CuPy's CompileException (NVRTC), a CUDADriverError (loading)
+        _unbuilt_modules[key] = problem = module_problem(options, exc)
+        raise ModuleError(problem) from exc
     return module
+
+
+def module_problem(options: Sequence[str], failure: Exception) -> str:
+    """:attr:`ModuleError.problem` of the module compiled with ``options`` that raised
+    ``failure``: its defines and the :func:`first_error_line` of the failure."""
+    defines = " ".join(option for option in options if option.startswith("-D"))
+    return f"the CUDA kernels do not compile or load with {defines}: {first_error_line(failure)}"
+
+
+_LOG_SUMMARY = re.compile(r"\d+ errors? detected")
+"""NVRTC's last line, counting the errors of the log."""
+_SOURCE_POSITION = re.compile(r"^\S*\((\d+)\): ")
+"""The source file and line of an NVRTC message (a temporary file CuPy names)."""
+
+
+def first_error_line(failure: Exception) -> str:
+    """The line of a compiler log or error message that says what failed: the first that names
+    an error (NVRTC's count of them aside), else the first that is not blank, else the type of
+    ``failure``; the file before a line number written ``line N``."""
+    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() and not _LOG_SUMMARY.match(line)]
+    line = next(iter(errors + lines), type(failure).__name__)
+    return _SOURCE_POSITION.sub(r"line \1: ", line)
 
 
 @functools.cache
@@ -220,6 +258,16 @@ def _tuning_key(index: int, plan: MeanFieldPlan) -> str:
 
 _tuned_variants: dict[str, str] = {}
 """The launch variant chosen per :func:`cache_key` in this process."""
+
+
+def _variant_plan(default: MeanFieldPlan, name: str) -> MeanFieldPlan:
+    """The plan of launch variant ``name`` for the shape and parameters of ``default``."""
+    if name == variant_name(default):
+        return default
+    image_shape = (default.batch, default.features, default.height, default.width)
+    logits_shape = (default.batch, default.classes, default.height, default.width)
+    config = variant_config(default.config, name)
+    return _cached_plan(image_shape, logits_shape, default.params, config)
 
 
 class _CuPyLauncher:
@@ -346,25 +394,32 @@ class CUDABackend:
 
     def _tuned_plan(self, default: MeanFieldPlan, image, logits, scores):
         """The plan of the variant chosen for ``default``'s shape: remembered in this process,
-        cached on disk, or timed now on these inputs; None when it was timed now and the
-        default won (its scores are then in ``scores`` already)."""
+        cached on disk (where its module builds), or timed now on these inputs; None when it
+        was timed now and the default won (its scores are then in ``scores`` already)."""
         key = _tuning_key(self.index, default)
-        name = _tuned_variants.get(key)
+        name = _tuned_variants.get(key) or self._cached_variant(key, default)
         if name is None:
-            cache = TuningCache()
-            name = cache.get(key)
-            if name is None:
-                best, tuning = self._time_variants(default, image, logits, scores)
-                self.tunings.append(tuning)
-                _tuned_variants[key] = tuning.chosen
-                cache.put(key, tuning.chosen)
-                return None if best is default else best
-            self.tunings.append(Tuning(describe_case(default), name, from_cache=True))
-            _tuned_variants[key] = name
-        if name == variant_name(default):
-            return default
-        shapes = (tuple(image.shape), tuple(logits.shape))
-        return _cached_plan(*shapes, default.params, variant_config(default.config, name))
+            best, tuning = self._time_variants(default, image, logits, scores)
+            self.tunings.append(tuning)
+            _tuned_variants[key] = tuning.chosen
+            TuningCache().put(key, tuning.chosen)
+            return None if best is default else best
+        return _variant_plan(default, name)
+
+    def _cached_variant(self, key: str, default: MeanFieldPlan) -> str | None:
+        """The variant the :class:`TuningCache` holds for ``key``, now remembered in this
+        process; None where it holds none, or one whose module does not compile or load (chosen
+        with another kernel source or compiler: the variants are timed again)."""
+        name = TuningCache().get(key)
+        if name is None:
+            return None
+        try:
+            plan_launcher(self.index, _variant_plan(default, name))
+        except ModuleError:
+            return None
+        self.tunings.append(Tuning(describe_case(default), name, from_cache=True))
+        _tuned_variants[key] = name
+        return name
 
     def _time_variants(self, default: MeanFieldPlan, image, logits, scores):
         """:func:`tune` over the candidate plans on these inputs; the default plan writes

@@ -47,6 +47,16 @@ MAX_TILED_FEATURES = 6
 registers (``CONVCRF_MAX_FEATURES`` in ``cuda/message.cu``); more take ``convcrf_message``."""
 
 
+class ModuleError(DeviceError):
+    """The module a plan launches (:attr:`MeanFieldPlan.module`) does not compile or load on
+    the device: NVRTC or the driver rejects its options. ``problem`` says so in one line; the
+    message adds what to do where no other plan can run."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"{problem}; use --device cpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
     """Block shapes and the shared-memory budget of the launches.

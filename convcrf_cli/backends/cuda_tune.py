@@ -27,6 +27,7 @@ from convcrf_cli.backends.cuda_plan import (
     MESSAGE_KERNELS,
     LaunchConfig,
     MeanFieldPlan,
+    ModuleError,
 )
 from convcrf_cli.params import CRFParams
 
@@ -125,7 +126,8 @@ class Tuning:
     times_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     """Median milliseconds of one inference per variant (empty when read from the cache)."""
     rejected: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Why a variant was not considered: its scores differ, or it failed to launch."""
+    """Why a variant was not considered: its scores differ, or it failed to compile or to
+    launch."""
     from_cache: bool = False
 
     def describe(self) -> str:
@@ -158,8 +160,9 @@ def tune(
     ``measure(plan)`` runs the plan and returns (median milliseconds, scores);
     ``difference(scores, reference)`` is the largest difference relative to
     ``max(1, max |reference|)``. A candidate that raises, or differs by more than
-    :data:`TOLERANCE`, is left out (its reason is in :attr:`Tuning.rejected`); the default's
-    own errors, and a candidate's DeviceError (the device cannot go on), are raised.
+    :data:`TOLERANCE`, is left out (its reason is in :attr:`Tuning.rejected`), as is one
+    whose module does not compile (a :class:`ModuleError`); the default's own errors, and a
+    candidate's other DeviceErrors (the device cannot go on), are raised.
     """
     reference_ms, reference = measure(plans[0])
     tuning = Tuning(describe_case(plans[0]), variant_name(plans[0]))
@@ -171,6 +174,9 @@ def tune(
         name = variant_name(plan)
         try:
             ms, scores = measure(plan)
+        except ModuleError as exc:  # its module does not compile or load: keep the default
+            tuning.rejected[name] = exc.problem
+            return
         except DeviceError:  # the device is unusable now: nothing more can run
             raise
         except Exception as exc:  # a launch the device refuses: keep the default

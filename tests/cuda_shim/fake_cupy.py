@@ -1,6 +1,7 @@
 """A stand-in for the ``cupy`` module on a machine without a GPU: "device" arrays are NumPy
 arrays (of :class:`ndarray`, which reports the module ``cupy``), and ``RawModule`` builds the
-kernels into the C++ shim (``launcher.build_shim``) and launches them there. With it installed
+kernels into the C++ shim (``launcher.build_shim``) and launches them there (or, for the
+option sets a test marks :data:`rejected`, fails as NVRTC does). With it installed
 as ``sys.modules["cupy"]`` (:func:`installed`), the CUDA backend's own Python code —
 ``CUDABackend.run``, device selection, ``convcrf info``, the benchmark script — runs unchanged
 on the real ``cuda/*.cu`` kernels.
@@ -34,6 +35,19 @@ transfers: list[tuple[tuple[int, ...], str]] = []
 """(shape, dtype) of every array copied to the host with ``get`` (emptied likewise)."""
 compiled: list[tuple[int, int]] = []
 """(class block, load group) of every RawModule compiled, in order (emptied likewise)."""
+attempted: list[tuple[int, int]] = []
+"""(class block, load group) of every RawModule asked to compile, rejected ones too (emptied
+likewise)."""
+rejected: set[tuple[int, int]] = set()
+"""(class block, load group) of the modules NVRTC rejects: their ``compile`` raises
+:class:`CompileException` with :data:`NVRTC_LOG` (a test adds them; emptied likewise)."""
+NVRTC_LOG = (
+    '/tmp/tmp3k1/9f2c.cubin.cu(812): warning #177-D: variable "t" was declared but never '
+    "referenced\n\n"
+    "/tmp/tmp3k1/9f2c.cubin.cu(840): error: too many resources requested for launch\n\n"
+    '1 error detected in the compilation of "/tmp/tmp3k1/9f2c.cubin.cu".\n'
+)
+"""The log of a rejected module, as CuPy's message: a warning, the error, NVRTC's count."""
 ATTRIBUTES = {"MaxSharedMemoryPerBlockOptin": 227 * 1024, "MultiProcessorCount": 4}
 """Device attributes the backend reads (a small device: 4 multiprocessors; Hopper's opt-in
 limit of shared memory per block)."""
@@ -174,17 +188,34 @@ class RawModule:
         defines = dict(re.findall(r"-D(CONVCRF_\w+)=(\d+)", " ".join(options)))
         self.class_block = int(defines["CONVCRF_CLASS_BLOCK"])
         self.load_group = int(defines["CONVCRF_LOAD_GROUP"])
+        self.code, self.options = code, options
         self.shim: ShimLauncher | None = None
         self.device_id = -1
 
     def compile(self) -> None:
-        """Build the shim; the module is loaded on the current device."""
+        """Build the shim; the module is loaded on the current device. A module of
+        :data:`rejected` raises :class:`CompileException`, as CuPy where NVRTC fails."""
+        attempted.append((self.class_block, self.load_group))
+        if (self.class_block, self.load_group) in rejected:
+            raise CompileException(NVRTC_LOG, self.code, "kern.cu", self.options)
         self.shim = _shim(self.class_block, self.load_group)
         self.device_id = _current[-1]
         compiled.append((self.class_block, self.load_group))
 
     def get_function(self, name: str) -> _Kernel:
         return _Kernel(self.shim, name, self.device_id)
+
+
+class CompileException(Exception):
+    """CuPy's ``cupy.cuda.compiler.CompileException``: its message is the compiler's log."""
+
+    def __init__(self, msg: str, source: str, name: str, options, backend: str = "nvrtc") -> None:
+        self._msg, self.source, self.name, self.options = msg, source, name, options
+        self.backend = backend
+        super().__init__()
+
+    def __str__(self) -> str:
+        return self._msg
 
 
 @functools.cache
@@ -273,6 +304,7 @@ cuda = types.SimpleNamespace(
     Stream=_Stream,
     get_elapsed_time=_get_elapsed_time,
     get_current_stream=contextlib.nullcontext,
+    compiler=types.SimpleNamespace(CompileException=CompileException),
     runtime=types.SimpleNamespace(
         getDeviceCount=lambda: device_count,
         deviceSynchronize=lambda: None,  # launches run synchronously in the shim
@@ -289,13 +321,14 @@ cuda = types.SimpleNamespace(
 @contextlib.contextmanager
 def installed() -> Iterator[types.ModuleType]:
     """This module as ``cupy`` while the context lasts, with the CUDA backend's per-process
-    caches (compiled modules, device attributes, plans, tuned variants) emptied on entry and
-    on exit."""
+    caches (compiled and rejected modules, device attributes, plans, tuned variants) and
+    :data:`rejected` emptied on entry and on exit."""
     from convcrf_cli.backends import cuda as backend
 
     caches = [
         backend.cuda_unavailable_reason,
         backend._compiled_module,
+        backend._unbuilt_modules,
         backend._device_launch_config,
         backend._cached_plan,
         backend.module_launcher,
@@ -311,6 +344,8 @@ def installed() -> Iterator[types.ModuleType]:
     launches.clear()
     transfers.clear()
     compiled.clear()
+    attempted.clear()
+    rejected.clear()
     sys.modules["cupy"] = sys.modules[__name__]
     try:
         yield sys.modules[__name__]
@@ -319,6 +354,7 @@ def installed() -> Iterator[types.ModuleType]:
             del sys.modules["cupy"]
         else:
             sys.modules["cupy"] = previous
+        rejected.clear()
         _clear(caches)
 
 
