@@ -12,11 +12,14 @@ float64 where the tests compare with the reference); results have the inputs' dt
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from convcrf_cli import fused_meanfield, phases
 from convcrf_cli.backends import cuda_autograd
+from convcrf_cli.backends.cuda_plan import ModuleError
 from convcrf_cli.grid import pool_padding
 from convcrf_cli.params import CRFParams
 from convcrf_cli.underflow import exp_or_zero_
@@ -171,7 +174,8 @@ def mean_field(
     ``fused=True`` (the default) runs the fused CUDA kernels of
     :mod:`convcrf_cli.fused_meanfield` where they can run: on float32 CUDA tensors, CuPy able
     to launch them on their device; other inputs take the PyTorch implementation of
-    :mod:`convcrf_cli.phases`. ``fused=False`` always takes the PyTorch implementation.
+    :mod:`convcrf_cli.phases`, as do those whose module (compiled per class count) does not
+    compile, with a RuntimeWarning. ``fused=False`` always takes the PyTorch implementation.
     """
     w = params.weight if weight is None else weight
     launcher = _fused_launcher(logits, kernel, compat_matrix) if fused else None
@@ -246,7 +250,8 @@ class _MeanField(torch.autograd.Function):
 
 def _fused_launcher(logits: torch.Tensor, kernel: torch.Tensor, compat_matrix) -> tuple | None:
     """``(launch, class_block)`` for the fused CUDA kernels when the inputs are float32 CUDA
-    tensors and CuPy can run the kernels on their device, else None."""
+    tensors and CuPy can run the kernels on their device, else None (with a RuntimeWarning
+    where the module of their class count does not compile or load)."""
     tensors = [logits, kernel] + ([] if compat_matrix is None else [compat_matrix])
     if not all(t.is_cuda and t.dtype == torch.float32 for t in tensors):
         return None
@@ -254,7 +259,12 @@ def _fused_launcher(logits: torch.Tensor, kernel: torch.Tensor, compat_matrix) -
     if not cuda_autograd.fused_available(index):
         return None
     block = cuda_autograd.class_block(logits.shape[1])
-    return cuda_autograd.cuda_launcher(index, block), block
+    try:
+        return cuda_autograd.cuda_launcher(index, block), block
+    except ModuleError as exc:
+        message = f"{exc.problem}; the mean field runs as PyTorch operations"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _needs_grad(*values: float | torch.Tensor | None) -> bool:

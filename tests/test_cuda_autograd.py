@@ -6,10 +6,13 @@ matrix) of :mod:`convcrf_cli.phases`, whose hand-written backward is itself chec
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from cuda_shim.cases import SMALL
+from test_cuda_backend_run import rejected_problem
 
 from convcrf_cli import fused_meanfield, meanfield, phases
 from convcrf_cli.backends import cuda_autograd
@@ -119,3 +122,26 @@ def test_only_fused_true_asks_for_the_kernels(monkeypatch, fused):
     expected, _ = phases.mean_field(logits, kernel, params, params.weight)
     torch.testing.assert_close(scores, expected, rtol=0, atol=0)
     assert len(asked) == (1 if fused else 0)
+
+
+class _OnCUDA(torch.Tensor):
+    """A CPU tensor that says it is on a CUDA device, for the choice of the fused path."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_a_class_count_whose_module_does_not_compile_runs_on_pytorch(fake_cupy):
+    # 5 classes, one chunk of 5: a module of its own (checking the device compiles 4)
+    fake_cupy.rejected.add((5, 1))
+    params, logits, kernel, _, _ = inputs(CASES[1])
+    on_cuda = logits.as_subclass(_OnCUDA), kernel.as_subclass(_OnCUDA)
+    warning = re.escape(f"{rejected_problem(5)}; the mean field runs as PyTorch operations")
+    with pytest.warns(RuntimeWarning, match=warning):
+        assert meanfield._fused_launcher(*on_cuda, None) is None
+    with pytest.warns(RuntimeWarning, match=warning):
+        scores = meanfield.mean_field(*on_cuda, params)
+    expected, _ = phases.mean_field(logits, kernel, params, params.weight)
+    np.testing.assert_array_equal(scores.as_subclass(torch.Tensor).numpy(), expected.numpy())
+    assert fake_cupy.attempted == [(4, 1), (5, 1)]  # the rejected one is not tried again

@@ -122,7 +122,9 @@ def _cell_block(plan: MeanFieldPlan) -> tuple[int, int, int]:
 
 def cuda_launcher(device_index: int, class_block: int) -> Launch:
     """``launch`` on the compiled module of ``cuda:device_index`` for torch CUDA tensors:
-    each launch runs on torch's current stream, the tensors shared through DLPack."""
+    each launch runs on torch's current stream, the tensors shared through DLPack.
+    :class:`~convcrf_cli.backends.cuda_plan.ModuleError` where the module does not compile
+    or load."""
     from convcrf_cli.backends import cuda
 
     cupy = cuda.import_cupy()

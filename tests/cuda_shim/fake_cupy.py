@@ -321,9 +321,10 @@ cuda = types.SimpleNamespace(
 @contextlib.contextmanager
 def installed() -> Iterator[types.ModuleType]:
     """This module as ``cupy`` while the context lasts, with the CUDA backend's per-process
-    caches (compiled and rejected modules, device attributes, plans, tuned variants) and
-    :data:`rejected` emptied on entry and on exit."""
+    caches (compiled and rejected modules, device attributes, plans, tuned variants, whether
+    the module's mean field can run fused) and :data:`rejected` emptied on entry and on exit."""
     from convcrf_cli.backends import cuda as backend
+    from convcrf_cli.backends import cuda_autograd
 
     caches = [
         backend.cuda_unavailable_reason,
@@ -335,6 +336,7 @@ def installed() -> Iterator[types.ModuleType]:
         backend.device_properties,
         backend._tuning_key,
         backend._tuned_variants,
+        cuda_autograd.fused_available,
     ]
     global _capturing
     previous = sys.modules.get("cupy")
