@@ -11,22 +11,27 @@ thread (a batch's CRF, or the CRF and training where denormals are flushed in a 
 their own): its outputs are written by the command itself, which has removed what it had
 begun to write. Pillow's warnings about damaged metadata (a malformed EXIF block, TIFF tags
 that point past the end of the file) are not shown: the file is read or refused with one line.
+The package's own warnings (the PyTorch module's fallback from the fused CUDA kernels under
+``convcrf fit``) are one line, ``convcrf: warning: ...``, as the commands' warnings are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
 import warnings
-from typing import NoReturn
+from collections.abc import Callable
+from typing import NoReturn, TextIO
 
 
 def main() -> None:
     """Run the ``convcrf`` command group on ``sys.argv``."""
     signal.signal(signal.SIGINT, interrupt_once)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    warnings.showwarning = functools.partial(show_warning, warnings.showwarning)
     try:
         from convcrf_cli.cli import main as command_group
     except KeyboardInterrupt:
@@ -52,6 +57,27 @@ def _exit_now(status: int) -> NoReturn:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(status)
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+"""Where the package's modules are: warnings raised there are its own."""
+
+
+def show_warning(
+    show_other: Callable[..., None],
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` of the command: a warning raised by the package as one line
+    ``convcrf: warning: MESSAGE`` on stderr, others by ``show_other`` (Python's display)."""
+    if os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+        sys.stderr.write(f"convcrf: warning: {message}\n")
+        return
+    show_other(message, category, filename, lineno, file, line)
 
 
 def interrupt_once(signum: int, frame: object) -> None:

@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import cli_runner
 
-from convcrf_cli import entry
+from convcrf_cli import entry, meanfield
 from convcrf_cli.cli import main
 
 
@@ -167,3 +168,40 @@ def test_torch_that_cannot_load_is_one_line_and_status_1():
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("convcrf: error: cannot start: loading torch and NumPy failed (")
     assert done.stderr.endswith("; is the process's memory limited (ulimit -v)?\n")
+
+
+def test_the_package_warnings_are_one_line_and_others_shown_as_python_shows_them(capsys):
+    shown = []
+    fallback = RuntimeWarning(
+        "module X does not compile; the mean field runs as PyTorch operations"
+    )
+    entry.show_warning(shown.append, fallback, RuntimeWarning, meanfield.__file__, 12)
+    assert capsys.readouterr().err == f"convcrf: warning: {fallback}\n" and shown == []
+    elsewhere = str(Path(meanfield.__file__).parent.with_name("convcrf_cli_extra") / "m.py")
+    for filename in ("/site-packages/torch/nn/modules/module.py", elsewhere):
+        entry.show_warning(lambda *args: shown.append(args), fallback, RuntimeWarning, filename, 3)
+        assert shown.pop() == (fallback, RuntimeWarning, filename, 3, None, None)
+    assert capsys.readouterr().err == ""
+
+
+_WARN_AS_THE_COMMAND = """
+import sys, warnings
+import convcrf_cli.cli, convcrf_cli.meanfield
+def command(prog_name):
+    warnings.warn_explicit("fell back", RuntimeWarning, convcrf_cli.meanfield.__file__, 1)
+    warnings.warn_explicit("from elsewhere", UserWarning, "/elsewhere/mod.py", 7)
+convcrf_cli.cli.main = command
+from convcrf_cli.entry import main
+main()
+"""
+
+
+def test_the_command_shows_the_package_warnings_as_one_line():
+    done = subprocess.run(
+        [sys.executable, "-c", _WARN_AS_THE_COMMAND], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "convcrf: warning: fell back",
+        "/elsewhere/mod.py:7: UserWarning: from elsewhere",
+    ]
