@@ -122,23 +122,24 @@ def load_examples(
     """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]`` uint8,
     uint16 or float32, logits ``[C,H,W] float32``, labels ``[H,W] int64``).
 
-    ``options`` say how to read the unaries and images, as ``convcrf refine`` reads them; its
+    ``options`` say how to read the unaries and images, as ``convcrf refine`` reads them (a
+    unary of another size resized to its image's with ``options.resize``); its
     ``ignore_label`` (an int here) is the label value that is no class: label maps' pixels
     with it are left out, label-image unaries' pixels with it get a uniform distribution.
     Images are used in their EXIF orientation (as stored with ``apply_exif`` False); a unary
     that fits only the other orientation is an error saying so. Every image must have the
     first one's classes and channels, and its label map the image's size and values in
-    ``[0, C)`` or the ignore label."""
+    ``[0, C)`` or the ignore label (label maps are never resized)."""
     examples: list[Example] = []
     first_hint = ""
     for entry in files:
         loaded = load_image(entry.image, apply_exif=options.apply_exif)
         image = loaded.pixels
         source = load_unary(entry.unary)
-        check_orientation(loaded, source, entry.image)
+        check_orientation(loaded, source, entry.image, options)
         unary = _convert(source, image.shape[:2], options)
         if on_loaded is not None:
-            warning = orientation_warning(loaded, entry.image)
+            warning = orientation_warning(loaded, source, entry.image, options)
             on_loaded(entry, unary, unary.warnings + ((warning,) if warning else ()))
         hint = _classes_hint(unary, options)
         if examples:
@@ -171,6 +172,7 @@ def _convert(source: UnarySource, image_hw: tuple[int, int], options: UnaryOptio
         ignore_label=options.ignore_label if source.is_labels else None,
         num_classes=options.num_classes,
         layout=options.layout,
+        resize=options.resize,
     )
 
 

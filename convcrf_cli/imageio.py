@@ -184,13 +184,16 @@ def read_label_image(path: str | Path) -> np.ndarray:
         return np.asarray(image).astype(np.int64)
 
 
-def check_label_size(name: str | Path, labels: np.ndarray, image_hw: tuple[int, int]) -> None:
-    """Refuse a label map ``[H,W]`` whose size differs from the image's, naming ``name``."""
+def check_label_size(
+    name: str | Path, labels: np.ndarray, image_hw: tuple[int, int], hint: str = ""
+) -> None:
+    """Refuse a label map ``[H,W]`` whose size differs from the image's, naming ``name``
+    (``hint``, if given, follows the problem after a semicolon)."""
     if labels.shape != tuple(image_hw):
         raise BadInputError(
             name,
             f"label map is {labels.shape[0]}×{labels.shape[1]} but the image is "
-            f"{image_hw[0]}×{image_hw[1]}",
+            f"{image_hw[0]}×{image_hw[1]}" + (f"; {hint}" if hint else ""),
         )
 
 

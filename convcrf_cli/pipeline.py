@@ -10,6 +10,7 @@ raise :class:`~convcrf_cli.errors.BadInputError` (exit status 2) or
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -45,6 +46,9 @@ class UnaryOptions:
     num_classes: int | None = None
     apply_exif: bool = True
     """Use the image in its EXIF orientation (True) or as stored (False)."""
+    resize: str = "none"
+    """``"bilinear"``: bring a unary of another size to the image's (see
+    :mod:`convcrf_cli.resize`); ``"none"``: it must have the image's size."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +154,14 @@ def prepare_item(
     pixels = image.pixels
     height, width = pixels.shape[:2]
     source = unary.load_unary(unary_source)
-    check_orientation(image, source, image_path)
+    check_orientation(image, source, image_path, options)
     classes = unary.count_classes(
         source,
         (height, width),
         layout=options.layout,
         ignore_label=options.ignore_label,
         num_classes=options.num_classes,
+        resize=options.resize,
     )
     outputs.check_class_count(outputs_spec, classes)
     outputs.check_overlay_size(outputs_spec, (height, width))
@@ -169,16 +174,17 @@ def prepare_item(
         ignore_label=options.ignore_label,
         num_classes=options.num_classes,
         layout=options.layout,
+        resize=options.resize,
     )
 
-    notes = [f"{image_path}: {note}" for note in image.notes]
+    notes = [f"{image_path}: {note}" for note in image.notes] + list(converted.notes)
     warnings = list(converted.warnings)
     if image.exif_orientation != 1:
         notes.append(
             f"{image_path}: EXIF orientation {image.exif_orientation} ({image.orientation_name})"
             + (" applied" if image.exif_applied else " ignored: pixels used as stored")
         )
-        warning = orientation_warning(image, image_path)
+        warning = orientation_warning(image, source, image_path, options)
         if warning:
             warnings.append(warning)
     return PreparedItem(
@@ -362,11 +368,25 @@ def _check_memory(
         )
 
 
+def unary_fits(
+    source: unary.UnarySource, options: UnaryOptions
+) -> Callable[[tuple[int, int]], bool]:
+    """Whether ``source``, read with ``options`` (layout, resizing), fits an image of a size
+    ``(H, W)``: has that size, or when resized that aspect ratio
+    (:meth:`~convcrf_cli.unary.UnarySource.fits`)."""
+    return functools.partial(source.fits, layout=options.layout, resize=options.resize)
+
+
 def check_orientation(
-    image: LoadedImage, source: unary.UnarySource, image_path: str | Path
+    image: LoadedImage,
+    source: unary.UnarySource,
+    image_path: str | Path,
+    options: UnaryOptions,
 ) -> None:
-    """Explain a size mismatch that EXIF orientation causes, instead of a bare shape error."""
-    mismatch = orientation_mismatch(image, source.fits, image_path)
+    """Explain a size (resizing: aspect-ratio) mismatch that EXIF orientation causes, instead
+    of a bare shape error or a unary stretched to the wrong orientation."""
+    fits = unary_fits(source, options)
+    mismatch = orientation_mismatch(image, fits, image_path)
     if mismatch:
         other = "ignore" if image.exif_applied else "apply"
         raise BadInputError(
@@ -396,10 +416,20 @@ def orientation_mismatch(
     )
 
 
-def orientation_warning(image: LoadedImage, image_path: str | Path) -> str | None:
-    """The warning for an EXIF orientation applied to ``image`` that the unary's size cannot
-    confirm (a half turn, a mirror, a square image); None when there is nothing to say."""
-    if image.exif_orientation == 1 or not image.exif_applied or _orientation_confirmed(image):
+def orientation_warning(
+    image: LoadedImage,
+    source: unary.UnarySource,
+    image_path: str | Path,
+    options: UnaryOptions,
+) -> str | None:
+    """The warning for an EXIF orientation applied to ``image`` that the size (resizing: the
+    aspect ratio) of the unary ``source`` cannot confirm (a half turn, a mirror, a square
+    image, a unary stretched to the image); None when there is nothing to say."""
+    if (
+        image.exif_orientation == 1
+        or not image.exif_applied
+        or _orientation_confirmed(image, unary_fits(source, options))
+    ):
         return None
     return (
         f"{image_path}: EXIF orientation {image.exif_orientation} ({image.orientation_name}) "
@@ -408,10 +438,15 @@ def orientation_warning(image: LoadedImage, image_path: str | Path) -> str | Non
     )
 
 
-def _orientation_confirmed(image: LoadedImage) -> bool:
-    """A 90° orientation of a non-square image is confirmed by the unary having its size."""
-    height, width = image.stored_hw
-    return image.exif_orientation in _SWAPPING_ORIENTATIONS and height != width
+def _orientation_confirmed(image: LoadedImage, fits: Callable[[tuple[int, int]], bool]) -> bool:
+    """A 90° orientation is confirmed by a unary that ``fits`` the image as used but not as
+    stored (never for a square image)."""
+    height, width = image.pixels.shape[:2]
+    return (
+        image.exif_orientation in _SWAPPING_ORIENTATIONS
+        and fits((height, width))
+        and not fits((width, height))
+    )
 
 
 def class_argmax(scores: np.ndarray) -> np.ndarray:

@@ -10,6 +10,13 @@ is a binary foreground score and becomes two classes (background, foreground); a
 ``num_classes`` given for it must be 2. Values must be finite in float32, the precision of
 the CRF.
 
+With ``resize="bilinear"`` a unary of another size is brought to the image's (see
+:mod:`convcrf_cli.resize`): an array's logits bilinearly, after the conversion below; a label
+map by nearest neighbour, before its conversion. A reading of the array with the image's size
+still decides the layout; else the one whose ``(h, w)`` has the image's aspect ratio
+(:func:`~convcrf_cli.resize.aspect_matches`); when both or neither have it, the caller must
+name the layout, which then takes any size.
+
 Unary types, all converted to logits whose softmax is the unary's distribution:
 
 - ``prob``: probabilities; ``logits = log(max(p, PROB_EPS))``. Negative values or values
@@ -45,6 +52,7 @@ import numpy as np
 
 from convcrf_cli.errors import BadInputError, unreadable
 from convcrf_cli.imageio import check_label_size, read_label_image
+from convcrf_cli.resize import RESIZE_MODES, aspect_matches, resize_labels, resize_logits
 
 UNARY_TYPES = ("auto", "prob", "logit", "energy")
 LAYOUTS = ("auto", "CHW", "HWC")
@@ -57,6 +65,7 @@ DEFAULT_LABEL_CONFIDENCE = 0.7
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 _EMPTY_ZIP_MAGIC = b"PK\x05\x06"  # a zip archive of no files starts with its end record
+_RESIZE_HINT = "--resize-unary bilinear resizes a unary of another size to the image's"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,7 @@ class Unary:
     kind: the unary type used, ``"prob"``, ``"logit"``, ``"energy"`` or ``"labels"``.
     reason: why that kind and layout were chosen (for ``-v``).
     warnings: things the user should know even without ``-v``.
+    notes: more details for ``-v`` (a resize, from which size to which).
     """
 
     logits: np.ndarray
@@ -75,6 +85,7 @@ class Unary:
     kind: str
     reason: str
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -103,14 +114,28 @@ class UnarySource:
         """``array`` with its values: the ``.npz`` member, inflated at each call, else ``array``."""
         return self.array if self.inflate is None else self.inflate()
 
-    def fits(self, image_hw: tuple[int, int]) -> bool:
-        """Whether the array's spatial size can be read as ``image_hw`` (in some layout)."""
+    def fits(
+        self, image_hw: tuple[int, int], *, layout: str = "auto", resize: str = "none"
+    ) -> bool:
+        """Whether a reading of the array (in ``layout``, or either for ``"auto"``) has the
+        size ``image_hw``; with ``resize`` other than ``"none"``, its aspect ratio
+        (:func:`~convcrf_cli.resize.aspect_matches`)."""
+        sizes = self.spatial_sizes(layout)
+        if resize == "none":
+            return tuple(image_hw) in sizes
+        return any(aspect_matches(size, image_hw) for size in sizes)
+
+    def spatial_sizes(self, layout: str = "auto") -> tuple[tuple[int, int], ...]:
+        """The ``(h, w)`` of each reading of the array that ``layout`` allows (both readings
+        for ``"auto"``, CHW first); the label map's size; none for a shape of no layout."""
         shape = self.array.shape
         if self.is_labels:
-            return shape == tuple(image_hw)
+            return (shape,)
         if len(shape) == 4 and shape[0] == 1:
             shape = shape[1:]
-        return len(shape) == 3 and tuple(image_hw) in (shape[1:], shape[:2])
+        if len(shape) != 3:
+            return ()
+        return tuple(size for name, size in _readings(shape).items() if layout in ("auto", name))
 
 
 def read_unary(
@@ -122,11 +147,15 @@ def read_unary(
     ignore_label: int | None = None,
     num_classes: int | None = None,
     layout: str = "auto",
+    resize: str = "none",
     stdin: BinaryIO | None = None,
 ) -> Unary:
-    """Read ``source`` (a path or ``"-"`` for stdin) as logits for an image of ``image_hw``.
+    """Read ``source`` (a path or ``"-"`` for stdin) as logits ``[C,H,W] float32`` for an image
+    of ``image_hw`` ``(H, W)``.
 
-    ``unary_type`` is one of :data:`UNARY_TYPES`; ``layout`` one of :data:`LAYOUTS`.
+    ``unary_type`` is one of :data:`UNARY_TYPES`; ``layout`` one of :data:`LAYOUTS`;
+    ``resize`` one of :data:`~convcrf_cli.resize.RESIZE_MODES`: ``"bilinear"`` brings a unary
+    of another size to ``image_hw`` (see the module doc).
     ``label_confidence``, ``ignore_label`` and ``num_classes`` apply to label images
     (``num_classes`` defaults to the largest label + 1; for arrays it is checked against the
     number of classes, 2 for a single channel).
@@ -141,6 +170,7 @@ def read_unary(
         ignore_label=ignore_label,
         num_classes=num_classes,
         layout=layout,
+        resize=resize,
     )
 
 
@@ -162,20 +192,29 @@ def convert_unary(
     ignore_label: int | None = None,
     num_classes: int | None = None,
     layout: str = "auto",
+    resize: str = "none",
 ) -> Unary:
-    """Convert a loaded unary to logits for an image of ``image_hw`` (see :func:`read_unary`)."""
+    """Convert a loaded unary to logits ``[C,H,W] float32`` for an image of ``image_hw``
+    (see :func:`read_unary`)."""
     if unary_type not in UNARY_TYPES:
         raise BadInputError(source.name, f"unknown unary type {unary_type!r}")
     if source.is_labels:
         unary = labels_to_unary(
-            source.array, image_hw, source.name, label_confidence, ignore_label, num_classes
+            source.array,
+            image_hw,
+            source.name,
+            label_confidence,
+            ignore_label,
+            num_classes,
+            resize,
         )
         unused = {"--unary-type": unary_type != "auto", "--layout": layout != "auto"}
         applies_to = "an array unary (.npy, .npz)"
     else:
-        count_classes(source, image_hw, layout=layout, num_classes=num_classes)  # before inflating
+        # checked before inflating
+        count_classes(source, image_hw, layout=layout, num_classes=num_classes, resize=resize)
         unary = array_to_unary(
-            source.values(), image_hw, source.name, unary_type, layout, num_classes
+            source.values(), image_hw, source.name, unary_type, layout, num_classes, resize
         )
         unused = {
             "--ignore-label": ignore_label is not None,
@@ -197,17 +236,19 @@ def count_classes(
     layout: str = "auto",
     ignore_label: int | None = None,
     num_classes: int | None = None,
+    resize: str = "none",
 ) -> int:
     """The number of classes :func:`convert_unary` gives ``source``, without building logits.
 
-    Checks what the count depends on (size, layout, labels, ``num_classes``) as
+    Checks what the count depends on (size, layout, resizing, labels, ``num_classes``) as
     :func:`convert_unary` does, so that a caller can check outputs and memory for the count
     before the ``[C,H,W]`` logits are allocated.
     """
     if source.is_labels:
-        classes, _ = _label_classes(source.array, image_hw, source.name, ignore_label, num_classes)
-        return classes
-    chw, _ = _chw(source.array, image_hw, source.name, layout)
+        return _label_classes(
+            source.array, image_hw, source.name, ignore_label, num_classes, resize
+        )
+    chw, _ = _chw(source.array, image_hw, source.name, layout, resize)
     return _array_classes(chw, source.name, num_classes)
 
 
@@ -218,12 +259,15 @@ def array_to_unary(
     unary_type: str = "auto",
     layout: str = "auto",
     num_classes: int | None = None,
+    resize: str = "none",
 ) -> Unary:
-    """Convert a float array ``[C,H,W]``/``[H,W,C]`` (optionally ``[1,...]``) to a :class:`Unary`.
+    """Convert a float array ``[C,H,W]``/``[H,W,C]`` (optionally ``[1,...]``) to a :class:`Unary`
+    for an image of ``image_hw``; with ``resize="bilinear"`` the array may have another size,
+    and its logits are resized to ``image_hw`` (:func:`~convcrf_cli.resize.resize_logits`).
 
     ``name`` is the source's name for error messages.
     """
-    chw, chosen = _chw(array, image_hw, name, layout)
+    chw, chosen = _chw(array, image_hw, name, layout, resize)
     _array_classes(chw, name, num_classes)
     values = _float32(chw, name)
     kind, reason = _kind(values, unary_type)
@@ -234,12 +278,17 @@ def array_to_unary(
             "like energies (-log p); read as logits, pass --unary-type energy if they are",
         )
     logits = _to_logits(values, kind, name)
+    notes = ()
+    if logits.shape[1:] != tuple(image_hw):
+        notes = (_resize_note(name, logits.shape[1:], image_hw, "bilinear, on the logits"),)
+        logits = resize_logits(logits, image_hw)
     return Unary(
         np.ascontiguousarray(logits, dtype=np.float32),
         chosen,
         kind,
         f"{chosen} {array.dtype} {reason}",
         warnings,
+        notes,
     )
 
 
@@ -250,15 +299,23 @@ def labels_to_unary(
     label_confidence: float = DEFAULT_LABEL_CONFIDENCE,
     ignore_label: int | None = None,
     num_classes: int | None = None,
+    resize: str = "none",
 ) -> Unary:
-    """Logits ``[C,H,W] float32`` from a label map ``[H,W]`` of class ids (see module doc)."""
-    classes, valid = _label_classes(labels, image_hw, name, ignore_label, num_classes)
+    """Logits ``[C,H,W] float32`` from a label map ``[H,W]`` of class ids (see module doc); with
+    ``resize="bilinear"`` a map ``[h,w]`` of another size, resized to ``image_hw`` by nearest
+    neighbour (:func:`~convcrf_cli.resize.resize_labels`) after its classes are counted."""
+    classes = _label_classes(labels, image_hw, name, ignore_label, num_classes, resize)
     if not 1.0 / classes < label_confidence < 1.0:
         raise BadInputError(
             name,
             f"--label-confidence {label_confidence} must lie above 1/C = {1.0 / classes:.3g} "
             "(so that the label is the most likely class) and below 1",
         )
+    notes = ()
+    if labels.shape != tuple(image_hw):
+        notes = (_resize_note(name, labels.shape, image_hw, "nearest neighbour, on the labels"),)
+        labels = resize_labels(labels, image_hw)
+    valid = _valid_labels(labels, ignore_label)
     other = np.float32(np.log((1.0 - label_confidence) / (classes - 1)))
     logits = np.full((classes, *labels.shape), other, dtype=np.float32)
     rows, cols = np.nonzero(valid)
@@ -269,7 +326,17 @@ def labels_to_unary(
         if ignore_label is not None
         else ""
     )
-    return Unary(logits, "labels", "labels", reason)
+    return Unary(logits, "labels", "labels", reason, notes=notes)
+
+
+def _resize_note(name: str, size: tuple[int, ...], image_hw: tuple[int, int], how: str) -> str:
+    """The ``-v`` note on a unary resized from ``size`` to ``image_hw`` (``how``)."""
+    return f"{name}: unary resized from {size[0]}×{size[1]} to {image_hw[0]}×{image_hw[1]} ({how})"
+
+
+def _valid_labels(labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
+    """``[H,W] bool``: the pixels of ``labels`` whose label is not ``ignore_label``."""
+    return labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
 
 
 def _label_classes(
@@ -278,10 +345,14 @@ def _label_classes(
     name: str,
     ignore_label: int | None,
     num_classes: int | None,
-) -> tuple[int, np.ndarray]:
-    """The class count of a label map ``[H,W]`` and its mask of valid pixels ``[H,W] bool``."""
-    check_label_size(name, labels, image_hw)
-    valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
+    resize: str = "none",
+) -> int:
+    """The class count of a label map ``[h,w]``, which must have the size ``image_hw`` unless
+    ``resize`` resizes it (the count is that of the map as stored)."""
+    _check_resize(resize, name)
+    if resize == "none":
+        check_label_size(name, labels, image_hw, hint=_RESIZE_HINT)
+    valid = _valid_labels(labels, ignore_label)
     if not valid.any():
         raise BadInputError(name, "label map holds only the ignore label")
     largest = int(labels[valid].max())
@@ -298,13 +369,15 @@ def _label_classes(
         raise BadInputError(
             name, f"label {largest} is outside the {classes} classes of --num-classes"
         )
-    return classes, valid
+    return classes
 
 
 def _chw(
-    array: np.ndarray, image_hw: tuple[int, int], name: str, layout: str
+    array: np.ndarray, image_hw: tuple[int, int], name: str, layout: str, resize: str = "none"
 ) -> tuple[np.ndarray, str]:
-    """A ``[C,H,W]`` view of a float unary array and its layout (``"CHW"`` or ``"HWC"``)."""
+    """A ``[C,h,w]`` view of a float unary array and its layout (``"CHW"`` or ``"HWC"``);
+    ``(h, w)`` is the image's ``image_hw`` unless ``resize`` resizes it."""
+    _check_resize(resize, name)
     if not np.issubdtype(array.dtype, np.floating):
         raise BadInputError(
             name,
@@ -319,7 +392,7 @@ def _chw(
             f"unary shape {array.shape} has {array.ndim} axes; expected [C,H,W] or [H,W,C] "
             f"for the {image_hw[0]}×{image_hw[1]} image",
         )
-    chosen = _layout(array.shape, image_hw, name, layout)
+    chosen = _layout(array.shape, image_hw, name, layout, resize)
     chw = array if chosen == "CHW" else np.moveaxis(array, -1, 0)
     if chw.shape[0] == 0:
         raise BadInputError(name, f"unary shape {array.shape} has no classes (a class axis of 0)")
@@ -480,33 +553,49 @@ def _inflate(source: Path | BinaryIO, key: str, name: str) -> np.ndarray:
         return archive[key]
 
 
-def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, requested: str) -> str:
-    """``"CHW"`` or ``"HWC"``: which reading of ``shape`` has the image's ``(H, W)``."""
+def _readings(shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    """The ``(h, w)`` of a three-axis ``shape`` read as CHW and as HWC."""
+    return {"CHW": shape[1:], "HWC": shape[:2]}
+
+
+def _check_resize(resize: str, name: str) -> None:
+    if resize not in RESIZE_MODES:
+        raise BadInputError(name, f"unknown resize {resize!r}")
+
+
+def _layout(
+    shape: tuple[int, ...], image_hw: tuple[int, int], name: str, requested: str, resize: str
+) -> str:
+    """``"CHW"`` or ``"HWC"``: ``requested``, else the reading of ``shape`` with the image's
+    ``(H, W)``, else (resizing) the one with its aspect ratio (:func:`_layout_by_aspect`)."""
     if requested not in LAYOUTS:
         raise BadInputError(name, f"unknown layout {requested!r}")
     height, width = image_hw
     size = f"{height}×{width} image"
-    fits = {"CHW": shape[1:] == (height, width), "HWC": shape[:2] == (height, width)}
+    readings = _readings(shape)
+    exact = [layout for layout, reading in readings.items() if reading == (height, width)]
     if requested != "auto":
-        if not fits[requested]:
+        if requested not in exact and resize == "none":
             expected = (
                 f"(C, {height}, {width})" if requested == "CHW" else f"({height}, {width}, C)"
             )
             raise BadInputError(
                 name, f"unary shape {shape} is not {requested} {expected} for the {size}"
             )
+        if 0 in readings[requested]:
+            raise BadInputError(name, f"unary shape {shape} has no pixels to resize as {requested}")
         return requested
-    if fits["CHW"] and fits["HWC"]:
+    if len(exact) == 2:
         raise BadInputError(
             name,
             f"unary shape {shape} fits the {size} both as CHW (C={shape[0]}) and as HWC "
             f"(C={shape[2]}); name the layout (--layout CHW or --layout HWC)",
         )
-    if fits["CHW"]:
-        return "CHW"
-    if fits["HWC"]:
-        return "HWC"
-    hint = ""
+    if exact:
+        return exact[0]
+    if resize != "none":
+        return _layout_by_aspect(shape, image_hw, name)
+    hint = f"; {_RESIZE_HINT}"
     if shape[0] == height and shape[2] == width:
         hint = "; the class axis is in the middle: it must be first (CHW) or last (HWC)"
     elif sorted(shape[:2]) == sorted(image_hw) or sorted(shape[1:]) == sorted(image_hw):
@@ -515,6 +604,24 @@ def _layout(shape: tuple[int, ...], image_hw: tuple[int, int], name: str, reques
         name,
         f"unary shape {shape} does not fit the {size}: expected (C, {height}, {width}) "
         f"or ({height}, {width}, C){hint}",
+    )
+
+
+def _layout_by_aspect(shape: tuple[int, ...], image_hw: tuple[int, int], name: str) -> str:
+    """The one reading of ``shape`` whose ``(h, w)`` has the aspect ratio of ``image_hw``
+    (:func:`~convcrf_cli.resize.aspect_matches`); an error naming the layout option when both
+    or neither have it."""
+    readings = _readings(shape)
+    matching = [layout for layout, size in readings.items() if aspect_matches(size, image_hw)]
+    if len(matching) == 1:
+        return matching[0]
+    sizes = ", ".join(f"{layout} {h}×{w}" for layout, (h, w) in readings.items())
+    which = "both readings have" if matching else "neither reading has"
+    raise BadInputError(
+        name,
+        f"unary shape {shape} differs from the {image_hw[0]}×{image_hw[1]} image and {which} "
+        f"its aspect ratio ({sizes}): name the layout (--layout CHW or --layout HWC) to "
+        "resize it",
     )
 
 

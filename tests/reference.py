@@ -30,11 +30,12 @@ def avg_pool(x: np.ndarray, b: int) -> np.ndarray:
     return out
 
 
-def _linear_weights(n_out: int, n_in: int, b: int) -> np.ndarray:
-    """[n_out, n_in] matrix of 1-D bilinear upsampling by b, align_corners=False."""
+def _linear_weights(n_out: int, n_in: int) -> np.ndarray:
+    """[n_out, n_in] matrix of 1-D linear resampling, align_corners=False: output sample i sits
+    at source coordinate (i + 0.5)·n_in/n_out − 0.5, clamped to the first and last sample."""
     m = np.zeros((n_out, n_in))
     for i in range(n_out):
-        src = max((i + 0.5) / b - 0.5, 0.0)
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
         i0 = min(int(math.floor(src)), n_in - 1)
         i1 = min(i0 + 1, n_in - 1)
         frac = src - i0
@@ -43,14 +44,20 @@ def _linear_weights(n_out: int, n_in: int, b: int) -> np.ndarray:
     return m
 
 
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[C,h,w] -> [C,height,width] float64: bilinear resampling as torch's interpolate(
+    mode="bilinear", align_corners=False), a matrix per axis."""
+    rows = _linear_weights(height, x.shape[1])
+    cols = _linear_weights(width, x.shape[2])
+    return np.einsum("ij,cjk,lk->cil", rows, x.astype(np.float64), cols)
+
+
 def upsample_crop(x: np.ndarray, b: int, height: int, width: int) -> np.ndarray:
     """Bilinear ×b upsampling of [C,h,w] then crop rows p0:p0+H, cols p1:p1+W."""
     if b == 1:
         return x
     _, h, w = x.shape
-    rows = _linear_weights(h * b, h, b)
-    cols = _linear_weights(w * b, w, b)
-    up = np.einsum("ij,cjk,lk->cil", rows, x, cols)
+    up = resize_bilinear(x, h * b, w * b)
     p0, p1 = pool_padding(height, b), pool_padding(width, b)
     return up[:, p0 : p0 + height, p1 : p1 + width]
 

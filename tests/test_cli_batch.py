@@ -381,6 +381,30 @@ def test_batched_calls_give_the_same_labels(tmp_path):
         )
 
 
+def test_resize_unary_applies_to_every_item(tmp_path):
+    root = _dataset(tmp_path, ["a", "b"])
+    small = root / "un" / "a.npy"
+    np.save(small, np.load(small)[:, 1::3, ::3])  # 8×11 for the 24×32 image; b as it is
+    refused = _cli_batch(root / "img", root / "un", "-o", root / "none")
+    assert refused.exit_code == 1
+    assert f"convcrf: error: {small}: unary shape (3, 8, 11) does not fit" in refused.stderr
+    assert "--resize-unary bilinear" in refused.stderr
+    done = _cli_batch(root / "img", root / "un", "-o", root / "out", "--probs-dir", root / "p",
+                      "--resize-unary", "bilinear")  # fmt: skip
+    assert done.exit_code == 0, done.stderr
+    assert np.load(root / "p" / "a.npy").shape == (3, 24, 32)
+    for key in ("a", "b"):
+        single = cli_runner().invoke(
+            main, ["refine", str(root / "img" / f"{key}.png"), str(root / "un" / f"{key}.npy"),
+                   "-o", str(tmp_path / f"{key}.png"), "--resize-unary", "bilinear"],
+        )  # fmt: skip
+        assert single.exit_code == 0, single.stderr
+        np.testing.assert_array_equal(
+            np.asarray(Image.open(root / "out" / f"{key}.png")),
+            np.asarray(Image.open(tmp_path / f"{key}.png")),
+        )
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path, signum, status):
     keys = [f"i{n:02d}" for n in range(16)]

@@ -181,6 +181,98 @@ def test_exif_rotation_must_match_the_unary(case):
     assert "warning" in flipped.stderr and "EXIF orientation 3" in flipped.stderr
 
 
+def _low_res(probs: np.ndarray) -> np.ndarray:
+    """``probs`` at 8×11, about a third of the 24×32 image a side (a stride-3 segmenter)."""
+    return np.ascontiguousarray(probs[:, 1::3, ::3])
+
+
+def test_a_low_resolution_unary_refines_as_its_upsampled_logits(case):
+    tmp_path, image, probs = case
+    small = _low_res(probs)
+    np.save(tmp_path / "small.npy", small.transpose(1, 2, 0))  # HWC
+    upsampled = reference.resize_bilinear(np.log(np.maximum(small, 1e-6)), H, W)
+    np.save(tmp_path / "up.npy", upsampled.astype(np.float32))
+    resized = _run(tmp_path / "img.png", tmp_path / "small.npy", "-o", tmp_path / "a.png",
+                   "--probs", tmp_path / "a.npy", "--resize-unary", "bilinear", "-v")  # fmt: skip
+    assert resized.exit_code == 0, resized.stderr
+    assert (
+        f"convcrf: note: {tmp_path / 'small.npy'}: unary resized from 8×11 to 24×32 (bilinear, "
+        "on the logits)\n" in resized.stderr
+    )
+    direct = _run(tmp_path / "img.png", tmp_path / "up.npy", "-o", tmp_path / "b.png",
+                  "--probs", tmp_path / "b.npy", "--unary-type", "logit")  # fmt: skip
+    assert direct.exit_code == 0, direct.stderr
+    labels = _labels(tmp_path / "a.png")
+    np.testing.assert_array_equal(labels, _labels(tmp_path / "b.png"))
+    np.testing.assert_array_equal(labels, _expected_labels(image, upsampled))
+    refined = np.load(tmp_path / "a.npy")  # the image's size, the unary's layout
+    assert refined.shape == (H, W, C)
+    np.testing.assert_allclose(refined, np.load(tmp_path / "b.npy").transpose(1, 2, 0), atol=1e-5)
+
+
+def test_without_resize_unary_a_low_resolution_unary_is_refused_with_a_hint(case):
+    tmp_path, _, probs = case
+    np.save(tmp_path / "small.npy", _low_res(probs))
+    refused = _run(tmp_path / "img.png", tmp_path / "small.npy", "-o", tmp_path / "a.png")
+    assert refused.exit_code == 2 and not (tmp_path / "a.png").exists()
+    assert refused.stderr == (
+        f"convcrf: error: {tmp_path / 'small.npy'}: unary shape (3, 8, 11) does not fit the "
+        "24×32 image: expected (C, 24, 32) or (24, 32, C); --resize-unary bilinear resizes a "
+        "unary of another size to the image's\n"
+    )
+    np.save(tmp_path / "stretched.npy", np.full((C, 16, 16), 1 / C, np.float32))
+    ambiguous = _run(tmp_path / "img.png", tmp_path / "stretched.npy", "-o", tmp_path / "a.png",
+                     "--resize-unary", "bilinear")  # fmt: skip
+    assert ambiguous.exit_code == 2 and "--layout" in ambiguous.stderr
+    assert len(ambiguous.stderr.splitlines()) == 1
+    named = _run(tmp_path / "img.png", tmp_path / "stretched.npy", "-o", tmp_path / "a.png",
+                 "--resize-unary", "bilinear", "--layout", "CHW")  # fmt: skip
+    assert named.exit_code == 0 and named.stderr == ""
+
+
+def test_a_label_image_unary_is_resized_by_nearest_neighbour(case):
+    tmp_path, image, probs = case
+    small = _low_res(probs).argmax(axis=0).astype(np.uint8)
+    Image.fromarray(small).save(tmp_path / "small.png")
+    rows, cols = (np.arange(H) + 0.5) * 8 / H, (np.arange(W) + 0.5) * 11 / W
+    large = small[rows.astype(int)[:, None], cols.astype(int)[None, :]]
+    Image.fromarray(large).save(tmp_path / "large.png")
+    for name in ("small", "large"):
+        result = _run(tmp_path / "img.png", tmp_path / f"{name}.png", "-o",
+                      tmp_path / f"{name}_out.png", "--resize-unary", "bilinear")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+    np.testing.assert_array_equal(
+        _labels(tmp_path / "small_out.png"), _labels(tmp_path / "large_out.png")
+    )
+
+
+def test_a_resized_unary_must_have_the_aspect_ratio_of_the_exif_orientation(case):
+    tmp_path, image, probs = case
+    _exif_jpeg(tmp_path / "rot.jpg", image, 6)  # shown 32×24; stored 24×32
+    np.save(tmp_path / "stored.npy", _low_res(probs))  # 8×11: the stored aspect ratio
+    resize = ("--resize-unary", "bilinear")
+    stored = _run(tmp_path / "rot.jpg", tmp_path / "stored.npy", "-o", tmp_path / "a.png", *resize)
+    assert stored.exit_code == 2 and not (tmp_path / "a.png").exists()
+    assert stored.stderr == (
+        f"convcrf: error: {tmp_path / 'stored.npy'}: unary fits {tmp_path / 'rot.jpg'} as stored "
+        "(24×32), not as used (32×24, EXIF orientation 6 (rotated 90° clockwise) applied); pass "
+        "--exif-orientation ignore if the segmenter saw it that way\n"
+    )
+    ignored = _run(tmp_path / "rot.jpg", tmp_path / "stored.npy", "-o", tmp_path / "a.png",
+                   "--exif-orientation", "ignore", *resize)  # fmt: skip
+    assert ignored.exit_code == 0 and ignored.stderr == ""
+    assert _labels(tmp_path / "a.png").shape == (H, W)
+    np.save(tmp_path / "shown.npy", np.rot90(_low_res(probs), k=-1, axes=(1, 2)))  # 11×8
+    shown = _run(tmp_path / "rot.jpg", tmp_path / "shown.npy", "-o", tmp_path / "b.png", *resize)
+    assert shown.exit_code == 0 and shown.stderr == ""  # the aspect ratio confirms it
+    assert _labels(tmp_path / "b.png").shape == (W, H)
+    np.save(tmp_path / "square.npy", np.full((C, 16, 16), 1 / C, np.float32))
+    stretched = _run(tmp_path / "rot.jpg", tmp_path / "square.npy", "-o", tmp_path / "c.png",
+                     "--layout", "CHW", *resize)  # fmt: skip
+    assert stretched.exit_code == 0  # neither aspect ratio: as a square image, a warning
+    assert "warning" in stretched.stderr and "EXIF orientation 6" in stretched.stderr
+
+
 def _bad_cases(tmp_path, image, probs):
     """(name, image, unary, extra args, path the message names, problem text)."""
     Image.fromarray(image).save(tmp_path / "img.png")

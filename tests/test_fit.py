@@ -478,6 +478,33 @@ def test_cli_fit_needs_the_layout_of_an_ambiguous_unary_and_takes_it(tmp_path):
     assert learned["unaries", "HWC"] != learned["unaries", "CHW"]  # transposed: other data
 
 
+def test_cli_fit_resizes_low_resolution_unaries_as_refine_does(dataset, tmp_path):
+    small, resized = tmp_path / "small", tmp_path / "resized"
+    small.mkdir()
+    resized.mkdir()
+    for path in (dataset / "unaries").iterdir():
+        np.save(small / path.name, np.load(path)[:, ::4, ::4])  # 12×12 for 48×48
+        logits = read_unary(small / path.name, (48, 48), resize="bilinear").logits
+        np.save(resized / path.name, logits)
+    common = ("--epochs", "1", "-k", "3", "--crop-size", "32", "--device", "cpu")
+    images, labels = dataset / "images", dataset / "labels"
+    refused = _in_process("fit", images, small, labels, "-o", tmp_path / "no.json", *common)
+    assert refused.exit_code == 2 and "--resize-unary bilinear" in refused.stderr
+    from_small = tmp_path / "from_small.json"
+    run = _in_process("fit", images, small, labels, "-o", from_small, "--resize-unary",
+                      "bilinear", "-v", *common)  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert (
+        f"convcrf: note: {small / 'synth_00000.npy'}: unary resized from 12×12 to 48×48 "
+        "(bilinear, on the logits)" in run.stderr
+    )
+    from_resized = tmp_path / "from_resized.json"
+    run = _in_process("fit", images, resized, labels, "-o", from_resized, "--unary-type",
+                      "logit", *common)  # fmt: skip
+    assert run.exit_code == 0, run.stderr
+    assert from_small.read_bytes() == from_resized.read_bytes()
+
+
 def _label_unaries(dataset, directory):
     """Write the argmax of each unary of ``dataset`` as a label image in ``directory``, the
     first row 255 (unsure), the first image's pixel (1, 0) the last class; return the label

@@ -240,7 +240,10 @@ def test_npz_shape_is_checked_before_the_member_is_inflated(tmp_path):
     source = load_unary(path)
     assert source.array.shape == (3, 8000, 8000) and source.array.strides == (0, 0, 0)
     expected = f"unary shape (3, 8000, 8000) does not fit the {H}×{W} image"
-    assert _error(path) == f"{path}: {expected}: expected (C, {H}, {W}) or ({H}, {W}, C)"
+    assert _error(path) == (
+        f"{path}: {expected}: expected (C, {H}, {W}) or ({H}, {W}, C); --resize-unary "
+        "bilinear resizes a unary of another size to the image's"
+    )
     assert _error("-", stdin=io.BytesIO(path.read_bytes())).startswith(f"stdin: {expected}")
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:  # it fits: inflated
         archive.writestr("unary.npy", npy_header((C, H, W)))

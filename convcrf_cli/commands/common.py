@@ -18,6 +18,7 @@ from convcrf_cli.errors import OUT_OF_MEMORY_ADVICE, ConvCRFError
 from convcrf_cli.outputs import PROBS_DTYPES, stdout_failure
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
 from convcrf_cli.pipeline import UnaryOptions, describe_backend
+from convcrf_cli.resize import RESIZE_MODES
 from convcrf_cli.unary import AUTO_TOLERANCE, DEFAULT_LABEL_CONFIDENCE, PROB_EPS, UNARY_TYPES
 
 _DEFAULTS = CRFParams()
@@ -147,7 +148,21 @@ def unary_reading_options(ignore_label_option: Callable) -> Callable[[Callable],
             default="auto",
             show_default=True,
             help="Axis order of the unary; auto matches its shape to the image size (needed "
-            "only when both fit: a square image with C = H = W).",
+            "only when both fit: a square image with C = H = W). With --resize-unary, auto "
+            "takes a reading of the image's size, else the one of its aspect ratio "
+            "(|h·W − w·H| ≤ H + W, a downscale rounded by up to a pixel a side); when both or "
+            "neither have it, pass --layout (it then takes any size).",
+        ),
+        click.option(
+            "--resize-unary",
+            type=click.Choice(RESIZE_MODES),
+            default="none",
+            show_default=True,
+            help="Bring a unary of another size (output stride 8, a fixed network size) to the "
+            "image's: bilinear resizes an array's logits, after the --unary-type conversion, "
+            "as segmentation networks upsample theirs (PyTorch's interpolate, mode bilinear, "
+            "align_corners=False, in float32), and a label image by nearest neighbour. none: "
+            "the unary must have the image's size.",
         ),
         click.option(
             "--label-confidence",
@@ -198,6 +213,7 @@ def unary_options_from(options: dict[str, Any]) -> UnaryOptions:
         ignore_label=options.pop("ignore_label"),
         num_classes=options.pop("num_classes"),
         apply_exif=options.pop("exif_orientation") == "apply",
+        resize=options.pop("resize_unary"),
     )
 
 

@@ -193,6 +193,8 @@ def fit_command(
                 f"{entry.key}: {entry.image} + {entry.unary} ({unary.kind}, "
                 f"{unary.num_classes} classes) + {entry.labels}"
             )
+            for note in unary.notes:
+                echo_err(f"convcrf: note: {note}")
 
     examples = load_examples(files, reading, loaded)
     if transforms:

@@ -47,7 +47,7 @@ from convcrf_cli.pipeline import ItemResult, refine_item
     "--probs",
     default=None,
     help="Also write refined probabilities (.npy) in the layout of UNARY (CHW or HWC; "
-    "CHW for a label image).",
+    "CHW for a label image), at the image's size (also for a resized unary).",
 )
 @output_format_options
 @unary_options
