@@ -511,19 +511,37 @@ def _npz_key(keys: list[str], name: str) -> str:
 
 def _declared(handle: BinaryIO, name: str, kind: str) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype of the ``.npy`` header at ``handle``'s position, which is left at
-    the array data. Arrays of Python objects are refused (they would need unpickling)."""
+    the array data. Arrays of Python objects are refused (they would need unpickling), and
+    so are shapes no array can have (a negative length, more bytes than an address holds)."""
     version = np.lib.format.read_magic(handle)
     read_header = (
         np.lib.format.read_array_header_1_0
         if version == (1, 0)
         else np.lib.format.read_array_header_2_0
     )
-    shape, _, dtype = read_header(handle)
+    try:
+        shape, _, dtype = read_header(handle)
+    except ValueError as exc:
+        if str(exc).startswith("EOF"):  # a truncated header: _reading says so
+            raise
+        raise BadInputError(name, f"corrupt {kind} header ({_header_problem(exc)})") from exc
     if dtype.hasobject:
         raise BadInputError(
             name, f"{kind} holds Python objects, which are not loaded; save a numeric array"
         )
+    if any(length < 0 for length in shape):
+        raise BadInputError(name, f"corrupt {kind} header (a negative length in its shape)")
+    if math.prod(shape) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise BadInputError(
+            name, f"corrupt {kind} header (its shape declares more bytes than an array can hold)"
+        )
     return shape, dtype
+
+
+def _header_problem(exc: ValueError) -> str:
+    """NumPy's reason for refusing a ``.npy`` header in a few words: the start of its first
+    line, before the header text or value it quotes (a header may hold 10,000 characters)."""
+    return str(exc).splitlines()[0].split(": ")[0].rstrip(".")
 
 
 def _load_npy(handle: BinaryIO, name: str, path: Path | None) -> np.ndarray:

@@ -257,6 +257,55 @@ def test_npz_shape_is_checked_before_the_member_is_inflated(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "problem"),
+    [
+        ((-3, H, W), "a negative length in its shape"),
+        ((10**23, H, W), "its shape declares more bytes than an array can hold"),
+    ],
+)
+def test_npy_and_npz_headers_declaring_impossible_shapes_are_corrupt(tmp_path, shape, problem):
+    # NumPy's memory map raised OverflowError (a traceback, ending a whole batch) for the
+    # second, and called the first truncated data.
+    path = tmp_path / "u.npy"
+    path.write_bytes(npy_header(shape) + bytes(C * H * W * 4))
+    assert _error(path) == f"{path}: corrupt .npy header ({problem})"
+    assert _error("-", stdin=io.BytesIO(path.read_bytes())) == (
+        f"stdin: corrupt .npy header ({problem})"
+    )
+    with zipfile.ZipFile(tmp_path / "u.npz", "w") as archive:
+        archive.writestr("unary.npy", path.read_bytes())
+    assert _error(tmp_path / "u.npz") == f"{tmp_path / 'u.npz'}: corrupt .npz header ({problem})"
+
+
+def _npy_v2(header: bytes) -> bytes:
+    """Version 2.0 ``.npy`` bytes of ``header`` (padded to 64 bytes) and 64 bytes of data."""
+    padded = header.ljust(-(-(len(header) + 13) // 64) * 64 - 13) + b"\n"
+    return b"\x93NUMPY\x02\x00" + struct.pack("<I", len(padded)) + padded + bytes(64)
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        (
+            b"{'descr': '<f4', 'fortran_order': __import__('os'), 'shape': (4,), }",
+            "malformed node or string on line 1",
+        ),
+        (
+            b"{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }" + b" " * 20000,
+            "Header info length (20084) is large and may not be safe to load securely",
+        ),
+        (b"{'descr': '<f4', 'shape': (4,), }", "Header does not contain the correct keys"),
+    ],
+)
+def test_npy_headers_numpy_refuses_are_one_short_line(tmp_path, header, problem):
+    # NumPy's reasons quote the parsed node (its address) or the whole header, and the one of
+    # a long header takes three lines that suggest allow_pickle=True.
+    path = tmp_path / "u.npy"
+    path.write_bytes(_npy_v2(header))
+    assert _error(path) == f"{path}: corrupt .npy header ({problem})"
+
+
 def test_stdin_npy_declaring_more_data_than_it_holds_is_refused_before_allocating():
     data = npy_header((3, 100_000, 100_000)) + bytes(64)  # 120 GB declared
     assert _error("-", stdin=io.BytesIO(data)) == (
