@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from convcrf_cli.errors import BadInputError, unreadable
 from convcrf_cli.outputs import LABEL_OUTPUT_SUFFIXES
+from convcrf_cli.params import parse_json
 
 IMAGE_GLOBS = ("*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.bmp")
 UNARY_GLOBS = ("*.npy", "*.npz")
@@ -323,7 +324,7 @@ def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except json.JSONDecodeError as exc:
             raise BadInputError(name, f"line {i + 1}: not valid JSON ({exc.msg})") from exc
         if not isinstance(row, dict):

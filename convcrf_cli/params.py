@@ -162,7 +162,7 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
     path = Path(path)
     name = params_file_name(path)
     try:
-        data = json.loads(_read_text(path), parse_int=_parse_int, object_pairs_hook=_object)
+        data = parse_json(_read_text(path), parse_int=_parse_int, object_pairs_hook=_object)
     except ParamsError as exc:
         raise ParamsError(f"{name}: {exc}") from exc
     except OSError as exc:
@@ -177,6 +177,15 @@ def read_params_json(path: str | Path, build: Callable[[dict], T]) -> T:
         return build(data)
     except (ParamsError, TypeError) as exc:
         raise ParamsError(f"{name}: {exc}") from exc
+
+
+def parse_json(text: str, **options: Any) -> Any:
+    """``json.loads(text, **options)``; JSON nested too deeply for Python's parser (which
+    raises RecursionError) is a :class:`json.JSONDecodeError` too, as other invalid JSON."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError as exc:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from exc
 
 
 def params_file_name(path: str | Path) -> str:

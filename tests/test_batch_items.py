@@ -81,6 +81,7 @@ def test_csv_manifest_ignores_spaces_after_commas(tmp_path):
         ("m.jsonl", '"a.jpg"\n{"image": "a.jpg", "unary": "a.npy"}\n', "line 1: expected a JSON"),
         ("m.json", '[{"image": "a.jpg", "unary": "a.npy"}]', "a JSON array; a manifest holds"),
         ("m.txt", '[{"image": "a.jpg", "unary": "a.npy"}]', "a JSON array; a manifest holds"),
+        ("m.jsonl", '{"image": ' + "[" * 100_000, r"line 1: not valid JSON \(nested too deeply\)"),
     ],
 )
 def test_bad_manifest_names_the_file(tmp_path, name, text, message):

@@ -366,6 +366,7 @@ def test_info_reports_the_device_and_auto_takes_it(fake_cupy):
          "; the file holds entries that are no launch plan (2 of 3, ignored)"),
         ('["tiled", "split"]', 0, "; the file holds no JSON object"),
         ("{not json", 0, "; the file is not valid JSON"),
+        ("[" * 100_000, 0, "; the file is not valid JSON"),
         ('{"a": "tiled"}', 1, ""),
     ],
 )  # fmt: skip

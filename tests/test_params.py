@@ -93,6 +93,19 @@ def test_a_parameter_file_with_a_key_given_twice_is_refused(tmp_path):
         CRFParams.load(path)
 
 
+def test_json_nested_too_deeply_for_the_parser_is_invalid_json(tmp_path):
+    # json.loads raised RecursionError: a traceback from refine, fit and params.
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(
+        ParamsError, match=r"deep.json: not valid JSON: nested too deeply \(line 1\)$"
+    ):
+        CRFParams.load(path)
+    result = cli_runner().invoke(main, ["params", "--params", str(path)])
+    assert result.exit_code == 2
+    assert result.stderr == f"convcrf: error: {path}: not valid JSON: nested too deeply (line 1)\n"
+
+
 def test_a_matrix_key_set_to_null_means_no_matrix(tmp_path):
     path = tmp_path / "null.json"
     data = {"filter_size": 5, "compat_transform": None, "feature_transform": None}

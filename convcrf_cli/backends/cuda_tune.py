@@ -29,7 +29,7 @@ from convcrf_cli.backends.cuda_plan import (
     MeanFieldPlan,
     ModuleError,
 )
-from convcrf_cli.params import CRFParams
+from convcrf_cli.params import CRFParams, parse_json
 
 TOLERANCE = 1e-3
 """Largest difference of a candidate's scores from the default plan's, relative to
@@ -283,7 +283,7 @@ class TuningCache:
 
     def _read(self) -> object:
         """The file's JSON value; an OSError or ValueError as raised."""
-        return json.loads(self.path.read_text())
+        return parse_json(self.path.read_text())
 
     def _load(self) -> dict[str, str]:
         """The entries whose value is a variant name; none when the file is unusable."""
