@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-from convcrf_cli.errors import BadInputError, unreadable
-from convcrf_cli.outputs import LABEL_OUTPUT_SUFFIXES
+from convcrf_cli.errors import BadInputError, ConvCRFError, input_status, unreadable
+from convcrf_cli.outputs import LABEL_OUTPUT_SUFFIXES, real_path
 from convcrf_cli.params import parse_json
 
 IMAGE_GLOBS = ("*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.webp", "*.bmp")
@@ -192,7 +192,7 @@ def pair_image_list(
     for line in lines:
         image = Path(line)
         found = unaries.get(image.stem, [])
-        if not image.exists():
+        if _missing(image):
             missing.append(image)
         elif not found:
             unpaired.append(image)
@@ -333,6 +333,15 @@ def _jsonl_rows(name: str, text: str) -> list[tuple[int, dict]]:
     return rows
 
 
+def _missing(path: Path) -> bool:
+    """Whether nothing is at ``path``. A path that cannot be looked at (a directory on the way
+    that may not be searched, a name too long) is not missing: reading it says why."""
+    try:
+        return input_status(path) is None
+    except ConvCRFError:
+        return False
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> (I, N) with 0 <= I < N; :class:`ValueError` saying what is wrong else."""
     try:
@@ -420,12 +429,12 @@ class _Claims:
     """Output paths claimed so far and by which output; the inputs no output may overwrite."""
 
     def __init__(self, inputs: Iterable[Path]) -> None:
-        self.inputs = {path.resolve() for path in inputs}
+        self.inputs = {real_path(path) for path in inputs}
         self.owners: dict[Path, tuple[str, Path | None]] = {}
 
     def claim(self, path: Path, role: str, image: Path | None) -> None:
         """Claim ``path`` for the output described by ``role`` (of input ``image``)."""
-        resolved = path.resolve()
+        resolved = real_path(path)
         if resolved in self.inputs:
             raise BadInputError(path, "output would overwrite an input file")
         if resolved in self.owners:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 OUT_OF_MEMORY_ADVICE = "try a larger --blur or a smaller image"
@@ -47,3 +48,16 @@ def unreadable(path: str | Path, exc: OSError) -> ConvCRFError:
     if exc.errno is None or exc.errno in FILE_ERRNOS:
         return BadInputError(path, f"cannot read: {reason}")
     return RuntimeFailure(f"{path}: cannot read: {reason}")
+
+
+def input_status(path: str | Path) -> os.stat_result | None:
+    """``os.stat(path)`` of an input, None when nothing is there (nor, for a missing
+    directory on the way, could be). Any other fault (a directory on the way that may not be
+    searched, a name too long, a symlink loop) is the error of :func:`unreadable`, as it is
+    on every Python (``Path.exists`` raises some of them before Python 3.12)."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise unreadable(path, exc) from exc

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 import PIL
 from PIL import Image, UnidentifiedImageError
 
-from convcrf_cli.errors import BadInputError, unreadable
+from convcrf_cli.errors import BadInputError, input_status, unreadable
 
 MAX_PIXELS_VARIABLE = "CONVCRF_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
@@ -207,9 +208,10 @@ def _open(path: str | Path) -> Iterator[Image.Image]:
     """
     path = Path(path)
     limit = max_pixels()
-    if not path.exists():
+    status = input_status(path)
+    if status is None:
         raise BadInputError(path, "no such file")
-    if path.is_dir():
+    if stat.S_ISDIR(status.st_mode):
         raise BadInputError(path, "is a directory, not an image")
     try:
         handle = open(path, "rb")  # closed by the with block below

@@ -20,7 +20,7 @@ import dataclasses
 import io
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -87,10 +87,10 @@ def check_outputs(spec: OutputSpec, inputs: list[str | Path]) -> None:
     if spec.overlay is not None:
         _encode_overlay(spec.overlay, Image.new("RGB", (1, 1)))  # refuses formats Pillow lacks
     paths = spec.paths()
-    input_paths = {_identity(p) for p in inputs if str(p) != STDOUT}
+    input_paths = {real_path(p) for p in inputs if str(p) != STDOUT}
     seen: set[Path] = set()
     for path in paths:
-        identity = _identity(path)
+        identity = real_path(path)
         if identity in input_paths:
             raise BadInputError(path, "output would overwrite an input file")
         if identity in seen:
@@ -126,7 +126,7 @@ def missing_directories(paths: Iterable[Path]) -> list[Path]:
             if directory in seen:
                 break
             seen.add(directory)
-            if directory.exists():
+            if os.path.exists(directory):  # False where it cannot be looked at
                 break
             missing.add(directory)
     return sorted(missing, key=lambda directory: len(directory.parts), reverse=True)
@@ -155,13 +155,14 @@ def check_output_file(path: Path) -> None:
     nor a device, FIFO or socket, in a directory :func:`check_output_directory` accepts (for
     a symlink, its target's). Creates nothing: the writer makes the missing directories."""
     path = Path(path)
-    if path.is_dir():
-        raise BadInputError(path, "is a directory; give a file name")
-    if path.exists() and not path.is_file():
-        raise BadInputError(
-            path, "is a device, FIFO or socket, not a file: outputs are files (stdout is -)"
-        )
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    with _checking(path):
+        if path.is_dir():
+            raise BadInputError(path, "is a directory; give a file name")
+        if path.exists() and not path.is_file():
+            raise BadInputError(
+                path, "is a device, FIFO or socket, not a file: outputs are files (stdout is -)"
+            )
+        target = real_path(path) if path.is_symlink() else path
     check_output_directory(target.parent, path)
 
 
@@ -169,14 +170,26 @@ def check_output_directory(directory: Path, named: Path | None = None) -> None:
     """Raise :class:`BadInputError` naming ``named`` (default: ``directory``) unless
     ``directory`` is a writable directory or can be created (its nearest existing ancestor is
     a writable directory). Creates nothing."""
-    existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
-    problem = "" if named is None else f"directory {directory} "
-    if existing != directory:
-        problem += f"cannot be created: {existing} "
-    if not existing.is_dir():
-        raise BadInputError(named or directory, f"{problem}is not a directory")
+    with _checking(named or directory):
+        existing = next((d for d in (directory, *directory.parents) if d.exists()), directory)
+        problem = "" if named is None else f"directory {directory} "
+        if existing != directory:
+            problem += f"cannot be created: {existing} "
+        if not existing.is_dir():
+            raise BadInputError(named or directory, f"{problem}is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInputError(named or directory, f"{problem}is not writable")
+
+
+@contextlib.contextmanager
+def _checking(path: Path) -> Iterator[None]:
+    """Turn the OS errors of looking at an output (a name too long, a directory on the way
+    that may not be searched, a symlink loop: ``Path.exists`` raises them before Python
+    3.12) into a :class:`BadInputError` naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise BadInputError(path, f"cannot write: {exc.strerror or exc}") from exc
 
 
 def write_outputs(
@@ -411,5 +424,7 @@ def _write(
         raise RuntimeFailure(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
 
-def _identity(path: str | Path) -> Path:
-    return Path(path).resolve()
+def real_path(path: str | Path) -> Path:
+    """The absolute path of ``path`` with its symlinks resolved as far as they lead (a symlink
+    loop ends it, where ``Path.resolve`` raises RuntimeError before Python 3.13)."""
+    return Path(os.path.realpath(path))

@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import io
 import math
+import stat
 import sys
 import tokenize
 import zipfile
@@ -50,7 +51,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from convcrf_cli.errors import BadInputError, unreadable
+from convcrf_cli.errors import BadInputError, input_status, unreadable
 from convcrf_cli.imageio import check_label_size, read_label_image
 from convcrf_cli.resize import RESIZE_MODES, aspect_matches, resize_labels, resize_logits
 
@@ -429,7 +430,8 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> UnaryS
         return _parse(io.BytesIO(data), name, is_npz=is_npz)
     path = Path(source)
     suffix = path.suffix.lower()
-    if path.is_dir():
+    status = input_status(path)
+    if status is not None and stat.S_ISDIR(status.st_mode):
         raise BadInputError(name, "is a directory, not a unary file")
     if suffix not in (".npy", ".npz"):
         raise BadInputError(
@@ -437,7 +439,7 @@ def _load_array(source: str | Path, name: str, stdin: BinaryIO | None) -> UnaryS
             f"unknown unary format {suffix or '(no suffix)'}; use .npy, .npz or a label image "
             f"({', '.join(LABEL_IMAGE_SUFFIXES)})",
         )
-    if not path.exists():
+    if status is None:
         raise BadInputError(name, "no such file")
     try:
         with open(path, "rb") as handle:

@@ -529,6 +529,28 @@ def test_symlinked_directories_are_followed_and_dangling_links_fail_by_name(tmp_
     assert _files(root / "out") == ["a.png", "linked/b.png"]
 
 
+def test_inputs_that_cannot_be_looked_at_fail_as_items_by_name(tmp_path):
+    # A symlink loop (Path.resolve raised RuntimeError while the plan was checked) and a name
+    # too long (Path.exists raised OSError before Python 3.12): tracebacks, before any work.
+    root = _dataset(tmp_path, ["a"], size=(12, 12))
+    loop, long = root / "img" / "loop.png", root / "img" / ("x" * 300 + ".png")
+    loop.symlink_to(root / "img" / "loop2.png")
+    (root / "img" / "loop2.png").symlink_to(loop)
+    np.save(root / "un" / "loop.npy", np.full((3, 12, 12), 1 / 3, np.float32))
+    (root / "m.csv").write_text(f"image,unary\nimg/a.png,un/a.npy\n{loop},un/loop.npy\n")
+    looped = f"convcrf: error: {loop}: cannot read: Too many levels of symbolic links"
+    manifest = _cli_batch("--manifest", root / "m.csv", "-o", root / "m")
+    assert manifest.exit_code == 1 and looped in manifest.stderr.splitlines(), manifest.stderr
+    assert _files(root / "m") == ["img/a.png"]
+    listing = f"{root / 'img' / 'a.png'}\n{loop}\n{long}\n"
+    listed = cli_runner().invoke(
+        main, ["batch", "--from-list", "-", str(root / "un"), "-o", str(root / "l")], input=listing
+    )
+    assert listed.exit_code == 1 and looped in listed.stderr.splitlines(), listed.stderr
+    assert f"1 listed image(s) without unary: {long}" in listed.stderr  # no unary has its stem
+    assert _files(root / "l") == ["a.png"]
+
+
 def test_an_empty_shard_writes_an_empty_report(tmp_path):
     root = _dataset(tmp_path, ["a"], size=(12, 12))
     summaries = {}

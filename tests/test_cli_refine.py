@@ -306,6 +306,11 @@ def _bad_cases(tmp_path, image, probs):
     (tmp_path / "latin1.json").write_bytes(b"\xff\xfe\x00{")
     (tmp_path / "long.json").write_text('{"pos_sdims": 1' + "0" * 400 + "}")
     (tmp_path / "longer.json").write_text('{"filter_size": 1' + "0" * 5000 + "}")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.npy")
+    (tmp_path / "loop.npy").symlink_to(tmp_path / "loop.png")
+    long_png, long_npy = (tmp_path / ("a" * 300 + suffix) for suffix in (".png", ".npy"))
+    long_probs = tmp_path / ("b" * 300 + ".npy")  # in a directory that exists
     img, good = tmp_path / "img.png", tmp_path / "good.npy"
     xbm = tmp_path.parent / "out" / "o.xbm"
     return [
@@ -349,6 +354,17 @@ def _bad_cases(tmp_path, image, probs):
          tmp_path / "long.json", "pos_sdims must be a positive number in float32's range"),
         ("params longer int", img, good, ["--params", tmp_path / "longer.json"],
          tmp_path / "longer.json", "filter_size must be an integer"),
+        ("params nested deeply", img, good, ["--params", tmp_path / "deep.json"],
+         tmp_path / "deep.json", "not valid JSON: nested too deeply"),
+        # Path.exists raises for the next three before Python 3.12 (tracebacks) or says False
+        ("image name too long", long_png, good, [], long_png, "cannot read: File name too long"),
+        ("unary name too long", img, long_npy, [], long_npy, "cannot read: File name too long"),
+        ("probs name too long", img, good, ["--probs", long_probs], long_probs,
+         "cannot write: File name too long"),
+        ("image symlink loop", tmp_path / "loop.png", good, [], tmp_path / "loop.png",
+         "cannot read: Too many levels of symbolic links"),
+        ("unary symlink loop", img, tmp_path / "loop.npy", [], tmp_path / "loop.npy",
+         "cannot read: Too many levels of symbolic links"),
     ]  # fmt: skip
 
 

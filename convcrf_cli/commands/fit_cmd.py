@@ -29,7 +29,7 @@ from convcrf_cli.fit_data import (
     read_start,
     start_module,
 )
-from convcrf_cli.outputs import check_output_file
+from convcrf_cli.outputs import check_output_file, real_path
 from convcrf_cli.params import CRFParams
 from convcrf_cli.torch import DEFAULT_LEARN, LEARNABLE_GROUPS, ConvCRF, default_learn
 from convcrf_cli.unary import Unary
@@ -180,8 +180,8 @@ def fit_command(
                 f"convcrf: warning: {len(paths)} {kind} file(s) without an image, not used: "
                 f"{some_paths(paths)}"
             )
-    inputs = {path.resolve() for item in files for path in (item.image, item.unary, item.labels)}
-    if output.resolve() in inputs:
+    inputs = {real_path(path) for item in files for path in (item.image, item.unary, item.labels)}
+    if real_path(output) in inputs:
         raise BadInputError(output, "output would overwrite an input file")
     check_output_file(output)
 

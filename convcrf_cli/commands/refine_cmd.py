@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def refine_command(
         raise BadInputError(
             "-", "the image is read from a file, not stdin (stdin can carry the unary: UNARY -)"
         )
-    if Path(image).is_dir():
+    if os.path.isdir(image):  # False where it cannot be looked at: reading it says why
         raise BadInputError(
             image,
             "is a directory; `convcrf batch IMAGES_DIR UNARIES_DIR -o OUT_DIR` refines directories",
