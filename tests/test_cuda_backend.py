@@ -265,6 +265,19 @@ def test_external_stream_before_cupy_14_takes_external_stream():
     assert made == [(7, 1)]
 
 
+def test_cupy_that_cannot_make_its_cache_directory_is_unusable_with_the_reason(monkeypatch):
+    # `import cupy` makes ~/.cupy: under an unwritable HOME its PermissionError was a traceback
+    # of every command on --device auto (the default).
+    def import_cupy():
+        raise PermissionError(13, "Permission denied", "/home/u/.cupy")
+
+    monkeypatch.setattr(cuda, "import_cupy", import_cupy)
+    assert cuda.cuda_unavailable_reason.__wrapped__(0) == (
+        "CuPy does not import: PermissionError: [Errno 13] Permission denied: '/home/u/.cupy' "
+        "(set CUPY_CACHE_DIR to a writable directory)"
+    )
+
+
 def _gpu_usable() -> bool:
     return cuda.cuda_unavailable_reason(0) is None
 

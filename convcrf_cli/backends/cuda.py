@@ -158,6 +158,11 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "cupy":
             return "CuPy is not installed (pip install 'convcrf-cli[cuda13]' or '[cuda12]')"
         return f"CuPy does not import: {_import_problem(exc)}"
+    except OSError as exc:  # CuPy makes its kernel cache directory (~/.cupy) as it imports
+        return (
+            f"CuPy does not import: {_import_problem(exc)} (set CUPY_CACHE_DIR to a writable "
+            "directory)"
+        )
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
