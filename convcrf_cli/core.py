@@ -14,6 +14,7 @@ import sys
 import numpy as np
 
 from convcrf_cli.backends import Array, Backend, array_library, select_backend
+from convcrf_cli.grid import for_size
 from convcrf_cli.params import FLOAT32_MAX, CRFParams
 
 
@@ -59,6 +60,7 @@ def refine(
         raise InputError(f"logits must be [C,H,W] or [N,C,H,W], got shape {_shape(logits)}")
     batched = _ndim(logits) == 4
     image_nfhw, logits_nchw = _batch_layout(image, logits, batched)
+    params = for_size(params, *_shape(logits_nchw)[2:])
     if check_finite:
         for name, array in (("image", image), ("logits", logits)):
             if not _finite_in_float32(array):

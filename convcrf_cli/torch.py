@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from convcrf_cli import meanfield
+from convcrf_cli.grid import for_size
 from convcrf_cli.params import (
     CRFParams,
     ParamsError,
@@ -151,16 +152,17 @@ class ConvCRF(nn.Module):
         )
         if feature_matrix is not None:
             image = torch.einsum("gf,nfhw->nghw", feature_matrix, image)
+        params = for_size(self.params, *logits.shape[2:])
         kernel = meanfield.crf_kernel(
             image,
-            self.params,
+            params,
             pos_sdims=self.log_pos_sdims.exp(),
             col_schan=self.log_col_schan.exp(),
             pos_compat=self.pos_compat,
             col_compat=self.col_compat,
         )
         return meanfield.mean_field(
-            logits, kernel, self.params, weight=self.weight, compat_matrix=compat_matrix
+            logits, kernel, params, weight=self.weight, compat_matrix=compat_matrix
         )
 
     def _check_shapes(self, image: torch.Tensor, logits: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ import reference
 import torch
 
 from convcrf_cli import CRFParams, meanfield, refine, window
+from convcrf_cli.torch import ConvCRF
 
 RTOL = 1e-4
 
@@ -55,6 +56,33 @@ def test_default_parameters_and_original_preset():
             refine(image.astype(np.uint8), logits, params),
             reference.refine(image.astype(np.uint8), logits, params),
         )
+
+
+def test_a_blur_beyond_the_image_runs_as_its_larger_side_with_the_same_result(monkeypatch):
+    # Every blur from max(H, W) on pools the image into one cell, but the phase layout holds
+    # blur² phases: --blur 100000 on a 24×32 image ran for minutes, gigabytes growing.
+    rng = np.random.default_rng(11)
+    image, logits = _random_case(rng, 6, 9, 3, 4)
+    expected = reference.refine(image, logits, CRFParams(blur=40))
+    _assert_close(refine(image, logits, CRFParams(blur=9)), expected)
+    blurs = []
+
+    class Recording:
+        def run(self, image, logits, params):
+            blurs.append(params.blur)
+            return np.zeros(logits.shape, np.float32)
+
+    refine(image, logits, CRFParams(blur=10**7), device=Recording())
+    assert blurs == [9]
+    module = ConvCRF.from_params(CRFParams(blur=10**7), num_classes=4)
+    crf_kernel = meanfield.crf_kernel
+    monkeypatch.setattr(
+        meanfield, "crf_kernel", lambda i, p, **kw: blurs.append(p.blur) or crf_kernel(i, p, **kw)
+    )
+    to_tensor = torch.from_numpy
+    scores = module(to_tensor(image.transpose(2, 0, 1)[None]).float(), to_tensor(logits[None]))
+    assert blurs == [9, 9]  # the module's too
+    _assert_close(scores[0].detach().numpy(), expected)
 
 
 def test_batch_equals_single_images():
