@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from convcrf_cli.backends import DeviceError, parse_device
+from convcrf_cli.backends.cpu import allocation_failures_as_memory_errors
 from convcrf_cli.core import InputError
 from convcrf_cli.denormals import run_flushing_denormals
 from convcrf_cli.errors import RuntimeFailure
@@ -163,13 +164,15 @@ def fit(
     All examples must have the same number of classes and image channels. Returns the trained
     module and the held-out mean IoU before and after. Raises :class:`InputError` for
     inconsistent examples or training labels that hold only the ignore label, and
-    :class:`~convcrf_cli.errors.RuntimeFailure` when the training diverges. On the CPU it runs
-    with denormal floats flushed to zero (:mod:`convcrf_cli.denormals`), in the calling thread
+    :class:`~convcrf_cli.errors.RuntimeFailure` when the training diverges, MemoryError when
+    the CPU runs out of memory (torch raises RuntimeError). On the CPU it runs with denormal
+    floats flushed to zero (:mod:`convcrf_cli.denormals`), in the calling thread
     (``progress`` is called from the fallback worker thread where that one flushes instead).
     """
     target = torch_device(device)
     if target.type == "cpu":
-        return run_flushing_denormals(_fit, examples, start, options, target, progress)
+        with allocation_failures_as_memory_errors():
+            return run_flushing_denormals(_fit, examples, start, options, target, progress)
     return _fit(examples, start, options, target, progress)
 
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import cli_runner
 from PIL import Image
 
-from convcrf_cli import CRFParams, InputError, ParamsError, refine
+from convcrf_cli import CRFParams, InputError, ParamsError, meanfield, refine
 from convcrf_cli import unary as unary_module
 from convcrf_cli.cli import main
 from convcrf_cli.fit import Example, FitOptions, fit, split_examples
@@ -431,6 +431,28 @@ def test_cli_fit_that_diverges_exits_1_without_output(dataset, tmp_path, lr):
     assert run.stderr.startswith("convcrf: error: training diverged at step ")
     assert run.stderr.endswith("; lower the learning rate (--lr)\n")
     assert len(run.stderr.splitlines()) == 1 and not learned.exists()
+
+
+def test_cli_fit_out_of_cpu_memory_is_one_line_and_status_1(dataset, tmp_path, monkeypatch):
+    # torch's CPU allocator raises RuntimeError, e.g. for -k 100001 (3.5 TB): a traceback.
+    def crf_kernel(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 3520070400352 bytes. Error code 12"
+        )
+
+    monkeypatch.setattr(meanfield, "crf_kernel", crf_kernel)
+    learned = tmp_path / "learned.json"
+    run = _in_process(
+        "fit", dataset / "images", dataset / "unaries", dataset / "labels", "-o", learned,
+        "--epochs", "1", "--device", "cpu",
+    )  # fmt: skip
+    assert run.exit_code == 1, run.stderr
+    assert run.stderr.splitlines() == [
+        "convcrf: error: out of memory: the image is too large for this machine (try a larger "
+        "--blur or a smaller image)"
+    ]
+    assert not learned.exists()
 
 
 def test_ctrl_c_stops_training_at_once_without_output(dataset, tmp_path):

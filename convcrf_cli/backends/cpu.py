@@ -4,6 +4,9 @@ flushed to zero (:mod:`convcrf_cli.denormals`)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -32,16 +35,24 @@ class CPUBackend:
         """``image [N,F,H,W]``, ``logits [N,C,H,W]`` -> scores ``[N,C,H,W] float32`` (NumPy)."""
         image_t = torch.from_numpy(np.ascontiguousarray(as_numpy(image), dtype=np.float32))
         logits_t = torch.from_numpy(np.ascontiguousarray(as_numpy(logits), dtype=np.float32))
-        try:
+        with allocation_failures_as_memory_errors():
             return run_flushing_denormals(mean_field_scores, image_t, logits_t, params)
-        except RuntimeError as exc:
-            if _CPU_ALLOCATION_FAILED in str(exc):  # torch's allocator: no MemoryError of its own
-                raise MemoryError(str(exc)) from exc
-            raise
 
 
 _CPU_ALLOCATION_FAILED = "DefaultCPUAllocator: can't allocate memory"
 """What torch's RuntimeError says when the CPU allocator fails (e.g. under ``ulimit -v``)."""
+
+
+@contextlib.contextmanager
+def allocation_failures_as_memory_errors() -> Iterator[None]:
+    """Raise the RuntimeError of torch's CPU allocator failing, which has no MemoryError of
+    its own, as a MemoryError (the commands report it as running out of memory)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if _CPU_ALLOCATION_FAILED in str(exc):
+            raise MemoryError(str(exc)) from exc
+        raise
 
 
 def mean_field_scores(image: torch.Tensor, logits: torch.Tensor, params: CRFParams) -> np.ndarray:
