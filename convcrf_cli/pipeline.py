@@ -27,10 +27,10 @@ from convcrf_cli import outputs, unary
 from convcrf_cli.backends import Backend, as_numpy
 from convcrf_cli.core import InputError, refine
 from convcrf_cli.errors import BadInputError
-from convcrf_cli.grid import coarse_size
+from convcrf_cli.grid import coarse_size, pool_padding
 from convcrf_cli.imageio import LoadedImage, load_image
 from convcrf_cli.outputs import OutputSpec
-from convcrf_cli.params import CRFParams
+from convcrf_cli.params import FLOAT32_MAX, CRFParams
 
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -153,6 +153,7 @@ def prepare_item(
     image = load_image(image_path, apply_exif=options.apply_exif)
     pixels = image.pixels
     height, width = pixels.shape[:2]
+    _check_pooled_range(image_path, pixels, params)
     source = unary.load_unary(unary_source)
     check_orientation(image, source, image_path, options)
     classes = unary.count_classes(
@@ -375,6 +376,35 @@ def unary_fits(
     ``(H, W)``: has that size, or when resized that aspect ratio
     (:meth:`~convcrf_cli.unary.UnarySource.fits`)."""
     return functools.partial(source.fits, layout=options.layout, resize=options.resize)
+
+
+def _check_pooled_range(image_path: str | Path, pixels: np.ndarray, params: CRFParams) -> None:
+    """Refuse a floating-point image ``pixels [H,W,F]`` whose values, summed in float32 over a
+    cell of the blur's grid (step 2 of the algorithm), could overflow: the mean field would
+    give NaN scores, and the error would blame the parameters and name the unary."""
+    if pixels.dtype.kind != "f":
+        return  # 8- and 16-bit values never overflow
+    height, width = pixels.shape[:2]
+    magnitudes = np.abs(pixels, dtype=np.float64)
+    if magnitudes.max() * min(params.blur, height) * min(params.blur, width) <= FLOAT32_MAX:
+        return
+    largest = float(_cell_sums(magnitudes, params.blur).max())
+    if largest > FLOAT32_MAX:
+        raise BadInputError(
+            image_path,
+            f"values summed over a cell of --blur {params.blur} reach {largest:.3g}, beyond "
+            f"float32 (±{FLOAT32_MAX:.3g}); scale the image down, and --col-schan with it",
+        )
+
+
+def _cell_sums(values: np.ndarray, blur: int) -> np.ndarray:
+    """Sums of ``values [H,W,F]`` over the cells of the pooling grid, ``[h,w,F]``: cell ``x``
+    of an axis of ``n`` holds pixels ``x·b - p`` to ``(x+1)·b - p`` that lie inside it."""
+    for axis in (0, 1):
+        length = values.shape[axis]
+        starts = np.arange(coarse_size(length, blur)) * blur - pool_padding(length, blur)
+        values = np.add.reduceat(values, np.maximum(starts, 0), axis=axis)
+    return values
 
 
 def check_orientation(

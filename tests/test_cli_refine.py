@@ -303,6 +303,9 @@ def _bad_cases(tmp_path, image, probs):
     nan_image = np.zeros((H, W), np.float32)
     nan_image[4, 5] = np.nan
     Image.fromarray(nan_image).save(tmp_path / "nan.tif")
+    huge_image = np.ones((H, W), np.float32)
+    huge_image[4:6, 5] = 2e38  # finite, but their cell of --blur 3 sums to 4e38
+    Image.fromarray(huge_image).save(tmp_path / "huge.tif")
     (tmp_path / "latin1.json").write_bytes(b"\xff\xfe\x00{")
     (tmp_path / "long.json").write_text('{"pos_sdims": 1' + "0" * 400 + "}")
     (tmp_path / "longer.json").write_text('{"filter_size": 1' + "0" * 5000 + "}")
@@ -342,6 +345,8 @@ def _bad_cases(tmp_path, image, probs):
          "image holds NaN or infinite values"),
         ("beyond float32", img, tmp_path / "huge.npy", [], tmp_path / "huge.npy",
          "beyond the float32 range"),
+        ("image overflowing when pooled", tmp_path / "huge.tif", good, [], tmp_path / "huge.tif",
+         "values summed over a cell of --blur 3 reach 4e+38, beyond float32 (±3.4e+38)"),
         ("no classes", img, tmp_path / "none.npy", [], tmp_path / "none.npy", "no classes"),
         ("foreground as 1 class", img, tmp_path / "fg.npy", ["--num-classes", "1"],
          tmp_path / "fg.npy", "--num-classes is 1"),
