@@ -203,9 +203,20 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+MAX_PARAMS_BYTES = 64 << 20
+"""Largest parameter file read (a fit's C and T matrices for 256 classes take about 2 MB)."""
+
+
 def _read_text(path: Path) -> str:
-    """The UTF-8 text of ``path``, or of stdin for ``-``."""
-    data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    """The UTF-8 text of ``path``, or of stdin for ``-``. More than :data:`MAX_PARAMS_BYTES`
+    is a :class:`ParamsError`: ``/dev/zero`` would be read until the memory runs out."""
+    if str(path) == "-":
+        data = sys.stdin.buffer.read(MAX_PARAMS_BYTES + 1)
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PARAMS_BYTES + 1)
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"more than {MAX_PARAMS_BYTES >> 20} MiB: not a parameter file")
     return data.decode("utf-8-sig")
 
 

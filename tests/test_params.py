@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 from conftest import cli_runner
 
 from convcrf_cli import CRFParams, ParamsError
+from convcrf_cli import params as params_module
 from convcrf_cli.cli import main
 from convcrf_cli.params import ORIGINAL, PRESETS
 
@@ -104,6 +106,18 @@ def test_json_nested_too_deeply_for_the_parser_is_invalid_json(tmp_path):
     result = cli_runner().invoke(main, ["params", "--params", str(path)])
     assert result.exit_code == 2
     assert result.stderr == f"convcrf: error: {path}: not valid JSON: nested too deeply (line 1)\n"
+
+
+def test_a_parameter_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    # --params /dev/zero was read until the memory ran out.
+    monkeypatch.setattr(params_module, "MAX_PARAMS_BYTES", 1 << 20)
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps({"blur": 3}) + " " * (1 << 20))
+    with pytest.raises(ParamsError, match=r"big.json: more than 1 MiB: not a parameter file$"):
+        CRFParams.load(path)
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(ParamsError, match=r"^/dev/zero: more than 1 MiB: not a parameter"):
+            CRFParams.load("/dev/zero")
 
 
 def test_a_matrix_key_set_to_null_means_no_matrix(tmp_path):
