@@ -1,16 +1,17 @@
 """convcrf: refine semantic segmentations with a Convolutional CRF (Teichmann & Cipolla 2018).
 
-The public names are imported on first use, so that the ``convcrf`` command's entry point
-(``convcrf_cli.entry``) installs its Ctrl-C handler before NumPy and torch are loaded.
+The public names are imported on first use, and this module imports little else (not even
+:mod:`typing`), so that the ``convcrf`` command's entry point (``convcrf_cli.entry``) installs
+its Ctrl-C handler as early as it can, long before NumPy and torch are loaded.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 import convcrf_cli.forks  # noqa: F401  (notes forks from now on; see its docstring)
 
+TYPE_CHECKING = False  # not typing's: importing typing would delay the command's SIGINT handler
 if TYPE_CHECKING:
     from convcrf_cli.backends import DeviceError
     from convcrf_cli.core import InputError, refine

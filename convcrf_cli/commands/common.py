@@ -14,6 +14,7 @@ import click
 
 from convcrf_cli.backends import Backend, DeviceError
 from convcrf_cli.core import InputError
+from convcrf_cli.entry import command_started
 from convcrf_cli.errors import OUT_OF_MEMORY_ADVICE, ConvCRFError
 from convcrf_cli.outputs import PROBS_DTYPES, stdout_failure
 from convcrf_cli.params import INIT_CHOICES, CRFParams, ParamsError
@@ -294,11 +295,14 @@ def echo_err(message: str) -> None:
 
 
 def reports_errors(func: Callable) -> Callable:
-    """Turn library errors into one ``convcrf: error: ...`` line on stderr and an exit status."""
+    """Turn library errors into one ``convcrf: error: ...`` line on stderr and an exit status,
+    the command's first Ctrl-C too (a ``KeyboardInterrupt`` from its start on, see
+    :mod:`convcrf_cli.entry`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            command_started()
             return func(*args, **kwargs)
         except ConvCRFError as exc:
             fail(str(exc), exc.exit_code)
