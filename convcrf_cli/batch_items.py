@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -76,14 +77,16 @@ def find_files(root: Path, globs: tuple[str, ...], skip: Iterable[Path] = ()) ->
     a symlink whose target is missing counts as a file, so that reading it fails by name
     instead of dropping it. Directories in ``skip`` (output directories inside ``root``) are
     not searched. Two files with one key (``a.jpg`` and ``a.png``) are an error, and so is a
-    directory that cannot be listed (its files are not dropped without a word).
+    directory that cannot be listed (its files are not dropped without a word), or that cannot
+    be looked at (:func:`~convcrf_cli.errors.input_status`: a name too long, a symlink loop).
     """
-    if not root.exists():
+    status = input_status(root)
+    if status is None:
         raise BadInputError(root, "no such directory")
-    if not root.is_dir():
+    if not stat.S_ISDIR(status.st_mode):
         raise BadInputError(root, "not a directory")
     patterns = [glob.lower() for glob in globs]
-    skipped = {directory.resolve() for directory in skip}
+    skipped = {real_path(directory) for directory in skip}
     searched: set[Path] = set()
     found: dict[str, Path] = {}
 
@@ -91,7 +94,7 @@ def find_files(root: Path, globs: tuple[str, ...], skip: Iterable[Path] = ()) ->
         raise BadInputError(exc.filename or root, f"cannot list directory: {exc.strerror or exc}")
 
     for directory, subdirectories, names in os.walk(root, onerror=unlisted, followlinks=True):
-        real = Path(directory).resolve()
+        real = real_path(directory)
         if real in searched or real in skipped:
             subdirectories.clear()
             continue
@@ -145,12 +148,12 @@ def output_dirs_to_skip(
     unaries) whose files, of the given suffix, match ``globs``: the search for inputs leaves
     them out. One that is ``root`` itself is a :class:`BadInputError`: its outputs would be
     read as inputs by the next run."""
-    real_root = root.resolve()
+    real_root = real_path(root)
     skipped = []
     for directory, suffix in outputs:
         if not any(_may_end_in(glob, suffix) for glob in globs):
             continue
-        real = directory.resolve()
+        real = real_path(directory)
         if real == real_root:
             raise BadInputError(
                 directory,

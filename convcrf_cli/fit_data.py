@@ -16,6 +16,7 @@ from convcrf_cli.core import InputError
 from convcrf_cli.errors import BadInputError
 from convcrf_cli.fit import Example, check_start_module, label_range_problem
 from convcrf_cli.imageio import LoadedImage, check_label_size, load_image, read_label_image
+from convcrf_cli.outputs import real_path
 from convcrf_cli.params import (
     CRFParams,
     ParamsError,
@@ -107,9 +108,9 @@ def _unary_globs(images: Path, unaries: Path, labels: Path) -> tuple[tuple[str, 
     (:data:`~convcrf_cli.batch_items.UNARY_GLOBS`) and label images (:data:`LABEL_GLOBS`),
     but only arrays in a directory shared with the images or the ground-truth labels (its
     images and label images are those, not unaries)."""
-    where = unaries.resolve()
+    where = real_path(unaries)
     for role, directory in (("labels", labels), ("images", images)):
-        if directory.resolve() == where:
+        if real_path(directory) == where:
             return UNARY_GLOBS, role
     return UNARY_GLOBS + LABEL_GLOBS, ""
 

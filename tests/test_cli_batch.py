@@ -551,6 +551,25 @@ def test_inputs_that_cannot_be_looked_at_fail_as_items_by_name(tmp_path):
     assert _files(root / "l") == ["a.png"]
 
 
+def test_input_directories_that_cannot_be_looked_at_are_one_line_naming_them(tmp_path):
+    # Path.exists raised OSError for a name too long before Python 3.12, Path.resolve a
+    # RuntimeError for a symlink loop: tracebacks, while the other inputs were one line.
+    root = _dataset(tmp_path, ["a"], size=(12, 12))
+    long, loop = tmp_path / ("x" * 300), tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    for images, unaries, problem in (
+        (long, root / "un", "File name too long"),
+        (root / "img", long, "File name too long"),
+        (loop, root / "un", "Too many levels of symbolic links"),
+    ):
+        result = _cli_batch(images, unaries, "-o", root / "out")
+        named = long if problem == "File name too long" else loop
+        assert result.exit_code == 2, result.stderr
+        assert result.stderr == f"convcrf: error: {named}: cannot read: {problem}\n"
+    assert not (root / "out").exists()
+
+
 def test_an_empty_shard_writes_an_empty_report(tmp_path):
     root = _dataset(tmp_path, ["a"], size=(12, 12))
     summaries = {}

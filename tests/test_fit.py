@@ -296,6 +296,14 @@ def test_cli_fit_refuses_uncreatable_output_directory_before_training(dataset, t
     assert run.stderr == (f"convcrf: error: {learned}: directory {blocker} is not a directory\n")
 
 
+def test_cli_fit_input_directories_that_cannot_be_looked_at_are_one_line(dataset, tmp_path):
+    # Path.exists raised OSError for a name too long before Python 3.12 (a traceback).
+    long = tmp_path / ("x" * 300)
+    run = _in_process("fit", dataset / "images", long, dataset / "labels", "-o", tmp_path / "o")
+    assert run.exit_code == 2
+    assert run.stderr == f"convcrf: error: {long}: cannot read: File name too long\n"
+
+
 def test_cli_fit_refuses_stdout_as_output(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the old code wrote a file named "-" here
     dirs = (dataset / "images", dataset / "unaries", dataset / "labels")
