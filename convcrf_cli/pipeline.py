@@ -381,14 +381,15 @@ def unary_fits(
 def _check_pooled_range(image_path: str | Path, pixels: np.ndarray, params: CRFParams) -> None:
     """Refuse a floating-point image ``pixels [H,W,F]`` whose values, summed in float32 over a
     cell of the blur's grid (step 2 of the algorithm), could overflow: the mean field would
-    give NaN scores, and the error would blame the parameters and name the unary."""
+    give NaN scores, and the error would blame the parameters and name the unary. Takes no
+    copy of the image unless its largest value times the cell's pixels could overflow."""
     if pixels.dtype.kind != "f":
         return  # 8- and 16-bit values never overflow
     height, width = pixels.shape[:2]
-    magnitudes = np.abs(pixels, dtype=np.float64)
-    if magnitudes.max() * min(params.blur, height) * min(params.blur, width) <= FLOAT32_MAX:
+    largest = max(float(pixels.max()), -float(pixels.min()))  # no copy of the image
+    if largest * min(params.blur, height) * min(params.blur, width) <= FLOAT32_MAX:
         return
-    largest = float(_cell_sums(magnitudes, params.blur).max())
+    largest = float(_cell_sums(np.abs(pixels, dtype=np.float64), params.blur).max())
     if largest > FLOAT32_MAX:
         raise BadInputError(
             image_path,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
 
-from convcrf_cli.pipeline import class_argmax
+from convcrf_cli.params import CRFParams
+from convcrf_cli.pipeline import _check_pooled_range, class_argmax
 
 
 @pytest.mark.parametrize("classes", [1, 2, 21, 300])
@@ -41,3 +43,16 @@ def test_available_memory_counts_the_address_space_limit():
         [sys.executable, "-c", _MEMORY_UNDER_LIMIT], capture_output=True, text=True, timeout=120
     )
     assert 290 <= int(done.stdout) <= 300, done.stderr
+
+
+def test_the_pooled_range_of_an_image_of_ordinary_values_is_checked_without_a_copy():
+    # np.abs(pixels, dtype=float64) took a float64 copy of every float image: 8 bytes a value
+    # beside the image's 4, before the CRF's memory check had counted it.
+    pixels = np.full((500, 500, 3), -255.0, np.float32)  # 3 MB
+    tracemalloc.start()
+    try:
+        _check_pooled_range("a.tif", pixels, CRFParams())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000
