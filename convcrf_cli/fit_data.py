@@ -27,6 +27,7 @@ from convcrf_cli.params import (
 from convcrf_cli.pipeline import (
     UnaryOptions,
     check_orientation,
+    check_pooled_range,
     orientation_mismatch,
     orientation_warning,
 )
@@ -119,6 +120,8 @@ def load_examples(
     files: list[TrainingFiles],
     options: UnaryOptions,
     on_loaded: LoadedCallback | None = None,
+    *,
+    blur: int,
 ) -> list[Example]:
     """Read the files of :func:`pair_training_files` into examples (image ``[H,W,F]`` uint8,
     uint16 or float32, logits ``[C,H,W] float32``, labels ``[H,W] int64``).
@@ -130,12 +133,15 @@ def load_examples(
     Images are used in their EXIF orientation (as stored with ``apply_exif`` False); a unary
     that fits only the other orientation is an error saying so. Every image must have the
     first one's classes and channels, and its label map the image's size and values in
-    ``[0, C)`` or the ignore label (label maps are never resized)."""
+    ``[0, C)`` or the ignore label (label maps are never resized). A floating-point image
+    whose values summed over a cell of ``blur`` (the CRF's, at any crop's offset) overflow
+    float32 is refused (:func:`~convcrf_cli.pipeline.check_pooled_range`)."""
     examples: list[Example] = []
     first_hint = ""
     for entry in files:
         loaded = load_image(entry.image, apply_exif=options.apply_exif)
         image = loaded.pixels
+        check_pooled_range(entry.image, image, blur, any_offset=True)
         source = load_unary(entry.unary)
         check_orientation(loaded, source, entry.image, options)
         unary = _convert(source, image.shape[:2], options)

@@ -153,7 +153,7 @@ def prepare_item(
     image = load_image(image_path, apply_exif=options.apply_exif)
     pixels = image.pixels
     height, width = pixels.shape[:2]
-    _check_pooled_range(image_path, pixels, params)
+    check_pooled_range(image_path, pixels, params.blur)
     source = unary.load_unary(unary_source)
     check_orientation(image, source, image_path, options)
     classes = unary.count_classes(
@@ -378,22 +378,28 @@ def unary_fits(
     return functools.partial(source.fits, layout=options.layout, resize=options.resize)
 
 
-def _check_pooled_range(image_path: str | Path, pixels: np.ndarray, params: CRFParams) -> None:
+def check_pooled_range(
+    image_path: str | Path, pixels: np.ndarray, blur: int, *, any_offset: bool = False
+) -> None:
     """Refuse a floating-point image ``pixels [H,W,F]`` whose values, summed in float32 over a
-    cell of the blur's grid (step 2 of the algorithm), could overflow: the mean field would
-    give NaN scores, and the error would blame the parameters and name the unary. Takes no
-    copy of the image unless its largest value times the cell's pixels could overflow."""
+    cell of the grid of ``blur`` (step 2 of the algorithm), could overflow: the mean field would
+    give NaN scores, and the error would blame the parameters and name the unary. With
+    ``any_offset`` the grid may lie at any offset (``fit``'s random crops): the sums are those
+    over every ``blur×blur`` window. Takes no copy of the image unless its largest value times
+    the cell's pixels could overflow."""
     if pixels.dtype.kind != "f":
         return  # 8- and 16-bit values never overflow
     height, width = pixels.shape[:2]
     largest = max(float(pixels.max()), -float(pixels.min()))  # no copy of the image
-    if largest * min(params.blur, height) * min(params.blur, width) <= FLOAT32_MAX:
+    if largest * min(blur, height) * min(blur, width) <= FLOAT32_MAX:
         return
-    largest = float(_cell_sums(np.abs(pixels, dtype=np.float64), params.blur).max())
+    magnitudes = np.abs(pixels, dtype=np.float64)
+    sums = _window_sums(magnitudes, blur) if any_offset else _cell_sums(magnitudes, blur)
+    largest = float(sums.max())
     if largest > FLOAT32_MAX:
         raise BadInputError(
             image_path,
-            f"values summed over a cell of --blur {params.blur} reach {largest:.3g}, beyond "
+            f"values summed over a cell of --blur {blur} reach {largest:.3g}, beyond "
             f"float32 (±{FLOAT32_MAX:.3g}); scale the image down, and --col-schan with it",
         )
 
@@ -406,6 +412,17 @@ def _cell_sums(values: np.ndarray, blur: int) -> np.ndarray:
         starts = np.arange(coarse_size(length, blur)) * blur - pool_padding(length, blur)
         values = np.add.reduceat(values, np.maximum(starts, 0), axis=axis)
     return values
+
+
+def _window_sums(values: np.ndarray, blur: int) -> np.ndarray:
+    """Sums of ``values [H,W,F]`` (float64) over every window of ``h×w`` pixels,
+    ``h, w = min(blur, H), min(blur, W)``: ``[H-h+1, W-w+1, F]``. Each cell of a pooling grid
+    of ``blur``, at any offset, lies in one of them."""
+    height, width = values.shape[:2]
+    rows, cols = min(blur, height), min(blur, width)
+    total = np.zeros((height + 1, width + 1, values.shape[2]))
+    total[1:, 1:] = values.cumsum(axis=0).cumsum(axis=1)
+    return total[rows:, cols:] - total[:-rows, cols:] - total[rows:, :-cols] + total[:-rows, :-cols]
 
 
 def check_orientation(

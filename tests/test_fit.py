@@ -304,6 +304,26 @@ def test_cli_fit_input_directories_that_cannot_be_looked_at_are_one_line(dataset
     assert run.stderr == f"convcrf: error: {long}: cannot read: File name too long\n"
 
 
+def test_cli_fit_refuses_a_float_image_that_overflows_when_pooled_before_training(tmp_path):
+    # The NaN loss it gave was "training diverged ... lower the learning rate", status 1.
+    for sub in ("images", "unaries", "labels"):
+        (tmp_path / sub).mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((12, 12), 2e38, np.float32)).save(
+            tmp_path / "images" / f"{name}.tif"
+        )
+        Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "labels" / f"{name}.png")
+        np.save(tmp_path / "unaries" / f"{name}.npy", np.full((2, 12, 12), 0.5, np.float32))
+    dirs = [tmp_path / sub for sub in ("images", "unaries", "labels")]
+    run = _in_process("fit", *dirs, "-o", tmp_path / "learned.json", "--device", "cpu")
+    assert run.exit_code == 2
+    assert run.stderr == (
+        f"convcrf: error: {tmp_path / 'images' / 'a.tif'}: values summed over a cell of --blur 3 "
+        "reach 1.8e+39, beyond float32 (±3.4e+38); scale the image down, and --col-schan with it\n"
+    )
+    assert not (tmp_path / "learned.json").exists()
+
+
 def test_cli_fit_refuses_stdout_as_output(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the old code wrote a file named "-" here
     dirs = (dataset / "images", dataset / "unaries", dataset / "labels")
@@ -556,7 +576,7 @@ def test_fit_reads_a_label_image_unary_as_refine_does(dataset, tmp_path, monkeyp
     maps = _label_unaries(dataset, unaries)
     reading = UnaryOptions(label_confidence=0.8, ignore_label=255, num_classes=CLASSES)
     files, _ = pair_training_files(dataset / "images", unaries, dataset / "labels")
-    examples = load_examples(files, reading)
+    examples = load_examples(files, reading, blur=3)
     converted = []  # what refine's loader gives, caught on its way to the CRF
     real = unary_module.convert_unary
 

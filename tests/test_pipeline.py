@@ -10,8 +10,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from convcrf_cli.params import CRFParams
-from convcrf_cli.pipeline import _check_pooled_range, class_argmax
+from convcrf_cli.errors import BadInputError
+from convcrf_cli.pipeline import check_pooled_range, class_argmax
 
 
 @pytest.mark.parametrize("classes", [1, 2, 21, 300])
@@ -51,8 +51,22 @@ def test_the_pooled_range_of_an_image_of_ordinary_values_is_checked_without_a_co
     pixels = np.full((500, 500, 3), -255.0, np.float32)  # 3 MB
     tracemalloc.start()
     try:
-        _check_pooled_range("a.tif", pixels, CRFParams())
+        check_pooled_range("a.tif", pixels, 3)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert peak < 100_000
+
+
+def test_the_pooled_range_at_any_offset_sums_every_window_of_the_blur():
+    # Rows 5 and 6 lie in two cells of the 12-row grid of blur 3 (cells start at 0, 3, 6, 9),
+    # but in one cell of a crop whose grid has a cell at rows 5 to 7, as fit's random crops may.
+    pixels = np.ones((12, 12, 1), np.float32)
+    pixels[5:7, 4] = 2e38
+    check_pooled_range("a.tif", pixels, 3)  # refine's grid: no cell overflows
+    with pytest.raises(BadInputError, match=r"a cell of --blur 3 reach 4e\+38, beyond float32"):
+        check_pooled_range("a.tif", pixels, 3, any_offset=True)
+    pixels[6, 4] = 1.0
+    check_pooled_range("a.tif", pixels, 3, any_offset=True)
+    with pytest.raises(BadInputError, match="reach 6e"):  # a blur past the image: one cell
+        check_pooled_range("a.tif", np.full((2, 3, 1), -1e38, np.float32), 10**6)

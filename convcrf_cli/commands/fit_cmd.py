@@ -159,7 +159,8 @@ def fit_command(
     reading = unary_options_from(options)
     params_file = options.pop("params_file")
     base, transforms = read_start(params_file) if params_file else (None, {})
-    start: CRFParams | ConvCRF = params_from_options(options, base)
+    params = params_from_options(options, base)
+    start: CRFParams | ConvCRF = params
     if learn is None:  # go on training the matrices the file holds, as ConvCRF.load does
         learn = default_learn("compat_transform" in transforms, "feature_transform" in transforms)
     with options_named(FIT_FIELDS):
@@ -196,9 +197,9 @@ def fit_command(
             for note in unary.notes:
                 echo_err(f"convcrf: note: {note}")
 
-    examples = load_examples(files, reading, loaded)
+    examples = load_examples(files, reading, loaded, blur=params.blur)
     if transforms:
-        start = start_module(params_file, start, transforms, examples, fit_options.learn)
+        start = start_module(params_file, params, transforms, examples, fit_options.learn)
     with tqdm(total=None, desc="fit", unit="step", disable=None, leave=False) as bar:
 
         def progress(step: int, total: int, running_loss: float) -> None:
