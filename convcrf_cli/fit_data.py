@@ -5,6 +5,7 @@ read from a parameter file (C/T matrices included). Every fault is a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -28,6 +29,7 @@ from convcrf_cli.pipeline import (
     UnaryOptions,
     check_orientation,
     check_pooled_range,
+    convert_with,
     orientation_mismatch,
     orientation_warning,
 )
@@ -36,7 +38,6 @@ from convcrf_cli.unary import (
     LABEL_IMAGE_SUFFIXES,
     Unary,
     UnarySource,
-    convert_unary,
     load_unary,
 )
 
@@ -171,16 +172,9 @@ def _convert(source: UnarySource, image_hw: tuple[int, int], options: UnaryOptio
     """``source`` as logits ``[C,H,W] float32`` for an image of ``image_hw``, read with
     ``options``; their ignore label goes to a label image only (an array has no use for it,
     and :func:`~convcrf_cli.unary.convert_unary` would warn that it is ignored)."""
-    return convert_unary(
-        source,
-        image_hw,
-        options.unary_type,
-        label_confidence=options.label_confidence,
-        ignore_label=options.ignore_label if source.is_labels else None,
-        num_classes=options.num_classes,
-        layout=options.layout,
-        resize=options.resize,
-    )
+    if not source.is_labels:
+        options = dataclasses.replace(options, ignore_label=None)
+    return convert_with(source, image_hw, options)
 
 
 def _classes_hint(unary: Unary, options: UnaryOptions) -> str:

@@ -51,6 +51,23 @@ class UnaryOptions:
     :mod:`convcrf_cli.resize`); ``"none"``: it must have the image's size."""
 
 
+def convert_with(
+    source: unary.UnarySource, image_hw: tuple[int, int], options: UnaryOptions
+) -> unary.Unary:
+    """``source`` as logits ``[C,H,W] float32`` for an image of ``image_hw`` ``(H, W)``, read
+    with ``options`` (:func:`~convcrf_cli.unary.convert_unary`)."""
+    return unary.convert_unary(
+        source,
+        image_hw,
+        options.unary_type,
+        label_confidence=options.label_confidence,
+        ignore_label=options.ignore_label,
+        num_classes=options.num_classes,
+        layout=options.layout,
+        resize=options.resize,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ItemResult:
     """What :func:`refine_item` did.
@@ -167,16 +184,7 @@ def prepare_item(
     outputs.check_class_count(outputs_spec, classes)
     outputs.check_overlay_size(outputs_spec, (height, width))
     _check_memory(image_path, pixels.shape, classes, params, memory_limit)
-    converted = unary.convert_unary(
-        source,
-        (height, width),
-        options.unary_type,
-        label_confidence=options.label_confidence,
-        ignore_label=options.ignore_label,
-        num_classes=options.num_classes,
-        layout=options.layout,
-        resize=options.resize,
-    )
+    converted = convert_with(source, (height, width), options)
 
     notes = [f"{image_path}: {note}" for note in image.notes] + list(converted.notes)
     warnings = list(converted.warnings)
