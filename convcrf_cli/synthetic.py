@@ -15,6 +15,7 @@ CRF should sharpen using the image.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +109,12 @@ def write_dataset(
     out_dir = Path(out_dir)
     # missing_directories takes files: a name inside each subdirectory counts it too
     created = missing_directories(out_dir / sub / "x" for sub in SUBDIRECTORIES)
-    for sub in SUBDIRECTORIES:
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        for sub in SUBDIRECTORIES:
+            (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_empty_directories(created)
+        raise
     names = []
     for index in range(count):
         name = f"synth_{index:05d}"
@@ -154,7 +159,7 @@ def foreign_files(out_dir: str | Path, count: int) -> list[Path]:
     found = []
     for sub, suffix in suffixes.items():
         directory = Path(out_dir) / sub
-        if directory.is_dir():
+        if os.path.isdir(directory):  # False where it cannot be looked at
             found += [
                 path
                 for path in directory.iterdir()

@@ -159,6 +159,16 @@ def test_synth_refuses_a_file_in_place_of_a_dataset_directory(tmp_path, blocked)
     assert [path.name for path in tmp_path.iterdir()] == [blocked]  # no directory made
 
 
+def test_synth_into_a_directory_that_cannot_be_looked_at_is_one_line(tmp_path):
+    # Path.exists raised OSError for a name too long before Python 3.12 (a traceback), and the
+    # directories made on the way to it were left behind.
+    long = tmp_path / "made" / ("x" * 300)
+    result = cli_runner().invoke(main, ["synth", str(long), "--count", "1", "--size", "8x8"])
+    assert result.exit_code == 2
+    assert result.stderr == f"convcrf: error: {long}: cannot write dataset: File name too long\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 _SYNTH_UNDER_SIZE_LIMIT = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG

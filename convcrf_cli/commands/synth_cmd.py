@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -63,7 +64,8 @@ def synth_command(
     earlier run's files only where this run replaces them (the same or a larger --count).
     """
     for directory in (out_dir, *(out_dir / sub for sub in SUBDIRECTORIES)):
-        if directory.exists() and not directory.is_dir():
+        # os.path: False where it cannot be looked at (Path raises before Python 3.12)
+        if os.path.exists(directory) and not os.path.isdir(directory):
             raise BadInputError(directory, "exists and is not a directory")
     foreign = foreign_files(out_dir, count)
     if foreign:
