@@ -73,12 +73,15 @@ an EXIF orientation the sizes cannot confirm) that the caller reports."""
 
 def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPairs:
     """Pair the files of three directory trees by relative path and stem (suffixes matched
-    ignoring case). Unaries are arrays or label images (:func:`_unary_globs`). An image without
-    a unary or a label map is an error; unaries and label maps without an image are returned
-    as unused."""
+    ignoring case). Unaries are arrays or label images (:func:`_unary_globs`); where a stem
+    has both, the array is the unary (a label image beside it is taken for a preview). An
+    image without a unary or a label map is an error; unaries and label maps without an image
+    are returned as unused."""
     globs, shared = _unary_globs(images, unaries, labels)
     image_files = find_files(images, IMAGE_GLOBS)
-    unary_files = find_files(unaries, globs)
+    unary_files = find_files(unaries, UNARY_GLOBS)
+    if not shared:
+        unary_files = {**find_files(unaries, LABEL_GLOBS), **unary_files}
     label_files = find_files(labels, LABEL_GLOBS)
     if not image_files:
         raise BadInputError(images, f"no images ({', '.join(IMAGE_GLOBS)})")

@@ -679,15 +679,14 @@ def test_cli_fit_pairing_keeps_unaries_and_label_maps_apart(dataset, tmp_path):
         "synth_00000.npz); it is also the labels directory, so only its .npy and .npz files are "
         "unaries\n"
     )
-    both = tmp_path / "both"  # an array and a label image of one name
+    both = tmp_path / "both"  # an array and a label image of one name: the array is the unary
     _label_unaries(dataset, both)
     np.save(both / "synth_00003.npy", np.full((4, 48, 48), 0.25, np.float32))
-    run = _in_process("fit", images, both, labels, "-o", tmp_path / "both.json")
-    assert run.exit_code == 2
-    assert run.stderr == (
-        f"convcrf: error: {both / 'synth_00003.png'}: same name as {both / 'synth_00003.npy'} "
-        "(pairing is by name)\n"
-    )
+    run = _in_process("fit", images, both, labels, "-o", tmp_path / "both.json", *common)
+    assert run.exit_code == 0, run.stderr
+    assert f"{both / 'synth_00003.npy'} (prob, 4 classes) + " in run.stderr
+    assert f"{both / 'synth_00002.png'} (labels, 4 classes) + " in run.stderr
+    assert f"{both / 'synth_00003.png'}" not in run.stderr
     (both / "synth_00003.npy").unlink()
     (both / "synth_00004.png").unlink()
     run = _in_process("fit", images, both, labels, "-o", tmp_path / "both.json")

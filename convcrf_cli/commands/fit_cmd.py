@@ -139,7 +139,8 @@ def fit_command(
     unaries/a.npy, labels/a.png. Unaries are read as `convcrf refine` reads them: .npy or .npz
     arrays, or label images (.png, .tif, .bmp) of the segmenter's class ids, which have their
     largest label + 1 classes unless --num-classes says how many (every unary must give the
-    same number); where UNARIES is also IMAGES or LABELS, only its arrays are unaries. Labels
+    same number); a name with both is its array, and where UNARIES is also IMAGES or LABELS,
+    only its arrays are unaries. Labels
     are grayscale or palette images of class ids; pixels equal to --ignore-label are not
     used. The segmenter is frozen: only the CRF learns, starting from --params (a file of
     `convcrf params` or `convcrf fit`, C and T matrices included) and the CRF options (the
