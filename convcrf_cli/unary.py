@@ -579,6 +579,8 @@ def _readings(shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
 
 
 def _check_resize(resize: str, name: str) -> None:
+    """Refuse a ``resize`` mode that is not one of :data:`RESIZE_MODES` (a caller's mistake,
+    reported for the unary ``name`` as an unknown layout is)."""
     if resize not in RESIZE_MODES:
         raise BadInputError(name, f"unknown resize {resize!r}")
 
