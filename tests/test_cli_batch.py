@@ -390,9 +390,13 @@ def test_resize_unary_applies_to_every_item(tmp_path):
     assert f"convcrf: error: {small}: unary shape (3, 8, 11) does not fit" in refused.stderr
     assert "--resize-unary bilinear" in refused.stderr
     done = _cli_batch(root / "img", root / "un", "-o", root / "out", "--probs-dir", root / "p",
-                      "--resize-unary", "bilinear")  # fmt: skip
+                      "--resize-unary", "bilinear", "-v")  # fmt: skip
     assert done.exit_code == 0, done.stderr
     assert np.load(root / "p" / "a.npy").shape == (3, 24, 32)
+    lines = done.stderr.splitlines()
+    resized = f"convcrf: note: {small}: unary resized from 8×11 to 24×32 (bilinear, on the logits)"
+    assert lines[lines.index(resized) - 1].startswith("convcrf: done: a in ")  # after its status
+    assert sum("resized" in line for line in lines) == 1  # b has the image's size
     for key in ("a", "b"):
         single = cli_runner().invoke(
             main, ["refine", str(root / "img" / f"{key}.png"), str(root / "un" / f"{key}.npy"),

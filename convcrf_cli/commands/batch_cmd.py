@@ -170,7 +170,12 @@ def _parse_shard(
 @unary_options
 @device_option(DEVICE_HELP)
 @tune_option
-@click.option("-v", "--verbose", is_flag=True, help="Report the device and every item.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Report the device, and every item with the notes on its inputs (as refine -v).",
+)
 @crf_options
 @reports_errors
 def batch_command(
@@ -504,12 +509,14 @@ def _signals_raise() -> Iterator[None]:
 
 def _echo_item(report: ItemReport, verbose: bool, bar: tqdm) -> None:
     """An item's lines on stderr above the progress bar: its error if it failed (its status
-    with ``verbose``), then the warnings of its refinement."""
+    and the notes on its inputs with ``verbose``), then the warnings of its refinement."""
     if report.status == FAILED:
         bar.write(f"convcrf: error: {report.error}", file=sys.stderr)
     elif verbose:
         seconds = f" in {report.result.seconds:.3f} s" if report.result else ""
         bar.write(f"convcrf: {report.status}: {report.item.key}{seconds}", file=sys.stderr)
+        for note in report.result.notes if report.result else ():
+            bar.write(f"convcrf: note: {note}", file=sys.stderr)
     if report.result is not None:
         for warning in report.result.warnings:
             bar.write(f"convcrf: warning: {warning}", file=sys.stderr)
