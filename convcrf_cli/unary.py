@@ -246,9 +246,10 @@ def count_classes(
     before the ``[C,H,W]`` logits are allocated.
     """
     if source.is_labels:
-        return _label_classes(
+        classes, _ = _label_classes(
             source.array, image_hw, source.name, ignore_label, num_classes, resize
         )
+        return classes
     chw, _ = _chw(source.array, image_hw, source.name, layout, resize)
     return _array_classes(chw, source.name, num_classes)
 
@@ -305,7 +306,7 @@ def labels_to_unary(
     """Logits ``[C,H,W] float32`` from a label map ``[H,W]`` of class ids (see module doc); with
     ``resize="bilinear"`` a map ``[h,w]`` of another size, resized to ``image_hw`` by nearest
     neighbour (:func:`~convcrf_cli.resize.resize_labels`) after its classes are counted."""
-    classes = _label_classes(labels, image_hw, name, ignore_label, num_classes, resize)
+    classes, valid = _label_classes(labels, image_hw, name, ignore_label, num_classes, resize)
     if not 1.0 / classes < label_confidence < 1.0:
         raise BadInputError(
             name,
@@ -316,7 +317,7 @@ def labels_to_unary(
     if labels.shape != tuple(image_hw):
         notes = (_resize_note(name, labels.shape, image_hw, "nearest neighbour, on the labels"),)
         labels = resize_labels(labels, image_hw)
-    valid = _valid_labels(labels, ignore_label)
+        valid = resize_labels(valid, image_hw)
     other = np.float32(np.log((1.0 - label_confidence) / (classes - 1)))
     logits = np.full((classes, *labels.shape), other, dtype=np.float32)
     rows, cols = np.nonzero(valid)
@@ -335,11 +336,6 @@ def _resize_note(name: str, size: tuple[int, ...], image_hw: tuple[int, int], ho
     return f"{name}: unary resized from {size[0]}×{size[1]} to {image_hw[0]}×{image_hw[1]} ({how})"
 
 
-def _valid_labels(labels: np.ndarray, ignore_label: int | None) -> np.ndarray:
-    """``[H,W] bool``: the pixels of ``labels`` whose label is not ``ignore_label``."""
-    return labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
-
-
 def _label_classes(
     labels: np.ndarray,
     image_hw: tuple[int, int],
@@ -347,13 +343,14 @@ def _label_classes(
     ignore_label: int | None,
     num_classes: int | None,
     resize: str = "none",
-) -> int:
+) -> tuple[int, np.ndarray]:
     """The class count of a label map ``[h,w]``, which must have the size ``image_hw`` unless
-    ``resize`` resizes it (the count is that of the map as stored)."""
+    ``resize`` resizes it (the count is that of the map as stored), and its mask of valid
+    pixels ``[h,w] bool``."""
     _check_resize(resize, name)
     if resize == "none":
         check_label_size(name, labels, image_hw, hint=_RESIZE_HINT)
-    valid = _valid_labels(labels, ignore_label)
+    valid = labels != ignore_label if ignore_label is not None else np.ones(labels.shape, bool)
     if not valid.any():
         raise BadInputError(name, "label map holds only the ignore label")
     largest = int(labels[valid].max())
@@ -370,7 +367,7 @@ def _label_classes(
         raise BadInputError(
             name, f"label {largest} is outside the {classes} classes of --num-classes"
         )
-    return classes
+    return classes, valid
 
 
 def _chw(
