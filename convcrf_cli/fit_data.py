@@ -73,11 +73,12 @@ an EXIF orientation the sizes cannot confirm) that the caller reports."""
 
 def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPairs:
     """Pair the files of three directory trees by relative path and stem (suffixes matched
-    ignoring case). Unaries are arrays or label images (:func:`_unary_globs`); where a stem
-    has both, the array is the unary (a label image beside it is taken for a preview). An
-    image without a unary or a label map is an error; unaries and label maps without an image
-    are returned as unused."""
-    globs, shared = _unary_globs(images, unaries, labels)
+    ignoring case). Unaries are arrays and label images, but only arrays in a directory shared
+    with the images or the label maps (:func:`_shared_role`); where a stem has both, the array
+    is the unary (a label image beside it is taken for a preview). An image without a unary or
+    a label map is an error; unaries and label maps without an image are returned as unused."""
+    shared = _shared_role(images, unaries, labels)
+    globs = UNARY_GLOBS if shared else UNARY_GLOBS + LABEL_GLOBS
     image_files = find_files(images, IMAGE_GLOBS)
     unary_files = find_files(unaries, UNARY_GLOBS)
     if not shared:
@@ -107,17 +108,14 @@ def pair_training_files(images: Path, unaries: Path, labels: Path) -> TrainingPa
     return TrainingPairs(paired, unused)
 
 
-def _unary_globs(images: Path, unaries: Path, labels: Path) -> tuple[tuple[str, ...], str]:
-    """The patterns of the unary files in ``unaries`` and, where it is also the images or the
-    labels directory, which (``"images"``, ``"labels"``; else ``""``). Unaries are arrays
-    (:data:`~convcrf_cli.batch_items.UNARY_GLOBS`) and label images (:data:`LABEL_GLOBS`),
-    but only arrays in a directory shared with the images or the ground-truth labels (its
-    images and label images are those, not unaries)."""
+def _shared_role(images: Path, unaries: Path, labels: Path) -> str:
+    """``"labels"`` or ``"images"`` where ``unaries`` is also that directory (its label images
+    and images are those, not unaries), else ``""``."""
     where = real_path(unaries)
     for role, directory in (("labels", labels), ("images", images)):
         if real_path(directory) == where:
-            return UNARY_GLOBS, role
-    return UNARY_GLOBS + LABEL_GLOBS, ""
+            return role
+    return ""
 
 
 def load_examples(
